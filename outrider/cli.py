@@ -1,0 +1,180 @@
+"""The `outrider` command line: train, eval, sft, recipes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from outrider.errors import OutriderError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RL post-training of language-model reasoners and agents.")
+out = Console()
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for key in next(iter(rows.values())):
+        table.add_row(key, *[f"{r[key]:.3f}" for r in rows.values()])
+    return table
+
+
+@app.command()
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (optional with --resume).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = Path("runs/run"),
+    set_: Annotated[list[str], typer.Option("--set", help="Override, e.g. update.lr=1e-4 (repeatable).")] = [],
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing run directory first.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Warm-start (if the recipe asks), then run RL; writes recipe.yaml, metrics.jsonl, summary.json, tb/,
+    checkpoints/ into the run directory."""
+    from outrider.recipe import load_recipe, parse_recipe, resolve
+    from outrider.trainer import Trainer
+
+    saved = out_dir / "recipe.yaml"
+    if resume:
+        if not saved.exists():
+            raise OutriderError(f"--resume: '{out_dir}' has no recipe.yaml; start the run without --resume")
+        base = parse_recipe(yaml.safe_load(saved.read_text()), str(saved))
+        rec = load_recipe(recipe, set_) if recipe else base
+        ours, theirs = resolve(rec), resolve(base)
+        ours["train"]["steps"] = theirs["train"]["steps"] = 0
+        if ours != theirs:
+            raise OutriderError(f"--resume: the recipe differs from {saved} (only train.steps may change)")
+    else:
+        if recipe is None:
+            raise OutriderError("train: a RECIPE is needed (or --resume with an existing --out)")
+        rec = load_recipe(recipe, set_)
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise OutriderError(f"--out: '{out_dir}' already holds a run; use --resume to continue it or "
+                                    "--overwrite to replace it")
+            shutil.rmtree(out_dir)
+    summary = Trainer(rec, out_dir, resume=resume, quiet=quiet).run()
+    start, end = summary["eval_start"], summary["eval_end"]
+    out.print(_eval_table(f"held-out evaluation ({out_dir})", {"start": start, "end": end}))
+    out.print(f"pass@1 {start['pass@1']:.3f} -> {end['pass@1']:.3f}   "
+              f"({summary['steps']} steps, {summary['wall_time_s']:.0f} s)")
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    samples: Annotated[int, typer.Option(help="Samples per held-out prompt.")] = 16,
+    prompts: Annotated[Optional[int], typer.Option(help="Held-out prompts (default: the recipe's).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="e.g. step_100 (default: newest).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Default: the recipe's eval temperature.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Unbiased pass@k on held-out prompts of the run's task, from a checkpoint of the run."""
+    from outrider.checkpoint import list_checkpoints
+    from outrider.observe.evaluate import evaluate
+    from outrider.policy.model import Policy
+    from outrider.recipe import parse_recipe
+    from outrider.trainer import build_task, sampling_params
+
+    if not (run / "recipe.yaml").exists():
+        raise OutriderError(f"eval: '{run}' is not a run directory (no recipe.yaml)")
+    rec = parse_recipe(yaml.safe_load((run / "recipe.yaml").read_text()), str(run / "recipe.yaml"))
+    found = list_checkpoints(run)
+    if checkpoint:
+        found = [p for p in found if p.name == checkpoint]
+    if not found:
+        raise OutriderError(f"eval: no checkpoint {checkpoint or ''} in '{run}/checkpoints'".replace("  ", " "))
+    policy = Policy.load(found[-1]).to(rec.train.device)
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
+    params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
+    result = evaluate(policy, build_task(rec), prompts or rec.observe.eval_prompts, samples, ks, params,
+                      seed=rec.train.seed)
+    if as_json:
+        print(json.dumps({"checkpoint": found[-1].name, **result}))
+    else:
+        out.print(_eval_table(f"{run} {found[-1].name}", {"value": result}))
+
+
+@app.command()
+def sft(
+    recipe: Annotated[Path, typer.Argument(help="Recipe whose task and policy.warm_start to use.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the fine-tuned model.")],
+    steps: Annotated[Optional[int], typer.Option(help="Override policy.warm_start.steps.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Recipe override (repeatable).")] = [],
+) -> None:
+    """Supervised warm start on the task's demonstrations; saves a from_pretrained-loadable model."""
+    from outrider.observe.progress import RunProgress
+    from outrider.policy.sft import warm_start
+    from outrider.recipe import load_recipe
+    from outrider.trainer import build_policy, build_task
+
+    rec = load_recipe(recipe, set_ + ([f"policy.warm_start.steps={steps}"] if steps is not None else []))
+    policy, task = build_policy(rec, value_head=False), build_task(rec)
+    with RunProgress(0).phase("sft", rec.policy.warm_start.steps) as advance:
+        losses = warm_start(policy, task, rec.policy.warm_start, on_step=lambda s, loss: advance(loss=loss))
+    policy.save(out_dir)
+    out.print(f"saved {out_dir} ({len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.3f})")
+
+
+@app.command()
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List shipped recipes and every registered piece (by family) with its options."""
+    from outrider.credit import CREDIT
+    from outrider.envs import ENVS
+    from outrider.explore import EXPLORE
+    from outrider.score import SCORE
+    from outrider.update import ENTROPY, LOSSES
+
+    families = {r.family: r for r in (ENVS, EXPLORE, SCORE, CREDIT, LOSSES, ENTROPY)}
+    pieces = {fam: {e.name: {"doc": e.doc, "options": {
+        n: {"default": None if f.is_required() else f.get_default(call_default_factory=True),
+            "description": f.description or ""} for n, f in e.config.model_fields.items()}}
+        for e in reg.entries()} for fam, reg in families.items()}
+    files = sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    if as_json:
+        print(json.dumps({"recipes": [str(p) for p in files], "pieces": pieces}, default=str, indent=2))
+        return
+    out.print("[bold]recipes[/]: " + ", ".join(p.stem for p in files))
+    for fam, entries in pieces.items():
+        table = Table(title=fam, show_lines=False)
+        for col in ("name", "options", "what"):
+            table.add_column(col)
+        for name, info in entries.items():
+            opts = ", ".join(f"{k}={v['default']}" for k, v in info["options"].items())
+            table.add_row(name, opts, info["doc"])
+        out.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except OutriderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The one data type that flows through the pipeline: episodes of turns, packed once into a `Batch`.
+
+A single-turn task is a one-turn episode; multi-turn agents use the same types. Token conventions in `Batch`:
+every per-token tensor is ``[B, T]`` over the full packed sequence (observations and actions of every turn), and
+position ``t`` describes token ``input_ids[:, t]`` — its log-probability is ``log π(x_t | x_<t)``. Only positions
+with ``action_mask == 1`` are trained; observation tokens never are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Hashable, Literal
+
+import torch
+from torch import Tensor
+
+Origin = Literal["on_policy", "replay", "retry", "guided", "restart"]
+
+
+@dataclass
+class Turn:
+    """One exchange: the observation the policy saw, the action it produced, and what the env said back."""
+
+    observation: str
+    observation_ids: list[int]
+    action: str = ""
+    action_ids: list[int] = field(default_factory=list)
+    behaviour_logprobs: list[float] = field(default_factory=list)
+    reward: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = ""  # "stop" (EOS / stop string), "length" (token limit)
+
+    @property
+    def state_key(self) -> Hashable | None:
+        """Hashable env state before this turn's action (step grouping, archives); None if the env has none."""
+        return self.info.get("state_key")
+
+
+@dataclass
+class Episode:
+    """A trajectory of turns from one env reset. Episodes from the same prompt/seed share `group_id`.
+
+    `rewards` keeps every component separately at every level: ``rewards["trajectory"][name] = float``,
+    ``rewards["step"][name] = [per-turn floats]``, ``rewards["token"][name] = [per-action-token floats]``.
+    """
+
+    group_id: int
+    seed: int
+    turns: list[Turn] = field(default_factory=list)
+    rewards: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"trajectory": {}, "step": {}, "token": {}}
+    )
+    origin: Origin = "on_policy"
+    weight: float = 1.0
+    done: bool = False
+    success: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def response(self) -> str:
+        """All action text, concatenated (for single-turn tasks: the answer)."""
+        return "".join(t.action for t in self.turns)
+
+    @property
+    def num_action_tokens(self) -> int:
+        return sum(len(t.action_ids) for t in self.turns)
+
+    @property
+    def truncated(self) -> bool:
+        return any(t.finish_reason == "length" for t in self.turns)
+
+    def total_reward(self) -> float:
+        """Sum of every component at every level (the scalar that outcome-level credit uses)."""
+        total = sum(self.rewards["trajectory"].values())
+        total += sum(sum(v) for v in self.rewards["step"].values())
+        total += sum(sum(v) for v in self.rewards["token"].values())
+        return float(total)
+
+
+@dataclass
+class Batch:
+    """Padded tensors built once per step from a list of episodes (right padding)."""
+
+    input_ids: Tensor  # [B, T] long
+    attention_mask: Tensor  # [B, T] 1 for real tokens
+    action_mask: Tensor  # [B, T] float, 1 for trained (action) tokens
+    token_rewards: Tensor  # [B, T] float, composed reward placed on action tokens
+    step_index: Tensor  # [B, T] long, which turn each token belongs to (-1 for padding)
+    group_index: Tensor  # [B] long, episodes of one prompt/seed share it
+    sample_weight: Tensor  # [B] float
+    old_logprobs: Tensor | None = None  # [B, T] behaviour (or recomputed old-policy) log-probs
+    ref_logprobs: Tensor | None = None  # [B, T] frozen reference log-probs, when KL is on
+    values: Tensor | None = None  # [B, T] value-head predictions, when a credit piece needs them
+    advantages: Tensor | None = None  # [B, T]
+    returns: Tensor | None = None  # [B, T] value targets, when the credit piece produces them
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: Tensor) -> "Batch":
+        """The sub-batch of the given row indices (minibatching, filtering)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[rows] if isinstance(v, Tensor) else v
+        return Batch(**out)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        return Batch(**out)
+
+
+def sequence_ids(episode: Episode, bos_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """Flatten an episode into token ids, an action flag per token, and the turn index per token."""
+    ids: list[int] = [] if bos_id is None else [bos_id]
+    is_action: list[int] = [0] * len(ids)
+    step: list[int] = [0] * len(ids)
+    for k, turn in enumerate(episode.turns):
+        ids += turn.observation_ids
+        is_action += [0] * len(turn.observation_ids)
+        step += [k] * len(turn.observation_ids)
+        ids += turn.action_ids
+        is_action += [1] * len(turn.action_ids)
+        step += [k] * len(turn.action_ids)
+    return ids, is_action, step
+
+
+def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Batch:
+    """Pack episodes into a right-padded `Batch`.
+
+    Token rewards: every trajectory-level component lands on the episode's last action token; step-level
+    rewards on the last action token of their turn; token-level rewards on the action tokens in order.
+    """
+    seqs = [sequence_ids(e, bos_id) for e in episodes]
+    B, T = len(episodes), max(len(s[0]) for s in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    action_mask = torch.zeros(B, T)
+    step_index = torch.full((B, T), -1, dtype=torch.long)
+    token_rewards = torch.zeros(B, T)
+    for i, (episode, (ids, is_action, step)) in enumerate(zip(episodes, seqs)):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        attention_mask[i, :n] = 1
+        action_mask[i, :n] = torch.tensor(is_action, dtype=torch.float)
+        step_index[i, :n] = torch.tensor(step)
+        action_pos = [t for t in range(n) if is_action[t]]
+        if not action_pos:
+            continue
+        token_rewards[i, action_pos[-1]] += sum(episode.rewards["trajectory"].values())
+        for per_turn in episode.rewards["step"].values():
+            for k, r in enumerate(per_turn):
+                turn_pos = [t for t in action_pos if step[t] == k]
+                if turn_pos:
+                    token_rewards[i, turn_pos[-1]] += r
+        for per_token in episode.rewards["token"].values():
+            for t, r in zip(action_pos, per_token):
+                token_rewards[i, t] += r
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        token_rewards=token_rewards,
+        step_index=step_index,
+        group_index=torch.tensor([e.group_id for e in episodes], dtype=torch.long),
+        sample_weight=torch.tensor([e.weight for e in episodes], dtype=torch.float),
+    )

@@ -1,0 +1,54 @@
+"""The world: the `Env` protocol (text in, text out) and `Task`, which makes envs for a split and gives
+demonstrations for the warm start. A single-turn task is an env whose episode ends after one action."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import Field
+
+from outrider.registry import PieceConfig, Registry
+
+Split = Literal["train", "eval"]
+
+
+@runtime_checkable
+class Env(Protocol):
+    """Gymnasium-like text env. Optional: ``snapshot() -> state`` and ``restore(state)`` for restarts."""
+
+    def reset(self, seed: int) -> str: ...
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]: ...
+
+
+@dataclass
+class Demonstration:
+    """A correct (or deliberately wrong) episode for supervised warm start: (observation, action) per turn."""
+
+    turns: list[tuple[str, str]]
+
+
+class TaskConfig(PieceConfig):
+    """Options every task has."""
+
+    eval_size: int = Field(512, ge=1, description="Number of held-out prompts/seeds in the eval split.")
+    max_turns: int = Field(1, ge=1, description="Horizon: the most turns in one episode (1 for single-turn tasks).")
+
+
+class Task(ABC):
+    """Makes envs and demonstrations. Train seeds and eval seeds index disjoint sets of problems."""
+
+    max_turns: int = 1
+    eval_size: int = 512
+
+    @abstractmethod
+    def make_env(self, split: Split) -> Env: ...
+
+    @abstractmethod
+    def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
+        """Expert episodes for the given train seeds."""
+
+
+ENVS: Registry = Registry("task")

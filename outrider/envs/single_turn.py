@@ -1,0 +1,90 @@
+"""Single-turn tasks: a problem source with a verifier, wrapped as a one-step `Env`."""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import abstractmethod
+from typing import Any, Literal
+
+from pydantic import Field
+
+from outrider.envs.base import Demonstration, Split, Task, TaskConfig
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+class SingleTurnConfig(TaskConfig):
+    template: str = Field("{question}", description="Prompt shown to the policy: `{question}` is the problem text, "
+                                                    "`{metadata[KEY]}` a field of the problem's metadata.")
+    answer_format: Literal["plain", "tagged"] = Field(
+        "plain", description="plain: the whole response is the answer; tagged: the text inside <answer>...</answer>."
+    )
+
+
+class SingleTurnTask(Task):
+    """A source of (question, reference answer) pairs with a verifier. Subclasses give `problem` and `verify`."""
+
+    def __init__(self, cfg: SingleTurnConfig):
+        self.cfg = cfg
+        self.eval_size = cfg.eval_size
+
+    @abstractmethod
+    def problem(self, split: Split, index: int) -> dict[str, Any]:
+        """``{"question": str, "answer": str, ...}`` for the index-th problem of a split (deterministic)."""
+
+    @abstractmethod
+    def verify(self, problem: dict[str, Any], answer: str) -> float:
+        """Reward in [0, 1] for a parsed answer."""
+
+    def demonstration_text(self, problem: dict[str, Any]) -> str:
+        answer = problem["answer"]
+        return f"<answer>{answer}</answer>" if self.cfg.answer_format == "tagged" else answer
+
+    def parse(self, response: str) -> str | None:
+        if self.cfg.answer_format == "tagged":
+            found = ANSWER_TAG.findall(response)
+            return found[-1].strip() if found else None
+        return response.strip()
+
+    def prompt(self, problem: dict[str, Any]) -> str:
+        return self.cfg.template.format(question=problem["question"], metadata=problem.get("metadata", {}))
+
+    def make_env(self, split: Split) -> "SingleTurnEnv":
+        return SingleTurnEnv(self, split)
+
+    def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
+        out = []
+        for s in seeds:
+            p = self.problem("train", s)
+            out.append(Demonstration([(self.prompt(p), self.demonstration_text(p))]))
+        return out
+
+
+class SingleTurnEnv:
+    """reset(seed) shows problem `seed` of the split; step(answer) verifies it and ends the episode."""
+
+    def __init__(self, task: SingleTurnTask, split: Split):
+        self.task, self.split = task, split
+        self._problem: dict[str, Any] | None = None
+
+    def reset(self, seed: int) -> str:
+        self._problem = self.task.problem(self.split, seed)
+        return self.task.prompt(self._problem)
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        assert self._problem is not None, "step() before reset()"
+        answer = self.task.parse(action)
+        info: dict[str, Any] = {"answer": answer, "reference": self._problem["answer"], "invalid": answer is None}
+        reward = 0.0 if answer is None else float(self.task.verify(self._problem, answer))
+        info["success"] = reward >= 1.0
+        return "", reward, True, info
+
+
+def numeric_equal(a: str, b: str, rel_tol: float = 1e-6) -> bool:
+    """True when both parse as numbers within `rel_tol` (commas and surrounding spaces ignored)."""
+    try:
+        x, y = float(a.replace(",", "").strip()), float(b.replace(",", "").strip())
+    except ValueError:
+        return False
+    return math.isclose(x, y, rel_tol=rel_tol, abs_tol=rel_tol)

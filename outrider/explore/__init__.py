@@ -1,0 +1,39 @@
+"""explore/: prompts and env seeds → scored episodes. Strategies are registered in `EXPLORE`.
+
+A strategy is ``fn(ctx: ExploreContext, cfg) -> (episodes, metrics)``. `ExploreContext` hands it the means to
+act (roll out groups, score them, draw fresh prompt seeds) without knowing the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import Field
+
+from outrider.data import Episode
+from outrider.registry import PieceConfig, Registry
+
+
+class ExploreConfig(PieceConfig):
+    """Sampling options every strategy shares."""
+
+    prompts_per_step: int = Field(16, ge=1, description="Groups (distinct prompts/seeds) per RL step.")
+    group_size: int = Field(8, ge=1, description="Episodes sampled per prompt (the G of GRPO).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
+    max_new_tokens: int = Field(16, ge=1, description="Token limit per action (per turn).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings that end an action.")
+
+
+@dataclass
+class ExploreContext:
+    rollout: Callable[[list[int]], list[Episode]]  # seeds → episodes (group_size each, grouped by seed)
+    score: Callable[[list[Episode]], None]  # attaches rewards in place
+    next_seeds: Callable[[int], list[int]]  # n fresh train seeds
+
+
+EXPLORE: Registry = Registry("explore")
+
+from outrider.explore import strategies  # noqa: E402,F401  (registers the built-ins)

@@ -1,0 +1,55 @@
+"""The rollout loop: many envs stepped together, one batched sampler call per turn.
+
+The policy sees the whole conversation so far (observations and its own actions, as token ids, never
+re-tokenised); it produces one action per turn; the env answers; the episode ends when the env says done or at
+the horizon. Single-turn tasks are the one-turn case of the same loop.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from outrider.data import Episode, Turn
+from outrider.envs.base import Env
+from outrider.policy.model import Policy
+from outrider.policy.sampler import SamplingParams, sample
+
+
+def rollout(policy: Policy, make_env: Callable[[], Env], seeds: list[int], group_ids: list[int],
+            params: SamplingParams, generator: torch.Generator, max_turns: int = 1) -> list[Episode]:
+    """Play one episode per (seed, group id) and return them with their turns filled in."""
+    envs = [make_env() for _ in seeds]
+    episodes = [Episode(group_id=g, seed=s) for s, g in zip(seeds, group_ids)]
+    bos = [policy.bos_id] if policy.bos_id is not None else []
+    contexts: list[list[int]] = []
+    for env, episode, seed in zip(envs, episodes, seeds):
+        obs = env.reset(seed)
+        ids = policy.encode(obs)
+        episode.turns.append(Turn(observation=obs, observation_ids=ids))
+        contexts.append(bos + ids)
+    active = list(range(len(episodes)))
+    for turn_index in range(max_turns):
+        if not active:
+            break
+        samples = sample(policy, [contexts[i] for i in active], params, generator)
+        still_active = []
+        for i, s in zip(active, samples):
+            episode, turn = episodes[i], episodes[i].turns[-1]
+            turn.action, turn.action_ids, turn.behaviour_logprobs = s.text, s.ids, s.logprobs
+            turn.finish_reason = s.finish_reason
+            obs, reward, done, info = envs[i].step(s.text)
+            turn.reward = float(reward)
+            turn.info.update(info)
+            contexts[i] += s.ids
+            if done or turn_index + 1 == max_turns:
+                episode.done = bool(done)
+                episode.success = bool(info.get("success", False))
+                continue
+            ids = policy.encode(obs)
+            episode.turns.append(Turn(observation=obs, observation_ids=ids))
+            contexts[i] += ids
+            still_active.append(i)
+        active = still_active
+    return episodes

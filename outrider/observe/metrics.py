@@ -1,0 +1,78 @@
+"""Per-step metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard under `tb/`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from outrider.data import Episode
+from outrider.explore.strategies import groups_of, has_reward_variance
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint we resume from (they will be logged again), atomically."""
+        if not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", -1))
+    except (json.JSONDecodeError, ValueError, TypeError):
+        return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
+    """Reward per component, accuracy, response length, truncation, invalid actions, zero-variance groups."""
+    n = max(len(episodes), 1)
+    out: dict[str, float] = defaultdict(float)
+    for e in episodes:
+        for level in ("trajectory", "step", "token"):
+            for name, v in e.rewards[level].items():
+                out[f"reward/{name}"] += (v if level == "trajectory" else sum(v)) / n
+        out["reward/total"] += e.total_reward() / n
+        out["episode/accuracy"] += float(e.success) / n
+        out["episode/response_length"] += e.num_action_tokens / n
+        out["episode/truncated_frac"] += float(e.truncated) / n
+        out["episode/invalid_frac"] += float(any(t.info.get("invalid") for t in e.turns)) / n
+        out["episode/turns"] += len(e.turns) / n
+    groups = list(groups_of(episodes).values())
+    out["episode/zero_variance_group_frac"] = sum(not has_reward_variance(g) for g in groups) / max(len(groups), 1)
+    return dict(out)

@@ -1,0 +1,151 @@
+"""The agent: an HF causal LM + tokenizer (loaded by path, or the built-in tiny one), with an optional value head.
+
+`Policy.score` is the one forward the learner needs: log-probs, entropies, values and (optionally) hidden states,
+all shifted so position ``t`` describes token ``x_t`` given ``x_<t``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from outrider.errors import OutriderError
+from outrider.policy.tokenizer import build_char_tokenizer
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class Scores:
+    logprobs: Tensor  # [B, T]; position 0 is 0
+    entropy: Tensor | None = None  # [B, T]
+    values: Tensor | None = None  # [B, T]
+    hidden: Tensor | None = None  # [B, T, H] last-layer hidden state at the position *before* each token
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, max_positions: int,
+                     seed: int) -> LlamaForCausalLM:
+    """A small Llama-style model, randomly initialised from `seed` (nothing is downloaded)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+class Policy(nn.Module):
+    """A causal LM, its tokenizer and (when a credit piece needs one) a scalar value head on the last hidden state."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, value_head: bool = False):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        hidden = model.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, hidden: int = 128, layers: int = 2, heads: int = 4, max_positions: int = 512, seed: int = 0,
+             value_head: bool = False) -> "Policy":
+        tokenizer = build_char_tokenizer()
+        return cls(build_tiny_model(tokenizer, hidden, layers, heads, max_positions, seed), tokenizer, value_head)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, value_head: bool = False) -> "Policy":
+        """Load any HF causal LM + tokenizer saved at `path` (a checkpoint of ours included)."""
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise OutriderError(f"policy.model: no model at '{path}' (expected a directory with config.json), "
+                                "or use 'tiny'")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        policy = cls(model, tokenizer, value_head=value_head or (path / VALUE_HEAD_FILE).exists())
+        if (path / VALUE_HEAD_FILE).exists():
+            policy.value_head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
+        return policy
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.value_head is not None:
+            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / VALUE_HEAD_FILE)
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- the scoring forward --------------------------------------------------------------------------------
+    def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
+              values: bool = False, hidden: bool = False) -> Scores:
+        """One forward over right-padded sequences: per-token log π(x_t|x_<t) at `temperature`, and on request
+        the entropy of that distribution, value-head predictions and hidden states."""
+        need_hidden = values or hidden
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
+                         use_cache=False)
+        logits = out.logits[:, :-1].float() / temperature
+        log_norm = torch.logsumexp(logits, dim=-1)
+        target = input_ids[:, 1:].unsqueeze(-1)
+        token_lp = logits.gather(-1, target).squeeze(-1) - log_norm
+        logprobs = _shift_right(token_lp)
+        result = Scores(logprobs=logprobs)
+        if entropy:
+            probs = torch.softmax(logits, dim=-1)
+            result.entropy = _shift_right(log_norm - (probs * logits).sum(-1))
+        if need_hidden:
+            h = out.hidden_states[-1][:, :-1]
+            if hidden:
+                result.hidden = torch.cat([torch.zeros_like(h[:, :1]), h], dim=1)
+            if values:
+                if self.value_head is None:
+                    raise RuntimeError("values requested from a policy without a value head")
+                result.values = _shift_right(self.value_head(h).squeeze(-1))
+        return result
+
+
+def _shift_right(x: Tensor) -> Tensor:
+    return torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)
+
+
+def save_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,76 @@
+"""Supervised warm start on a task's demonstrations (optionally with a controlled share of wrong ones, so the
+warm-started policy is imperfect and RL has something to do)."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from outrider.data import Episode, Turn, pack
+from outrider.envs.base import Demonstration, Task
+from outrider.policy.model import Policy
+
+DEMO_SEED_OFFSET = 10**8  # demonstrations come from train problems far from those RL steps draw first
+
+
+class WarmStartConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(0, ge=0, description="SFT optimiser steps on demonstrations before RL (0: none).")
+    batch_size: int = Field(64, ge=1, description="Demonstrations per SFT step.")
+    lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW, 10-step linear warm-up).")
+    wrong_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose action is taken "
+                                                               "from another problem (usually wrong).")
+    seed: int = Field(0, description="Seed of demonstration order, wrong-answer choice and init.")
+
+
+def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
+    """A demonstration as an episode; every action ends with EOS, as sampled actions do."""
+    ep = Episode(group_id=group_id, seed=group_id)
+    for obs, action in demo.turns:
+        ep.turns.append(Turn(observation=obs, observation_ids=policy.encode(obs), action=action,
+                             action_ids=policy.encode(action) + [policy.eos_id]))
+    return ep
+
+
+def corrupt(demos: list[Demonstration], fraction: float, rng: random.Random) -> list[Demonstration]:
+    """Replace the actions of `fraction` of the demonstrations by those of a random other demonstration."""
+    out = []
+    for d in demos:
+        if rng.random() < fraction and len(demos) > 1:
+            donor = rng.choice(demos)
+            turns = [(obs, donor.turns[min(k, len(donor.turns) - 1)][1]) for k, (obs, _) in enumerate(d.turns)]
+            out.append(Demonstration(turns))
+        else:
+            out.append(d)
+    return out
+
+
+def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
+               on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train `policy` on demonstrations with token cross-entropy on action tokens; returns the loss per step."""
+    if cfg.steps == 0:
+        return []
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    policy.train()
+    losses = []
+    for step in range(cfg.steps):
+        seeds = [DEMO_SEED_OFFSET + step * cfg.batch_size + i for i in range(cfg.batch_size)]
+        demos = corrupt(task.demonstrations(seeds), cfg.wrong_fraction, rng)
+        batch = pack([demo_episode(policy, d, i) for i, d in enumerate(demos)], policy.pad_id, policy.bos_id)
+        batch = batch.to(policy.device)
+        lp = policy.score(batch.input_ids, batch.attention_mask).logprobs
+        loss = -(lp * batch.action_mask).sum() / batch.action_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if on_step:
+            on_step(step, losses[-1])
+    return losses

@@ -1,0 +1,188 @@
+"""Recipes: one YAML file per experiment, validated by pydantic before anything runs.
+
+Sections that name a registered piece (`task`, `explore`, `score[*]`, `credit`, `update.loss`, `update.entropy`)
+are ``{name: X, **options}``; the options are checked against the piece's own config model. `resolve` returns the
+recipe with every default filled in, which is what a run directory records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from outrider.credit import CREDIT
+from outrider.envs import ENVS
+from outrider.errors import OutriderError
+from outrider.explore import EXPLORE
+from outrider.policy.sft import WarmStartConfig
+from outrider.registry import format_validation_error
+from outrider.score import SCORE
+from outrider.update import ENTROPY, LOSSES
+from outrider.update.learner import UpdateConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PolicyConfig(Strict):
+    model: str = Field("tiny", description="'tiny' (built-in char-level Llama-style model, random init) or a path "
+                                           "to any HF causal LM + tokenizer directory.")
+    hidden: int = Field(128, ge=8, description="Tiny model: hidden size.")
+    layers: int = Field(2, ge=1, description="Tiny model: transformer layers.")
+    heads: int = Field(4, ge=1, description="Tiny model: attention heads.")
+    max_positions: int = Field(512, ge=16, description="Tiny model: longest sequence.")
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description="SFT before RL.")
+
+
+class ObserveConfig(Strict):
+    eval_every: int = Field(20, ge=0, description="Evaluate on held-out prompts every N steps (0: start and end only).")
+    eval_prompts: int = Field(128, ge=1, description="Held-out prompts per evaluation.")
+    eval_samples: int = Field(16, ge=1, description="Samples per held-out prompt (n of unbiased pass@k).")
+    eval_temperature: float = Field(1.0, ge=0, description="Sampling temperature at evaluation.")
+    pass_at: list[int] = Field(default_factory=lambda: [1, 4, 16], description="The k of each pass@k reported.")
+    checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest step checkpoints kept on disk.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events under tb/.")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(200, ge=0, description="RL steps.")
+    seed: int = Field(0, description="Seed of model init, prompts, sampling and minibatch order.")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+
+class Recipe(Strict):
+    task: dict[str, Any] = Field(..., description="The task: {name: reasoning_gym|jsonl, ...options}.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    explore: dict[str, Any] = Field(default_factory=lambda: {"name": "group"},
+                                    description="Exploration strategy: {name: group|dynamic, ...sampling options}.")
+    score: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "verifier", "weight": 1.0}],
+                                        description="Reward components: [{name, weight, ...options}].")
+    credit: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"}, description="Advantage estimator.")
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
+    observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("explore", "credit", mode="before")
+    @classmethod
+    def _name_shorthand(cls, v: object) -> object:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _pieces_exist(self) -> "Recipe":
+        ENVS.build(self.task, "task")
+        EXPLORE.build(self.explore, "explore")
+        CREDIT.build(self.credit, "credit")
+        LOSSES.build(self.update.loss, "update.loss")
+        ENTROPY.build(self.update.entropy, "update.entropy")
+        for i, comp in enumerate(self.score):
+            SCORE.build({k: v for k, v in comp.items() if k != "weight"}, f"score[{i}]")
+            if not isinstance(comp.get("weight", 1.0), (int, float)):
+                raise OutriderError(f"score[{i}].weight: must be a number (got {comp['weight']!r})")
+        if not self.score:
+            raise OutriderError("score: at least one reward component is needed; valid: " + ", ".join(SCORE.names()))
+        if max(self.observe.pass_at) > self.observe.eval_samples:
+            raise OutriderError(f"observe.pass_at: k={max(self.observe.pass_at)} exceeds observe.eval_samples="
+                                f"{self.observe.eval_samples}")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise OutriderError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if isinstance(node, str):  # a name shorthand being given options
+                node = {"name": node}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: 1e-4, true, [1, 2], {a: 1})."""
+    for item in overrides:
+        if "=" not in item:
+            raise OutriderError(f"--set '{item}': expected KEY.PATH=VALUE, e.g. update.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        for section in ("explore", "credit"):
+            if key.startswith(section + ".") and isinstance(data.get(section), str):
+                data[section] = {"name": data[section]}
+        for section in ("loss", "entropy"):
+            upd = data.get("update", {})
+            if key.startswith(f"update.{section}.") and isinstance(upd.get(section), str):
+                upd[section] = {"name": upd[section]}
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise OutriderError(f"{source}: expected a mapping of sections (task, policy, explore, ...)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise OutriderError(f"{source}: " + _recipe_error(e)) from None
+
+
+def _recipe_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbid" or err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Recipe
+        for part in loc[:-1]:
+            ann = model.model_fields.get(part)
+            nxt = getattr(ann, "annotation", None) if ann else None
+            if isinstance(nxt, type) and issubclass(nxt, BaseModel):
+                model = nxt
+        return f"{'.'.join(loc)}: unknown option; valid: {', '.join(model.model_fields)}"
+    return format_validation_error(e, "", Recipe).lstrip(".")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise OutriderError(f"recipe: no such file '{path}'")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise OutriderError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parse_recipe(apply_overrides(data or {}, overrides or []), str(path))
+
+
+def resolve(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with every piece's defaults filled in (what `recipe.yaml` of a run records)."""
+    out = recipe.model_dump(mode="json")
+
+    def piece(registry, section: dict[str, Any], where: str) -> dict[str, Any]:
+        entry, cfg = registry.build(section, where)
+        return {"name": entry.name, **cfg.model_dump(mode="json")}
+
+    out["task"] = piece(ENVS, recipe.task, "task")
+    out["explore"] = piece(EXPLORE, recipe.explore, "explore")
+    out["credit"] = piece(CREDIT, recipe.credit, "credit")
+    out["update"]["loss"] = piece(LOSSES, recipe.update.loss, "update.loss")
+    out["update"]["entropy"] = piece(ENTROPY, recipe.update.entropy, "update.entropy")
+    out["score"] = [{**piece(SCORE, {k: v for k, v in c.items() if k != "weight"}, f"score[{i}]"),
+                     "weight": float(c.get("weight", 1.0))} for i, c in enumerate(recipe.score)]
+    return out

@@ -1,0 +1,145 @@
+"""The optimisation step: PPO epochs over minibatches of one packed batch, with KL, entropy and value terms.
+
+``loss = agg(w_i · ℓ_policy) + β · agg(KL) [when KL is in the loss] + entropy term + c_v · agg(ℓ_value)``
+where ``agg`` is the recipe's aggregation mode and ``w_i`` the episode's sample weight.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from outrider.data import Batch
+from outrider.policy.model import Policy
+from outrider.registry import Entry, PieceConfig
+from outrider.update.aggregate import AGGREGATIONS, aggregate
+from outrider.update.kl import KL_ESTIMATORS, kl_penalty
+
+
+class KLConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1/k2/k3).")
+    coef: float = Field(0.0, ge=0, description="β. 0 turns KL off and skips the reference model entirely.")
+    placement: Literal["loss", "reward"] = Field(
+        "loss", description="loss: β·KL added to the loss; reward: −β·KL added to each action token's reward.")
+
+
+class UpdateConfig(BaseModel):
+    """How the policy is updated from a batch with advantages."""
+
+    model_config = ConfigDict(extra="forbid")
+    loss: dict = Field(default_factory=lambda: {"name": "ppo"},
+                       description="Policy surrogate: {name: ppo|gspo, ...options} (a bare name is accepted).")
+    aggregation: str = Field("token-mean", description=f"Loss aggregation: one of {', '.join(AGGREGATIONS)}.")
+    norm_length: int | None = Field(None, ge=1, description="Constant length for seq-mean-token-sum-norm "
+                                                            "(default: the generation budget).")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each batch.")
+    minibatches: int = Field(1, ge=1, description="Minibatches per epoch (optimiser steps per epoch).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL to the frozen warm-started reference.")
+    entropy: dict = Field(default_factory=lambda: {"name": "none"},
+                          description="Entropy regulator: {name: none|bonus, ...options}.")
+    vf_coef: float = Field(0.5, ge=0, description="Value-loss weight (used when the credit piece needs values).")
+    value_clip: float | None = Field(0.2, gt=0, description="PPO value clipping range (null: unclipped).")
+
+    @field_validator("loss", "entropy", mode="before")
+    @classmethod
+    def _name_shorthand(cls, v: object) -> object:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_aggregation(cls, v: str) -> str:
+        if v not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation '{v}'; valid: {', '.join(AGGREGATIONS)}")
+        return v
+
+
+assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+@torch.no_grad()
+def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateConfig, temperature: float,
+            need_old: bool, need_values: bool) -> None:
+    """Fill the batch's old log-probs, values and reference log-probs (one no-grad forward each, only if needed)."""
+    if need_old or need_values:
+        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values)
+        batch.old_logprobs = scores.logprobs if need_old else None
+        batch.values = scores.values
+    if reference is not None:
+        batch.ref_logprobs = reference.score(batch.input_ids, batch.attention_mask, temperature).logprobs
+
+
+def kl_into_rewards(batch: Batch, cfg: UpdateConfig) -> Tensor:
+    """r_t ← r_t − β·KL_t on action tokens (KL in the reward, as in InstructGPT-style PPO); returns the mean KL."""
+    kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, cfg.kl.estimator) * batch.action_mask
+    batch.token_rewards = batch.token_rewards - cfg.kl.coef * kl
+    return kl.sum() / batch.action_mask.sum().clamp(min=1)
+
+
+def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
+                 entropy_piece: tuple[Entry, PieceConfig], cfg: UpdateConfig, temperature: float,
+                 generator: torch.Generator, norm_length: int) -> dict[str, float]:
+    """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics."""
+    loss_entry, loss_cfg = loss_piece
+    ent_entry, ent_cfg = entropy_piece
+    agg_len = cfg.norm_length or norm_length
+
+    def agg(x: Tensor, m: Tensor) -> Tensor:
+        return aggregate(x, m, cfg.aggregation, agg_len)
+
+    policy.train()
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(batch.size, generator=generator)
+        for rows in order.chunk(cfg.minibatches):
+            mb = batch.select(rows)
+            mask = mb.action_mask
+            scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
+                                  values=mb.returns is not None)
+            old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
+            per_token, metrics = loss_entry.fn(scores.logprobs, old, mb.advantages, mask, loss_cfg)
+            loss = agg(per_token * mb.sample_weight[:, None], mask)
+            metrics = {f"loss/{k}" if not k.startswith("clip") else f"clip/{k[5:]}": v for k, v in metrics.items()}
+            metrics["loss/policy"] = loss.detach()
+            if mb.ref_logprobs is not None:
+                kl = kl_penalty(scores.logprobs, mb.ref_logprobs, cfg.kl.estimator)
+                metrics["policy/kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+                if cfg.kl.placement == "loss":
+                    loss = loss + cfg.kl.coef * agg(kl, mask)
+            ent_term, ent_metrics = ent_entry.fn(scores.entropy, mask, ent_cfg, agg)
+            loss = loss + ent_term
+            metrics.update(ent_metrics)
+            metrics["policy/entropy"] = (scores.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+            if mb.returns is not None:
+                v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
+                metrics["loss/value"] = agg(v_loss, mask).detach()
+                loss = loss + cfg.vf_coef * agg(v_loss, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in policy.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            optimizer.step()
+            metrics["loss/total"] = loss.detach()
+            metrics["optim/grad_norm"] = grad_norm
+            for k, v in metrics.items():
+                sums[k] += float(v)
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
+    """½·max((V − R)², (clip(V, V_old ± ε) − R)²) per token (PPO's clipped value loss)."""
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum(unclipped, (clipped - returns) ** 2)

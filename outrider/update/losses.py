@@ -1,0 +1,114 @@
+"""Policy surrogates: ``fn(logprobs, old_logprobs, advantages, mask, cfg) -> (loss [B, T], metrics)``.
+
+The loss is per token and exactly 0 off the mask; the caller reduces it with `outrider.update.aggregate`.
+Metrics are detached scalar tensors, means over the action tokens:
+
+- ``clip_frac_low``: A < 0 and ratio < 1 − clip_low (the lower clip holds the loss, no gradient);
+- ``clip_frac_high``: A > 0 and ratio > 1 + clip_high;
+- ``ratio_mean``: the mean importance ratio;
+- ``clip_frac_dual`` (``ppo`` with ``dual_clip`` only): A < 0 and the dual bound −A·c replaced the loss.
+
+Log-ratios are clamped to [−20, 20] before ``exp`` and set to 0 off the mask, so a padded position can never
+turn into ``inf·0 = NaN``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from outrider.credit.stats import masked_mean
+from outrider.registry import PieceConfig
+from outrider.update import LOSSES
+
+LOG_RATIO_CLAMP = 20.0
+
+
+class PPOLossConfig(PieceConfig):
+    """Options of the `ppo` surrogate."""
+
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="ε_low: the ratio is clipped below at 1 − ε_low.")
+    clip_high: float = Field(
+        0.2, ge=0.0, description="ε_high: the ratio is clipped above at 1 + ε_high (DAPO clip-higher uses 0.28)."
+    )
+    dual_clip: float | None = Field(
+        None,
+        gt=1.0,
+        description="Dual-clip constant c > 1 (e.g. 3.0): for A < 0 the loss is at most −A·c. None disables it.",
+    )
+
+
+class GSPOLossConfig(PieceConfig):
+    """Options of the `gspo` surrogate (defaults: GSPO paper v2, §5.1, clipping ranges 3e-4 / 4e-4)."""
+
+    clip_low: float = Field(3e-4, ge=0.0, lt=1.0, description="Sequence ratio clipped below at 1 − clip_low.")
+    clip_high: float = Field(4e-4, ge=0.0, description="Sequence ratio clipped above at 1 + clip_high.")
+
+
+def _log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """``clamp(logp − old, ±20)`` on the mask, 0 elsewhere."""
+    lr = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    return torch.clamp(lr, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def _clip_metrics(ratio: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float) -> dict[str, Tensor]:
+    ratio, advantages = ratio.detach(), advantages.detach()
+    low_active = (advantages < 0) & (ratio < 1.0 - low)
+    high_active = (advantages > 0) & (ratio > 1.0 + high)
+    return {
+        "clip_frac_low": masked_mean(low_active.to(ratio.dtype), mask),
+        "clip_frac_high": masked_mean(high_active.to(ratio.dtype), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+
+
+def clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float) -> Tensor:
+    """``max(−A·r, −A·clip(r, 1 − low, 1 + high))`` per token (the negated PPO-clip objective)."""
+    return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high))
+
+
+@LOSSES.register("ppo", config=PPOLossConfig)
+def ppo(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg: PPOLossConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip surrogate (Schulman et al. 2017, arXiv:1707.06347) with asymmetric clip-higher (DAPO, Yu et al.
+    2025, arXiv:2503.14476) and optional dual clip (Ye et al. 2020, arXiv:1912.09729).
+
+    ``r = exp(logp − old)``; ``ℓ = max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high))``; with dual clip c > 1,
+    ``ℓ = min(ℓ, −A·c)`` where A < 0, which bounds the loss of a negative-advantage token whose ratio has
+    blown up (r > c) instead of letting it grow linearly in r. Used as GRPO's loss with group advantages.
+    """
+    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
+    metrics = _clip_metrics(ratio, advantages, mask, cfg.clip_low, cfg.clip_high)
+    if cfg.dual_clip is not None:
+        bound = -advantages * cfg.dual_clip
+        dual_active = (advantages < 0) & (loss > bound)
+        loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
+        metrics["clip_frac_dual"] = masked_mean(dual_active.detach().to(ratio.dtype), mask)
+    loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
+    return loss, metrics
+
+
+@LOSSES.register("gspo", config=GSPOLossConfig)
+def gspo(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg: GSPOLossConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO-token surrogate (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv:2507.18071).
+
+    Sequence ratio ``s_i = exp(mean_{t∈y_i} (logp_t − old_t))`` (length-normalised, the geometric mean of the
+    token ratios); per token ``s_{i,t} = sg(s_i) · exp(logp_t − sg(logp_t))``, whose value is s_i and whose gradient
+    is ``s_i · ∇logp_t``; ``ℓ = max(−A·s_{i,t}, −A·clip(s_{i,t}, 1 − ε_low, 1 + ε_high))``. With advantages
+    constant along a sequence and ``seq-mean-token-mean`` aggregation this is the paper's sequence-level GSPO
+    objective. The default clipping ranges 3e-4 / 4e-4 are the paper's (v2, §5.1); they are tiny because s_i
+    is a per-token geometric mean. Clip fractions are measured on s_i, counted over action tokens.
+    """
+    seq_log_ratio = masked_mean(_log_ratio(logprobs.detach(), old_logprobs, mask), mask, dim=-1)  # [B]
+    seq_ratio = torch.exp(torch.clamp(seq_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    token_grad = torch.where(mask > 0, logprobs - logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = seq_ratio[:, None] * torch.exp(token_grad)
+    loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
+    metrics = _clip_metrics(seq_ratio[:, None].expand_as(mask), advantages, mask, cfg.clip_low, cfg.clip_high)
+    loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
+    return loss, metrics
