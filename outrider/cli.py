@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -42,15 +41,16 @@ def train(
 ) -> None:
     """Warm-start (if the recipe asks), then run RL; writes recipe.yaml, metrics.jsonl, summary.json, tb/,
     checkpoints/ into the run directory."""
-    from outrider.recipe import load_recipe, parse_recipe, resolve
+    from outrider.recipe import load_recipe, resolve
     from outrider.trainer import Trainer
 
     saved = out_dir / "recipe.yaml"
     if resume:
         if not saved.exists():
             raise OutriderError(f"--resume: '{out_dir}' has no recipe.yaml; start the run without --resume")
-        base = parse_recipe(yaml.safe_load(saved.read_text()), str(saved))
-        rec = load_recipe(recipe, set_) if recipe else base
+        base = load_recipe(saved)
+        # without a RECIPE, --set applies to the saved one (e.g. --set train.steps=N to train further)
+        rec = load_recipe(recipe if recipe else saved, set_)
         ours, theirs = resolve(rec), resolve(base)
         ours["train"]["steps"] = theirs["train"]["steps"] = 0
         if ours != theirs:
@@ -59,12 +59,15 @@ def train(
         if recipe is None:
             raise OutriderError("train: a RECIPE is needed (or --resume with an existing --out)")
         rec = load_recipe(recipe, set_)
-        if out_dir.exists() and any(out_dir.iterdir()):
-            if not overwrite:
-                raise OutriderError(f"--out: '{out_dir}' already holds a run; use --resume to continue it or "
-                                    "--overwrite to replace it")
-            shutil.rmtree(out_dir)
-    summary = Trainer(rec, out_dir, resume=resume, quiet=quiet).run()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutriderError(f"--out: '{out_dir}' is a file, not a run directory")
+        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+            raise OutriderError(f"--out: '{out_dir}' already holds a run; use --resume to continue it or "
+                                "--overwrite to replace it")
+    trainer = Trainer(rec, out_dir, resume=resume, quiet=quiet)  # builds the task: bad options fail here
+    if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        shutil.rmtree(out_dir)
+    summary = trainer.run()
     start, end = summary["eval_start"], summary["eval_end"]
     out.print(_eval_table(f"held-out evaluation ({out_dir})", {"start": start, "end": end}))
     out.print(f"pass@1 {start['pass@1']:.3f} -> {end['pass@1']:.3f}   "
@@ -84,12 +87,16 @@ def eval_(
     from outrider.checkpoint import list_checkpoints
     from outrider.observe.evaluate import evaluate
     from outrider.policy.model import Policy
-    from outrider.recipe import parse_recipe
+    from outrider.recipe import load_recipe
     from outrider.trainer import build_task, sampling_params
 
+    if samples < 1:
+        raise OutriderError(f"--samples: must be at least 1 (got {samples})")
+    if prompts is not None and prompts < 1:
+        raise OutriderError(f"--prompts: must be at least 1 (got {prompts})")
     if not (run / "recipe.yaml").exists():
         raise OutriderError(f"eval: '{run}' is not a run directory (no recipe.yaml)")
-    rec = parse_recipe(yaml.safe_load((run / "recipe.yaml").read_text()), str(run / "recipe.yaml"))
+    rec = load_recipe(run / "recipe.yaml")
     found = list_checkpoints(run)
     if checkpoint:
         found = [p for p in found if p.name == checkpoint]
@@ -166,14 +173,29 @@ def main() -> None:
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(e, usage_errors):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, aborts):
             sys.exit(130)
         raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Usage-error and abort classes of click and of the click copy that newer typer vendors (typer._click)."""
+    import click
+
+    usage_errors: list[type] = [click.exceptions.ClickException]
+    aborts: list[type] = [click.exceptions.Abort, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        usage_errors.append(vendored.ClickException)
+        aborts.extend(c for c in (getattr(vendored, "Abort", None),) if c is not None)
+    return tuple(usage_errors), tuple(aborts)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ recipe with every default filled in, which is what a run directory records.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,24 @@ class Recipe(Strict):
                 raise OutriderError(f"score[{i}].weight: must be a number (got {comp['weight']!r})")
         if not self.score:
             raise OutriderError("score: at least one reward component is needed; valid: " + ", ".join(SCORE.names()))
+        if not self.observe.pass_at or min(self.observe.pass_at) < 1:
+            raise OutriderError(f"observe.pass_at: needs at least one k, each k >= 1 (got {self.observe.pass_at})")
         if max(self.observe.pass_at) > self.observe.eval_samples:
             raise OutriderError(f"observe.pass_at: k={max(self.observe.pass_at)} exceeds observe.eval_samples="
                                 f"{self.observe.eval_samples}")
         return self
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; in a recipe it is a number."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -97,6 +112,8 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        if not isinstance(node, (dict, list)):
+            raise OutriderError(f"--set {dotted}: '{'.'.join(parts[:i])}' is {node!r}, which has no '{part}'")
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise OutriderError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)}")
@@ -108,28 +125,39 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if last:
             node[part] = value
         else:
+            if isinstance(node.get(part), str):  # a name shorthand being given options
+                node[part] = {"name": node[part]}
             node = node.setdefault(part, {})
-            if isinstance(node, str):  # a name shorthand being given options
-                node = {"name": node}
+
+
+def _piece_defaults() -> dict[str, str]:
+    """Dotted section -> the name of the piece used when a recipe leaves the section out."""
+    return {"explore": Recipe.model_fields["explore"].default_factory()["name"],
+            "credit": Recipe.model_fields["credit"].default_factory()["name"],
+            "update.loss": UpdateConfig.model_fields["loss"].default_factory()["name"],
+            "update.entropy": UpdateConfig.model_fields["entropy"].default_factory()["name"]}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML: 1e-4, true, [1, 2], {a: 1})."""
+    if not isinstance(data, dict):
+        return data  # not a recipe at all: parse_recipe says so
     for item in overrides:
         if "=" not in item:
             raise OutriderError(f"--set '{item}': expected KEY.PATH=VALUE, e.g. update.lr=1e-4")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = _yaml_load(raw)
         except yaml.YAMLError:
             value = raw
-        for section in ("explore", "credit"):
-            if key.startswith(section + ".") and isinstance(data.get(section), str):
-                data[section] = {"name": data[section]}
-        for section in ("loss", "entropy"):
-            upd = data.get("update", {})
-            if key.startswith(f"update.{section}.") and isinstance(upd.get(section), str):
-                upd[section] = {"name": upd[section]}
+        for section, default in _piece_defaults().items():
+            if key.strip().startswith(section + "."):  # options of a piece the recipe leaves at its default
+                *parents, leaf = section.split(".")
+                node: Any = data
+                for part in parents:
+                    node = node.setdefault(part, {}) if isinstance(node, dict) else None
+                if isinstance(node, dict) and leaf not in node:
+                    node[leaf] = {"name": default}
         _set_dotted(data, key.strip(), value)
     return data
 
@@ -162,7 +190,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not p.is_file():
         raise OutriderError(f"recipe: no such file '{path}'")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _yaml_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

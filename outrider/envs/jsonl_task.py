@@ -26,8 +26,13 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise OutriderError(f"task.path: no such file '{path}'")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OutriderError(f"{path}: not UTF-8 text (byte {e.start})") from None
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, ..., which JSON strings may contain
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -67,6 +72,7 @@ class JsonlTask(SingleTurnTask):
             if not split:
                 raise OutriderError(f"task.path: the {name} split of '{cfg.path}' is empty; add lines or set eval_path")
         self.eval_size = min(cfg.eval_size, len(self._eval_rows))
+        self.check_template()
 
     def problem(self, split: Split, index: int) -> dict[str, Any]:
         rows = self._eval_rows if split == "eval" else self._train_rows

@@ -43,6 +43,7 @@ class ReasoningGymTask(SingleTurnTask):
         if len(self._eval_questions) < cfg.eval_size // 2:
             raise OutriderError(f"task.config: '{cfg.dataset}' gives only {len(self._eval_questions)} distinct "
                                 f"held-out problems for eval_size={cfg.eval_size}; lower task.eval_size")
+        self.check_template()
 
     def problem(self, split: Split, index: int) -> dict[str, Any]:
         if split == "eval":

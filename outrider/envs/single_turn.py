@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from outrider.envs.base import Demonstration, Split, Task, TaskConfig
+from outrider.errors import OutriderError
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -48,7 +49,15 @@ class SingleTurnTask(Task):
         return response.strip()
 
     def prompt(self, problem: dict[str, Any]) -> str:
-        return self.cfg.template.format(question=problem["question"], metadata=problem.get("metadata", {}))
+        try:
+            return self.cfg.template.format(question=problem["question"], metadata=problem.get("metadata", {}))
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            raise OutriderError(f"task.template: cannot fill {self.cfg.template!r} ({type(e).__name__}: {e}); "
+                                "use {question} or {metadata[KEY]}") from None
+
+    def check_template(self) -> None:
+        """Fill the template once with a held-out problem, so a bad template fails before anything runs."""
+        self.prompt(self.problem("eval", 0))
 
     def make_env(self, split: Split) -> "SingleTurnEnv":
         return SingleTurnEnv(self, split)

@@ -21,7 +21,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+            # on resume, TensorBoard discards the events logged after the checkpoint (they are logged again)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from (they will be logged again), atomically."""

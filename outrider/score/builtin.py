@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from outrider.data import Episode
 from outrider.envs.single_turn import numeric_equal
@@ -74,6 +74,12 @@ def length_penalty(episodes: list[Episode], cfg: LengthConfig) -> list[float]:
 class OverlongConfig(ComponentConfig):
     max_length: int = Field(..., ge=1, description="L_max: the generation budget in tokens.")
     buffer: int = Field(..., ge=1, description="L_cache: the soft zone before L_max where the penalty ramps to −1.")
+
+    @model_validator(mode="after")
+    def _buffer_fits(self) -> "OverlongConfig":
+        if self.buffer > self.max_length:
+            raise ValueError(f"buffer ({self.buffer}) must not exceed max_length ({self.max_length})")
+        return self
 
 
 @SCORE.register("overlong", config=OverlongConfig)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny recipe written into tmp_path, and helpers to run the CLI as a real process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Small enough that a whole run (warm start, RL steps, evaluations, checkpoints) takes about a second in-process.
+TINY_RECIPE: dict[str, Any] = {
+    "task": {
+        "name": "reasoning_gym",
+        "dataset": "chain_sum",
+        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+        "template": "{metadata[expression]} =",
+        "eval_size": 16,
+    },
+    "policy": {"model": "tiny", "hidden": 32, "layers": 1, "heads": 2,
+               "warm_start": {"steps": 5, "batch_size": 8, "lr": 5.0e-3}},
+    "explore": {"name": "group", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
+    "score": [{"name": "verifier", "weight": 1.0}],
+    "credit": {"name": "grpo"},
+    "update": {"lr": 1.0e-3},
+    "observe": {"eval_every": 0, "eval_prompts": 4, "eval_samples": 2, "pass_at": [1, 2],
+                "checkpoint_every": 2, "tensorboard": False},
+    "train": {"steps": 3, "seed": 0, "threads": 1},
+}
+
+OUTRIDER = str(Path(sys.executable).with_name("outrider"))  # the installed console script of this venv
+PYTHON_M = [sys.executable, "-m", "outrider.cli"]
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in: nested mappings merge, everything else (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_recipe(**overrides: Any) -> dict[str, Any]:
+    """The tiny recipe as a dict, e.g. ``tiny_recipe(train={"steps": 6})``."""
+    return deep_merge(TINY_RECIPE, overrides)
+
+
+def write_recipe(directory: Path, name: str = "recipe.yaml", **overrides: Any) -> Path:
+    """Write the tiny recipe (with section overrides merged in) to ``directory/name`` and return the path."""
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(tiny_recipe(**overrides), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path):
+    """``recipe_file(**overrides) -> Path``: a tiny recipe YAML in this test's tmp_path."""
+
+    def make(name: str = "recipe.yaml", **overrides: Any) -> Path:
+        return write_recipe(tmp_path, name, **overrides)
+
+    return make
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"COLUMNS": "200", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def start_cli(args: list[str], cwd: Path, python_m: bool = False) -> subprocess.Popen:
+    """Start ``outrider ARGS`` (or ``python -m outrider.cli ARGS``) without waiting for it."""
+    cmd = (PYTHON_M if python_m else [OUTRIDER]) + [str(a) for a in args]
+    return subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_cli(args: list[str], cwd: Path, python_m: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    return finish(start_cli(args, cwd, python_m), timeout)
+
+
+def run_cli_many(calls: dict[str, tuple[list[str], bool]], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Run several CLI invocations concurrently (each costs seconds of imports): name -> (args, python_m)."""
+    procs = {name: start_cli(args, cwd, python_m) for name, (args, python_m) in calls.items()}
+    return {name: finish(p) for name, p in procs.items()}
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 2, exactly one line on stderr that contains every fragment, and no traceback anywhere."""
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> bytes), to check that nothing was touched."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
