@@ -16,6 +16,7 @@ from outrider.checkpoint import list_checkpoints, load_state, save_checkpoint
 from outrider.credit import CREDIT
 from outrider.data import Episode, pack
 from outrider.envs import ENVS
+from outrider.errors import OutriderError
 from outrider.explore import EXPLORE, ExploreContext
 from outrider.explore.rollout import rollout
 from outrider.observe.evaluate import evaluate
@@ -64,6 +65,9 @@ class Trainer:
             self.components.append(Component(entry.name, entry, cfg, float(c.get("weight", 1.0))))
         self.needs_values = type(self.credit[1]).requires_values
         self.params = sampling_params(recipe)
+        if self.params.temperature <= 0:
+            raise OutriderError("explore.temperature: must be > 0 for training (log-probs are taken at the sampling "
+                                "temperature); use observe.eval_temperature: 0 for greedy evaluation")
         self.device = torch.device(recipe.train.device)
         self.start_step, self.summary, self.reference = 0, {}, None
         checkpoints = list_checkpoints(run_dir) if resume else []
@@ -80,6 +84,8 @@ class Trainer:
             ref_dir = run_dir / "checkpoints" / "reference"
             self.reference = Policy.load(ref_dir).to(self.device) if checkpoints else None
         self.resumed = bool(checkpoints)
+        # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
+        self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         u = self.recipe.update
@@ -173,10 +179,10 @@ class Trainer:
                 self.reference.save(self.run_dir / "checkpoints" / "reference")
             self.summary["eval_start"] = self._evaluate()
             progress.note(f"held-out pass@1 at start: {self.summary['eval_start']['pass@1']:.3f}")
-            self._checkpoint(0)
-        writer = MetricsWriter(self.run_dir, o.tensorboard, resume_step=self.start_step if self.resumed else None)
+        writer = MetricsWriter(self.run_dir, o.tensorboard, resume_step=self.truncate_after)
         if not self.resumed:
             writer.write(0, {f"eval/{k}": v for k, v in self.summary["eval_start"].items()})
+            self._checkpoint(0)
         elapsed_before = self.summary.get("wall_time_s", 0.0)
         with progress.phase("RL", r.train.steps, start=self.start_step) as advance:
             for step in range(self.start_step + 1, r.train.steps + 1):

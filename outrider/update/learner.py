@@ -117,7 +117,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
                     loss = loss + cfg.kl.coef * agg(kl, mask)
             ent_term, ent_metrics = ent_entry.fn(scores.entropy, mask, ent_cfg, agg)
             loss = loss + ent_term
-            metrics.update(ent_metrics)
+            metrics.update({f"entropy_reg/{k}": v for k, v in ent_metrics.items()})
             metrics["policy/entropy"] = (scores.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
             if mb.returns is not None:
                 v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
