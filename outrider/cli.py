@@ -135,7 +135,9 @@ def sft(
 
 
 @app.command()
-def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+            markdown: Annotated[bool, typer.Option("--markdown", help="Print the recipe field reference "
+                                                   "(docs/recipe-reference.md).")] = False) -> None:
     """List shipped recipes and every registered piece (by family) with its options."""
     from outrider.credit import CREDIT
     from outrider.envs import ENVS
@@ -149,6 +151,11 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
             "description": f.description or ""} for n, f in e.config.model_fields.items()}}
         for e in reg.entries()} for fam, reg in families.items()}
     files = sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    if markdown:
+        from outrider.observe.reference import recipe_reference
+
+        print(recipe_reference(pieces))
+        return
     if as_json:
         print(json.dumps({"recipes": [str(p) for p in files], "pieces": pieces}, default=str, indent=2))
         return

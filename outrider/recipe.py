@@ -59,15 +59,15 @@ class TrainConfig(Strict):
 
 class Recipe(Strict):
     task: dict[str, Any] = Field(..., description="The task: {name: reasoning_gym|jsonl, ...options}.")
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The model and its warm start.")
     explore: dict[str, Any] = Field(default_factory=lambda: {"name": "group"},
                                     description="Exploration strategy: {name: group|dynamic, ...sampling options}.")
     score: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "verifier", "weight": 1.0}],
                                         description="Reward components: [{name, weight, ...options}].")
     credit: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"}, description="Advantage estimator.")
-    update: UpdateConfig = Field(default_factory=UpdateConfig)
-    observe: ObserveConfig = Field(default_factory=ObserveConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="Loss, KL, entropy and optimiser.")
+    observe: ObserveConfig = Field(default_factory=ObserveConfig, description="Evaluation, logging, checkpoints.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Steps, seed, device.")
 
     @field_validator("explore", "credit", mode="before")
     @classmethod
