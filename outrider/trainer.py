@@ -77,6 +77,9 @@ class Trainer:
             state = load_state(checkpoints[-1])
             self.optimizer.load_state_dict(state["optimizer"])
             self.start_step, self.summary = state["step"], state["summary"]
+            if recipe.train.steps < self.start_step:
+                raise OutriderError(f"train.steps: {recipe.train.steps} is below the step of the newest checkpoint "
+                                    f"({self.start_step}); resume can only keep or extend a run")
         else:
             self.policy = build_policy(recipe, self.needs_values).to(self.device)
             self.optimizer = self._make_optimizer()
