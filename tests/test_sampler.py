@@ -170,3 +170,19 @@ def test_sampling_leaves_training_mode_as_it_was(policy):
 
 def test_no_prompts_gives_no_samples(policy):
     assert sample(policy, [], SamplingParams(), gen()) == []
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(policy):
+    eos_biased = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
+    with torch.no_grad():
+        policy.model.lm_head.weight[policy.eos_id] += 5.0  # make EOS likely, so ignoring it is tested
+    try:
+        out = sample(policy, [prompt_ids(policy, "ab"), prompt_ids(policy, "xyz")], eos_biased, gen(3))
+        plain = sample(policy, [prompt_ids(policy, "ab")], SamplingParams(max_new_tokens=12), gen(3))
+    finally:
+        with torch.no_grad():
+            policy.model.lm_head.weight[policy.eos_id] -= 5.0
+    assert [len(s.ids) for s in out] == [12, 12]
+    assert all(s.finish_reason == "length" for s in out)
+    assert policy.eos_id in out[0].ids + out[1].ids
+    assert len(plain[0].ids) < 12 and plain[0].finish_reason == "stop"

@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 16
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep generating past EOS (fixed-length benchmarks)
 
 
 @dataclass
@@ -87,7 +88,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
         out_lp[live, t] = logp[live].gather(-1, token[live].unsqueeze(-1)).squeeze(-1)
         lengths += live.long()
         attention[:, width + t] = live.long()
-        hit_eos = live & (token == policy.eos_id)
+        hit_eos = live & (token == policy.eos_id) & (not params.ignore_eos)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
                 texts[i] += policy.decode([int(token[i])])
