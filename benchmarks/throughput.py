@@ -89,6 +89,69 @@ def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak:
     return results
 
 
+def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
+                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path) -> dict:
+    """outrider GRPO steps with the settings `trl_grpo_step_times` uses (token-mean, beta 0, one update)."""
+    from outrider.recipe import parse_recipe
+    from outrider.trainer import Trainer
+
+    data = work / "reverse.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    recipe = parse_recipe({
+        "task": {"name": "jsonl", "path": str(data), "eval_fraction": 0.1},
+        "policy": {"model": model_dir},
+        "explore": {"name": "group", "prompts_per_step": 16, "group_size": group_size, "temperature": 1.0,
+                    "max_new_tokens": max_new_tokens},
+        "score": [{"name": "exact_match"}],
+        "credit": {"name": "grpo"},
+        "update": {"loss": "ppo", "aggregation": "token-mean", "lr": lr, "grad_clip": 1.0},
+        "train": {"seed": seed, "steps": steps},
+    })
+    trainer = Trainer(recipe, work / "run", quiet=True)
+    step_s, tokens = [], []
+    for step in range(1, steps + 1):
+        t = time.perf_counter()
+        m = trainer.step(step)
+        step_s.append(time.perf_counter() - t)
+        tokens.append(round(m["episode/response_length"] * 16 * group_size))
+    return {"step_s": step_s, "completion_tokens_per_step": tokens}
+
+
+def bench_rl_step(blocks: int, steps: int, new_tokens: int) -> dict:
+    """Alternate blocks of TRL and outrider steps on the same saved tiny model; drop each block's first step."""
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trl_grpo import _reverse_task, trl_grpo_step_times
+
+    prompts, answers = _reverse_task(64, 0)
+    times: dict[str, list[float]] = {"outrider": [], "trl": []}
+    toks: dict[str, list[int]] = {"outrider": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(Path(tmp) / "model")
+        Policy.tiny().save(model_dir)
+        for b in range(blocks):
+            for label in ("trl", "outrider"):
+                args = (model_dir, prompts, answers, 8, new_tokens, steps, 1e-4, b)
+                if label == "trl":
+                    r = trl_grpo_step_times(*args)
+                    version = r["trl_version"]
+                else:
+                    work = Path(tmp) / f"o{b}"
+                    work.mkdir()
+                    r = outrider_step_times(*args, work=work)
+                times[label] += r["step_s"][1:]
+                toks[label] += r["completion_tokens_per_step"][1:]
+    ratio = statistics.median(times["trl"]) / statistics.median(times["outrider"])
+    print(f"RL step: outrider {statistics.median(times['outrider']):.3f} s, TRL {statistics.median(times['trl']):.3f} s,"
+          f" ratio {ratio:.2f} (tokens/step {statistics.median(toks['outrider'])} vs {statistics.median(toks['trl'])})")
+    return {"seconds_per_step": {k: stats(v) for k, v in times.items()},
+            "completion_tokens_per_step": {k: stats([float(x) for x in v]) for k, v in toks.items()},
+            "tokens_per_s": {k: statistics.median(toks[k]) / statistics.median(times[k]) for k in times},
+            "trl_version": version, "ratio_median_of_medians": ratio}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
@@ -102,6 +165,7 @@ def main() -> None:
     peak = matmul_flops()
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.threads} threads)")
     sampler = bench_sampler(args.reps, args.batch, args.prompt_len, args.new_tokens, peak)
+    rl_step = bench_rl_step(blocks=2, steps=max(args.reps, 5) + 1, new_tokens=16)
     out = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.threads} torch threads",
@@ -110,6 +174,8 @@ def main() -> None:
         "matmul_flops": peak,
         "sampler": sampler,
         "sampler_vs_generate": {k: v["ratio"]["median"] for k, v in sampler.items()},
+        "rl_step": rl_step,
+        "step_vs_trl": rl_step["ratio_median_of_medians"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
