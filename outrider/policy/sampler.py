@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from outrider.policy import fast_decode
 from outrider.policy.model import Policy
 
 
@@ -23,6 +24,7 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep generating past EOS (fixed-length benchmarks)
+    backend: str = "auto"  # "auto": the lean decoder for Llama-family models, else HF; "fast" or "hf" to force
 
 
 @dataclass
@@ -46,6 +48,31 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+class _HFStepper:
+    """The generic path: the HF forward with its own KV cache (any causal LM)."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, width: int, max_new: int, device: torch.device):
+        self.model, self.width = model, width
+        self.attention = torch.zeros(batch, width + max_new, dtype=torch.long, device=device)
+        self.past = None
+        self.t = 0
+
+    def prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
+        self.attention[:, : self.width] = attention
+        self.positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=self.positions, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def step(self, tokens: Tensor, live: Tensor) -> Tensor:
+        self.attention[:, self.width + self.t] = live.long()
+        self.t += 1
+        out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=self.attention[:, : self.width + self.t],
+                         position_ids=self.positions[:, -1:] + self.t, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+
 @torch.no_grad()
 def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator) -> list[Sample]:
     """Continue each prompt (token ids) until EOS, a stop string, or `max_new_tokens`."""
@@ -54,41 +81,37 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     model, device = policy.model, policy.device
     was_training = model.training
     model.eval()
-    B = len(prompts)
+    B, n_new = len(prompts), params.max_new_tokens
     width = max(len(p) for p in prompts)
     input_ids = torch.full((B, width), policy.pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros(B, width + params.max_new_tokens, dtype=torch.long, device=device)
+    attention = torch.zeros(B, width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
-        attention[i, width - len(p):width] = 1
-    positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)
+        attention[i, width - len(p):] = 1
+    use_fast = params.backend == "fast" or (params.backend == "auto" and fast_decode.supports(model))
+    stepper = (fast_decode.FastDecoder(model, B, width + n_new) if use_fast
+               else _HFStepper(model, B, width, n_new, device))
 
-    out_ids = torch.full((B, params.max_new_tokens), policy.pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, params.max_new_tokens, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros(B, n_new, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
     texts = [""] * B
-    past = None
-    step_input, step_pos = input_ids, positions
-    for t in range(params.max_new_tokens):
-        out = model(input_ids=step_input, attention_mask=attention[:, : width + t], position_ids=step_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1].float() / max(params.temperature, 1e-6)
-        logp = torch.log_softmax(logits, dim=-1)
+    logits = stepper.prefill(input_ids, attention)
+    for t in range(n_new):
+        logits = logits.float() / max(params.temperature, 1e-6)
         if params.temperature <= 0:
             token = logits.argmax(-1)
         else:
             probs = torch.softmax(_filter_logits(logits, params.top_k, params.top_p), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        token = torch.where(done, torch.full_like(token, policy.pad_id), token)
         live = ~done
-        out_ids[live, t] = token[live]
-        out_lp[live, t] = logp[live].gather(-1, token[live].unsqueeze(-1)).squeeze(-1)
+        token = token.masked_fill(done, policy.pad_id)
+        out_ids[:, t] = token
+        out_lp[:, t] = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
         lengths += live.long()
-        attention[:, width + t] = live.long()
-        hit_eos = live & (token == policy.eos_id) & (not params.ignore_eos)
+        hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
                 texts[i] += policy.decode([int(token[i])])
@@ -96,20 +119,20 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
                     hit_eos[i] = True
         stopped |= hit_eos
         done |= hit_eos
-        if bool(done.all()):
+        if t + 1 == n_new or bool(done.all()):
             break
-        step_input = token.unsqueeze(-1)
-        step_pos = positions[:, -1:] + t + 1
+        logits = stepper.step(token, live)
     if was_training:
         model.train()
     samples = []
+    ids_rows, lp_rows, lengths = out_ids.tolist(), out_lp.tolist(), lengths.tolist()
     for i in range(B):
-        n = int(lengths[i])
-        ids = out_ids[i, :n].tolist()
+        n = lengths[i]
+        ids = ids_rows[i][:n]
         text = policy.decode(ids)
         if params.stop:
             cut = min((text.find(s) + len(s) for s in params.stop if s in text), default=len(text))
             text = text[:cut]
-        samples.append(Sample(ids=ids, logprobs=out_lp[i, :n].tolist(), text=text,
+        samples.append(Sample(ids=ids, logprobs=lp_rows[i][:n], text=text,
                               finish_reason="stop" if bool(stopped[i]) else "length"))
     return samples
