@@ -38,8 +38,16 @@ def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer: torch.o
     }
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+        # move the old one aside first: a kill between these renames still leaves a complete step_N (.old_*)
+        # that the next save clears, and never a half-deleted step_N
+        aside = root / f".old_step_{step}"
+        if aside.exists():
+            shutil.rmtree(aside)
+        final.rename(aside)
+        tmp.rename(final)
+        shutil.rmtree(aside)
+    else:
+        tmp.rename(final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -38,6 +38,13 @@ class PolicyConfig(Strict):
     max_positions: int = Field(512, ge=16, description="Tiny model: longest sequence.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description="SFT before RL.")
 
+    @model_validator(mode="after")
+    def _head_dim(self) -> "PolicyConfig":
+        if self.model == "tiny" and (self.hidden % self.heads or (self.hidden // self.heads) % 2):
+            raise ValueError(f"hidden={self.hidden} must be a multiple of heads={self.heads} with an even head "
+                             "size (rotary embeddings rotate pairs), e.g. hidden 128 with heads 4")
+        return self
+
 
 class ObserveConfig(Strict):
     eval_every: int = Field(20, ge=0, description="Evaluate on held-out prompts every N steps (0: start and end only).")
@@ -55,6 +62,21 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="Seed of model init, prompts, sampling and minibatch order.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        import torch
+
+        try:
+            device = torch.device(v)
+        except RuntimeError:
+            raise ValueError(f"unknown device '{v}'; valid: cpu, cuda, cuda:N, mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"'{v}' asked for, but this machine has no usable CUDA device; use cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"'{v}' asked for, but MPS is not available here; use cpu")
+        return v
 
 
 class Recipe(Strict):

@@ -14,6 +14,7 @@ import yaml
 
 from outrider.checkpoint import list_checkpoints, load_state, save_checkpoint
 from outrider.credit import CREDIT
+from outrider.credit.stats import masked_mean
 from outrider.data import Episode, pack
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
@@ -138,9 +139,8 @@ class Trainer:
         credit_out = self.credit[0].fn(batch, self.credit[1])
         batch.advantages, batch.returns = credit_out.advantages, credit_out.returns
         mask = batch.action_mask
-        metrics["credit/advantage_mean"] = float((batch.advantages * mask).sum() / mask.sum().clamp(min=1))
-        metrics["credit/zero_advantage_frac"] = float(((batch.advantages.abs() < 1e-8) * mask).sum()
-                                                      / mask.sum().clamp(min=1))
+        metrics["credit/advantage_mean"] = float(masked_mean(batch.advantages, mask))
+        metrics["credit/zero_advantage_frac"] = float(masked_mean((batch.advantages.abs() < 1e-8).float(), mask))
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 7_919 + step)
         norm_length = self.params.max_new_tokens * self.task.max_turns
         metrics.update(learner_step(self.policy, self.optimizer, batch, self.loss, self.entropy, u,
@@ -205,6 +205,7 @@ class Trainer:
             end = self.summary.get("eval_end") or self._evaluate()
         self.summary.update({"eval_end": end, "steps": r.train.steps,
                              "wall_time_s": elapsed_before + time.perf_counter() - t0})
-        self._checkpoint(r.train.steps)
+        if self.start_step < r.train.steps:  # a finished run's final checkpoint already exists: leave it be
+            self._checkpoint(r.train.steps)
         self._write_summary()
         return self.summary

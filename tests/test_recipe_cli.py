@@ -191,7 +191,12 @@ def test_existing_run_is_untouched_by_refused_commands(tmp_path, monkeypatch, ca
     ({"score": []}, ["score: at least one reward component is needed"]),
     ({"observe": {"pass_at": [1, 4]}}, ["observe.pass_at: k=4 exceeds observe.eval_samples=2"]),
     ({"observe": {"pass_at": []}}, ["observe.pass_at: needs at least one k"]),
-    ({"task": {"name": "nope"}}, ["task: unknown task 'nope'; valid: jsonl, reasoning_gym"]),
+    ({"task": {"name": "nope"}}, ["task: unknown task 'nope'; valid: jsonl, ", "reasoning_gym"]),
+    ({"update": {"kl": {"estimator": "k1", "coef": 0.1}}}, ["update.kl: ", "k1 has zero expected gradient"]),
+    ({"update": {"betas": [0.9, 1.0]}}, ["update.betas: ", "must each be in [0, 1)"]),
+    ({"policy": {"hidden": 100, "heads": 3}}, ["policy: ", "hidden=100 must be a multiple of heads=3"]),
+    ({"policy": {"hidden": 36, "heads": 4}}, ["policy: ", "even head size"]),
+    ({"train": {"device": "gpu"}}, ["train.device: ", "unknown device 'gpu'; valid: cpu, cuda"]),
 ])
 def test_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys, override, fragments):
     path = write_recipe(tmp_path, **override)
@@ -237,10 +242,21 @@ def test_out_that_is_a_file_is_refused(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    path = write_recipe(tmp_path, train={"steps": 2})
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("do not delete")
+    code, out, err = call_main(monkeypatch, capsys, "train", str(path), "--out", str(precious), "--overwrite")
+    assert_main_error(code, out, err, "is not an outrider run directory", "refusing to delete it")
+    assert (precious / "chapter1.tex").read_text() == "do not delete"
+
+
 def test_overwrite_replaces_and_resume_rules(tmp_path, monkeypatch, capsys):
     path = write_recipe(tmp_path, train={"steps": 2})
     run = tmp_path / "run"
     run.mkdir()
+    (run / "recipe.yaml").write_text(path.read_text())
     (run / "stale.txt").write_text("old run")
     code, out, err = call_main(monkeypatch, capsys, "train", str(path), "--out", str(run), "--overwrite", "--quiet")
     assert code == 0, err
@@ -257,6 +273,12 @@ def test_overwrite_replaces_and_resume_rules(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["steps"] == 4
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    # resuming a finished run trains nothing and leaves its final checkpoint's bytes alone
+    final = run / "checkpoints" / "step_4"
+    before = snapshot(final)
+    code, out, err = call_main(monkeypatch, capsys, "train", "--resume", "--out", str(run), "--quiet")
+    assert code == 0, err
+    assert snapshot(final) == before and [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     # eval option checks
     code, out, err = call_main(monkeypatch, capsys, "eval", str(run), "--samples", "0")
     assert_main_error(code, out, err, "--samples: must be at least 1")

@@ -85,9 +85,7 @@ def dr_grpo(batch: Batch, cfg: CreditConfig) -> CreditOutput:
     ``A_i = R_i − mean_g R`` (no std division, which biases toward too-easy/too-hard prompts); a group of size 1
     has mean 0, so A = R. Pair it with the ``seq-mean-token-sum-norm`` loss aggregation for the full method.
     """
-    scores = episode_scores(batch)
-    mean, _ = group_mean_std(scores, batch.group_index)
-    return CreditOutput(advantages=broadcast_to_actions(scores - mean, batch.action_mask))
+    return grpo(batch, GRPOConfig(std_normalize=False))
 
 
 @CREDIT.register("rloo", config=CreditConfig)

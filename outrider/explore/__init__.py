@@ -20,7 +20,9 @@ class ExploreConfig(PieceConfig):
 
     prompts_per_step: int = Field(16, ge=1, description="Groups (distinct prompts/seeds) per RL step.")
     group_size: int = Field(8, ge=1, description="Episodes sampled per prompt (the G of GRPO).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0: greedy).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature during training, > 0 (log-probs are "
+                                                       "taken at it); for greedy evaluation set "
+                                                       "observe.eval_temperature: 0.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0: off).")
     max_new_tokens: int = Field(16, ge=1, description="Token limit per action (per turn).")

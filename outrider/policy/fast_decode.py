@@ -24,6 +24,9 @@ def supports(model: nn.Module) -> bool:
         return False
     if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
         return False
+    # the fused projections below carry no MLP biases (q/k/v biases of Qwen2 are handled)
+    if getattr(cfg, "mlp_bias", False):
+        return False
     return True
 
 

@@ -6,7 +6,6 @@ all shifted so position ``t`` describes token ``x_t`` given ``x_<t``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +144,3 @@ class Policy(nn.Module):
 
 def _shift_right(x: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)
-
-
-def save_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2))

@@ -13,7 +13,7 @@ from outrider.data import Episode, Turn, pack
 from outrider.envs.base import Demonstration, Task
 from outrider.policy.model import Policy
 
-DEMO_SEED_OFFSET = 10**8  # demonstrations come from train problems far from those RL steps draw first
+DEMO_SEED_OFFSET = 10**8  # demonstrations use train indices from 1e8 on; RL draws random indices in [0, 2^31)
 
 
 class WarmStartConfig(BaseModel):
@@ -23,7 +23,7 @@ class WarmStartConfig(BaseModel):
     lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW, 10-step linear warm-up).")
     wrong_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose action is taken "
                                                                "from another problem (usually wrong).")
-    seed: int = Field(0, description="Seed of demonstration order, wrong-answer choice and init.")
+    seed: int = Field(0, description="Seed of the choice of which demonstrations get a wrong answer (the demonstrations themselves are fixed train problems; model init follows train.seed).")
 
 
 def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:

@@ -10,18 +10,28 @@ from collections import defaultdict
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
+from outrider.credit.stats import masked_mean
 from outrider.data import Batch
 from outrider.policy.model import Policy
 from outrider.registry import Entry, PieceConfig
 from outrider.update.aggregate import AGGREGATIONS, aggregate
-from outrider.update.kl import KL_ESTIMATORS, kl_penalty
+from outrider.update.kl import kl_penalty
 
 
 class KLConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _k1_only_in_reward(self) -> "KLConfig":
+        # k1 = log π − log π_ref has the gradient ∇log π, whose expectation under π is 0: as a loss it does nothing
+        if self.estimator == "k1" and self.placement == "loss" and self.coef > 0:
+            raise ValueError("estimator k1 has zero expected gradient as a loss term; use k2 or k3 with "
+                             "placement: loss, or k1 with placement: reward")
+        return self
+
     estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1/k2/k3).")
     coef: float = Field(0.0, ge=0, description="β. 0 turns KL off and skips the reference model entirely.")
     placement: Literal["loss", "reward"] = Field(
@@ -41,7 +51,7 @@ class UpdateConfig(BaseModel):
     minibatches: int = Field(1, ge=1, description="Minibatches per epoch (optimiser steps per epoch).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the frozen warm-started reference.")
     entropy: dict = Field(default_factory=lambda: {"name": "none"},
@@ -54,6 +64,13 @@ class UpdateConfig(BaseModel):
     def _name_shorthand(cls, v: object) -> object:
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must each be in [0, 1), got {list(v)}")
+        return v
+
     @field_validator("aggregation")
     @classmethod
     def _known_aggregation(cls, v: str) -> str:
@@ -62,13 +79,15 @@ class UpdateConfig(BaseModel):
         return v
 
 
-assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
-
-
 @torch.no_grad()
 def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateConfig, temperature: float,
             need_old: bool, need_values: bool) -> None:
-    """Fill the batch's old log-probs, values and reference log-probs (one no-grad forward each, only if needed)."""
+    """Fill the batch's old log-probs, values and reference log-probs (one no-grad forward each, only if needed).
+
+    The policy runs in eval mode here and in `learner_step`: dropout would make the "old" and the new
+    log-probs of the same parameters differ, biasing the ratio (TRL and verl likewise disable dropout for RL).
+    """
+    policy.eval()
     if need_old or need_values:
         scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values)
         batch.old_logprobs = scores.logprobs if need_old else None
@@ -81,7 +100,7 @@ def kl_into_rewards(batch: Batch, cfg: UpdateConfig) -> Tensor:
     """r_t ← r_t − β·KL_t on action tokens (KL in the reward, as in InstructGPT-style PPO); returns the mean KL."""
     kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, cfg.kl.estimator) * batch.action_mask
     batch.token_rewards = batch.token_rewards - cfg.kl.coef * kl
-    return kl.sum() / batch.action_mask.sum().clamp(min=1)
+    return masked_mean(kl, batch.action_mask)
 
 
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
@@ -95,7 +114,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
     def agg(x: Tensor, m: Tensor) -> Tensor:
         return aggregate(x, m, cfg.aggregation, agg_len)
 
-    policy.train()
+    policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     count = 0
     for _ in range(cfg.epochs):
@@ -112,13 +131,13 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             metrics["loss/policy"] = loss.detach()
             if mb.ref_logprobs is not None:
                 kl = kl_penalty(scores.logprobs, mb.ref_logprobs, cfg.kl.estimator)
-                metrics["policy/kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+                metrics["policy/kl"] = masked_mean(kl, mask)
                 if cfg.kl.placement == "loss":
                     loss = loss + cfg.kl.coef * agg(kl, mask)
             ent_term, ent_metrics = ent_entry.fn(scores.entropy, mask, ent_cfg, agg)
             loss = loss + ent_term
             metrics.update({f"entropy_reg/{k}": v for k, v in ent_metrics.items()})
-            metrics["policy/entropy"] = (scores.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+            metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
             if mb.returns is not None:
                 v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
                 metrics["loss/value"] = agg(v_loss, mask).detach()

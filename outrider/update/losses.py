@@ -21,8 +21,7 @@ from torch import Tensor
 from outrider.credit.stats import masked_mean
 from outrider.registry import PieceConfig
 from outrider.update import LOSSES
-
-LOG_RATIO_CLAMP = 20.0
+from outrider.update.kl import LOG_RATIO_CLAMP
 
 
 class PPOLossConfig(PieceConfig):
