@@ -26,6 +26,7 @@ class Turn:
     action: str = ""
     action_ids: list[int] = field(default_factory=list)
     behaviour_logprobs: list[float] = field(default_factory=list)
+    behaviour_entropy: list[float] = field(default_factory=list)  # H_t of the sampling distribution per action token
     reward: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = ""  # "stop" (EOS / stop string), "length" (token limit)
@@ -88,6 +89,8 @@ class Batch:
     step_index: Tensor  # [B, T] long, which turn each token belongs to (-1 for padding)
     group_index: Tensor  # [B] long, episodes of one prompt/seed share it
     sample_weight: Tensor  # [B] float
+    behaviour_logprobs: Tensor | None = None  # [B, T] log-probs the sampler drew the action tokens with (0 elsewhere)
+    behaviour_entropy: Tensor | None = None  # [B, T] entropy of the sampling distribution at action tokens
     old_logprobs: Tensor | None = None  # [B, T] behaviour (or recomputed old-policy) log-probs
     ref_logprobs: Tensor | None = None  # [B, T] frozen reference log-probs, when KL is on
     values: Tensor | None = None  # [B, T] value-head predictions, when a credit piece needs them
@@ -142,6 +145,8 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
     action_mask = torch.zeros(B, T)
     step_index = torch.full((B, T), -1, dtype=torch.long)
     token_rewards = torch.zeros(B, T)
+    behaviour_lp = torch.zeros(B, T)
+    behaviour_h = torch.zeros(B, T)
     for i, (episode, (ids, is_action, step)) in enumerate(zip(episodes, seqs)):
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids)
@@ -160,6 +165,12 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         for per_token in episode.rewards["token"].values():
             for t, r in zip(action_pos, per_token):
                 token_rewards[i, t] += r
+        lps = [x for turn in episode.turns for x in turn.behaviour_logprobs]
+        hs = [x for turn in episode.turns for x in turn.behaviour_entropy]
+        if len(lps) == len(action_pos):  # demonstrations and hand-made episodes carry none
+            behaviour_lp[i, action_pos] = torch.tensor(lps)
+        if len(hs) == len(action_pos):
+            behaviour_h[i, action_pos] = torch.tensor(hs)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -168,4 +179,6 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         step_index=step_index,
         group_index=torch.tensor([e.group_id for e in episodes], dtype=torch.long),
         sample_weight=torch.tensor([e.weight for e in episodes], dtype=torch.float),
+        behaviour_logprobs=behaviour_lp,
+        behaviour_entropy=behaviour_h,
     )

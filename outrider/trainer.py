@@ -59,7 +59,8 @@ class Trainer:
         self.credit = CREDIT.build(recipe.credit, "credit")
         self.explore = EXPLORE.build(recipe.explore, "explore")
         self.loss = LOSSES.build(recipe.update.loss, "update.loss")
-        self.entropy = ENTROPY.build(recipe.update.entropy, "update.entropy")
+        entropy_entry, entropy_cfg = ENTROPY.build(recipe.update.entropy, "update.entropy")
+        self.regulator = entropy_entry.fn(entropy_cfg)
         self.components = []
         for i, c in enumerate(recipe.score):
             entry, cfg = SCORE.build({k: v for k, v in c.items() if k != "weight"}, f"score[{i}]")
@@ -78,6 +79,7 @@ class Trainer:
             state = load_state(checkpoints[-1])
             self.optimizer.load_state_dict(state["optimizer"])
             self.start_step, self.summary = state["step"], state["summary"]
+            self.regulator.load_state_dict(state.get("regulator", {}))
             if recipe.train.steps < self.start_step:
                 raise OutriderError(f"train.steps: {recipe.train.steps} is below the step of the newest checkpoint "
                                     f"({self.start_step}); resume can only keep or extend a run")
@@ -143,7 +145,7 @@ class Trainer:
         metrics["credit/zero_advantage_frac"] = float(masked_mean((batch.advantages.abs() < 1e-8).float(), mask))
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 7_919 + step)
         norm_length = self.params.max_new_tokens * self.task.max_turns
-        metrics.update(learner_step(self.policy, self.optimizer, batch, self.loss, self.entropy, u,
+        metrics.update(learner_step(self.policy, self.optimizer, batch, self.loss, self.regulator, u,
                                     self.params.temperature, generator, norm_length))
         train_s = time.perf_counter() - t_train
         train_tokens = float(batch.attention_mask.sum()) * u.epochs
@@ -157,7 +159,8 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------------------
     def _checkpoint(self, step: int) -> None:
-        save_checkpoint(self.run_dir, step, self.policy, self.optimizer, {"summary": self.summary},
+        save_checkpoint(self.run_dir, step, self.policy, self.optimizer,
+                        {"summary": self.summary, "regulator": self.regulator.state_dict()},
                         keep=self.recipe.observe.keep_checkpoints)
 
     def _write_summary(self) -> None:

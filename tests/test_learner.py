@@ -23,6 +23,11 @@ def episode(group: int, prompt: str, action: str, policy: Policy, reward: float)
     return ep
 
 
+def no_regulator():
+    entry, cfg = ENTROPY.build({"name": "none"})
+    return entry.fn(cfg)
+
+
 def small_batch(policy: Policy):
     eps = [episode(0, "ab ->", "ba", policy, 1.0), episode(0, "ab ->", "bb", policy, 0.0),
            episode(1, "xyz ->", "zyx", policy, 1.0), episode(1, "xyz ->", "q", policy, 0.0)]
@@ -41,12 +46,12 @@ def test_epochs_and_minibatches_keep_the_old_logprobs_of_the_batch():
     calls: list[torch.Tensor] = []
     entry, loss_cfg = LOSSES.build({"name": "ppo"})
 
-    def spy(logprobs, old_logprobs, advantages, mask, c):
-        calls.append(old_logprobs.detach().clone())
-        return entry.fn(logprobs, old_logprobs, advantages, mask, c)
+    def spy(ctx, c):
+        calls.append(ctx.old_logprobs.detach().clone())
+        return entry.fn(ctx, c)
 
     spied = Entry(entry.name, spy, entry.config)
-    metrics = learner_step(policy, opt, batch, (spied, loss_cfg), ENTROPY.build({"name": "none"}), cfg, 1.0,
+    metrics = learner_step(policy, opt, batch, (spied, loss_cfg), no_regulator(), cfg, 1.0,
                            torch.Generator().manual_seed(0), norm_length=4)
     assert len(calls) == 6  # 3 epochs × 2 minibatches, each an optimiser step
     # every minibatch saw the old log-probs of its rows as computed before the first step
@@ -69,7 +74,7 @@ def test_prepare_and_learner_step_run_without_dropout():
     cfg = UpdateConfig(epochs=1, minibatches=1, lr=1e-12)
     prepare(batch, policy, None, cfg, 1.0, need_old=True, need_values=False)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    metrics = learner_step(policy, opt, batch, LOSSES.build({"name": "ppo"}), ENTROPY.build({"name": "none"}), cfg,
+    metrics = learner_step(policy, opt, batch, LOSSES.build({"name": "ppo"}), no_regulator(), cfg,
                            1.0, torch.Generator().manual_seed(0), norm_length=4)
     # with dropout active the first ratio would scatter around 1; in eval mode it is exactly 1
     assert abs(metrics["loss/ratio_mean"] - 1.0) < 1e-6

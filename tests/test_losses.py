@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from outrider.errors import OutriderError
-from outrider.update import ENTROPY, LOSSES
+from outrider.update import ENTROPY, LOSSES, TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
 from outrider.update.kl import KL_ESTIMATORS, kl_penalty
 
@@ -19,8 +19,14 @@ def t(x) -> torch.Tensor:
 
 
 def build_loss(name: str, **options):
+    """The loss as a function of (logprobs, old, advantages, mask)."""
     entry, cfg = LOSSES.build({"name": name, **options})
-    return partial(entry.fn, cfg=cfg)
+    return lambda logp, old, adv, mask: entry.fn(TokenContext(logp, old, adv, mask), cfg)
+
+
+def build_regulator(name: str, **options):
+    entry, cfg = ENTROPY.build({"name": name, **options})
+    return entry.fn(cfg)
 
 
 def ppo_inputs(ratios, advantages, mask):
@@ -206,12 +212,13 @@ def test_entropy_regulators():
     entropy = t([[1.0, 2.0], [3.0, 7.0]]).requires_grad_(True)
     mask = t([[1, 1], [1, 0]])
     agg = partial(aggregate, mode="token-mean")  # (1 + 2 + 3) / 3 = 2
-    entry, cfg = ENTROPY.build({"name": "none"})
-    term, m = entry.fn(entropy, mask, cfg, agg)
-    assert term.dim() == 0 and term.item() == 0.0
-    torch.testing.assert_close(m["entropy"], t(2.0))
-    entry, cfg = ENTROPY.build({"name": "bonus", "coef": 0.1})
-    term, m = entry.fn(entropy, mask, cfg, agg)
+    zeros = torch.zeros_like(mask)
+    ctx = TokenContext(zeros, zeros, zeros, mask, entropy=entropy, aggregate=agg)
+    out = build_regulator("none")(ctx)
+    assert out.term.dim() == 0 and out.term.item() == 0.0 and out.token_weight is None
+    torch.testing.assert_close(out.metrics["entropy"], t(2.0))
+    out = build_regulator("bonus", coef=0.1)(ctx)
+    term = out.term
     torch.testing.assert_close(term, t(-0.2))  # -0.1 * 2
     term.backward()
     torch.testing.assert_close(entropy.grad, t([[-0.1 / 3, -0.1 / 3], [-0.1 / 3, 0.0]]))
@@ -225,3 +232,13 @@ def test_registries_list_the_builtins():
     assert ENTROPY.names() == ["bonus", "none"]
     with pytest.raises(OutriderError, match="valid: gspo, ppo"):
         LOSSES.build({"name": "reinforce"})
+
+
+def test_entropy_advantage_covariance_by_hand():
+    from outrider.update.learner import entropy_advantage_covariance
+
+    # action tokens: logp [0, −2, −4], A [2, 0, −2]; means −2 and 0 → cov = [2·2, 0·0, (−2)(−2)] = [4, 0, 4]
+    logp, adv, mask = t([[0.0, -2.0, -4.0, -9.0]]), t([[2.0, 0.0, -2.0, 5.0]]), t([[1, 1, 1, 0]])
+    mean_cov, frac = entropy_advantage_covariance(logp, adv, mask)
+    torch.testing.assert_close(mean_cov, t(8.0 / 3))
+    torch.testing.assert_close(frac, t(2.0 / 3))

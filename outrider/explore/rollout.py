@@ -38,6 +38,7 @@ def rollout(policy: Policy, make_env: Callable[[], Env], seeds: list[int], group
         for i, s in zip(active, samples):
             episode, turn = episodes[i], episodes[i].turns[-1]
             turn.action, turn.action_ids, turn.behaviour_logprobs = s.text, s.ids, s.logprobs
+            turn.behaviour_entropy = s.entropies
             turn.finish_reason = s.finish_reason
             obs, reward, done, info = envs[i].step(s.text)
             turn.reward = float(reward)

@@ -27,6 +27,7 @@ class Scores:
     entropy: Tensor | None = None  # [B, T]
     values: Tensor | None = None  # [B, T]
     hidden: Tensor | None = None  # [B, T, H] last-layer hidden state at the position *before* each token
+    logits: Tensor | None = None  # [B, T, V] temperature-scaled logits predicting each token (row 0 is zeros)
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, max_positions: int,
@@ -116,21 +117,23 @@ class Policy(nn.Module):
 
     # --- the scoring forward --------------------------------------------------------------------------------
     def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
-              values: bool = False, hidden: bool = False) -> Scores:
+              values: bool = False, hidden: bool = False, logits: bool = False) -> Scores:
         """One forward over right-padded sequences: per-token log π(x_t|x_<t) at `temperature`, and on request
         the entropy of that distribution, value-head predictions and hidden states."""
         need_hidden = values or hidden
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
-        logits = out.logits[:, :-1].float() / temperature
-        log_norm = torch.logsumexp(logits, dim=-1)
+        scaled = out.logits[:, :-1].float() / temperature
+        log_norm = torch.logsumexp(scaled, dim=-1)
         target = input_ids[:, 1:].unsqueeze(-1)
-        token_lp = logits.gather(-1, target).squeeze(-1) - log_norm
+        token_lp = scaled.gather(-1, target).squeeze(-1) - log_norm
         logprobs = _shift_right(token_lp)
         result = Scores(logprobs=logprobs)
         if entropy:
-            probs = torch.softmax(logits, dim=-1)
-            result.entropy = _shift_right(log_norm - (probs * logits).sum(-1))
+            probs = torch.softmax(scaled, dim=-1)
+            result.entropy = _shift_right(log_norm - (probs * scaled).sum(-1))
+        if logits:
+            result.logits = _shift_right(scaled)
         if need_hidden:
             h = out.hidden_states[-1][:, :-1]
             if hidden:

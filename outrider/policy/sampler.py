@@ -32,6 +32,7 @@ class Sample:
     ids: list[int]
     logprobs: list[float]
     text: str
+    entropies: list[float]  # H of the temperature-scaled (unfiltered) next-token distribution at each step
     finish_reason: str  # "stop" or "length"
 
 
@@ -94,6 +95,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
 
     out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, n_new, device=device)
+    out_h = torch.zeros(B, n_new, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -109,7 +111,10 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
         live = ~done
         token = token.masked_fill(done, policy.pad_id)
         out_ids[:, t] = token
-        out_lp[:, t] = torch.log_softmax(logits, dim=-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        log_p = torch.log_softmax(logits, dim=-1)
+        out_lp[:, t] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
+        out_h[:, t] = -(log_p.exp() * log_p).nan_to_num().sum(-1)
         lengths += live.long()
         hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
@@ -125,7 +130,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     if was_training:
         model.train()
     samples = []
-    ids_rows, lp_rows, lengths = out_ids.tolist(), out_lp.tolist(), lengths.tolist()
+    ids_rows, lp_rows, h_rows, lengths = out_ids.tolist(), out_lp.tolist(), out_h.tolist(), lengths.tolist()
     for i in range(B):
         n = lengths[i]
         ids = ids_rows[i][:n]
@@ -133,6 +138,6 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
         if params.stop:
             cut = min((text.find(s) + len(s) for s in params.stop if s in text), default=len(text))
             text = text[:cut]
-        samples.append(Sample(ids=ids, logprobs=lp_rows[i][:n], text=text,
+        samples.append(Sample(ids=ids, logprobs=lp_rows[i][:n], text=text, entropies=h_rows[i][:n],
                               finish_reason="stop" if bool(stopped[i]) else "length"))
     return samples

@@ -1,6 +1,72 @@
-"""update/: loss and optimiser step. Registries: `LOSSES` (policy surrogates), `ENTROPY` (entropy regulators)."""
+"""update/: loss and optimiser step.
 
-from outrider.registry import Registry
+Two registries, one context. `LOSSES` holds policy surrogates ``fn(ctx, cfg) -> (loss [B, T], metrics)``;
+`ENTROPY` holds entropy regulators: small classes built once per run from their config and called on every
+minibatch, ``regulator(ctx) -> RegulatorOutput``, keeping whatever state they need across steps (an adaptive
+coefficient, an anchor) in `state_dict`, which checkpoints carry. Both read a `TokenContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from outrider.registry import PieceConfig, Registry
+
+AggregateFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class TokenContext:
+    """One minibatch, token by token. Every tensor is ``[B, T]`` aligned like `Batch` (position t is token x_t).
+
+    ``logprobs``, ``entropy`` and ``logits`` carry gradients; ``old_logprobs`` and ``advantages`` do not.
+    """
+
+    logprobs: Tensor  # log π_θ(x_t | x_<t) at the sampling temperature
+    old_logprobs: Tensor  # the behaviour / old policy's log-probs of the same tokens
+    advantages: Tensor
+    mask: Tensor  # 1 on action tokens (the only trained tokens)
+    entropy: Tensor | None = None  # H_t of π_θ(· | x_<t) at the sampling temperature
+    logits: Tensor | None = None  # [B, T, V] temperature-scaled logits predicting x_t (only when a piece asks)
+    aggregate: AggregateFn = _token_mean  # the run's loss aggregation, so terms weigh tokens like the policy loss
+    generator: torch.Generator | None = None  # for pieces that sample tokens (Clip-Cov): seeded per step
+
+
+@dataclass
+class RegulatorOutput:
+    """``term`` is added to the loss; ``token_weight`` (if any) multiplies the per-token policy loss before
+    aggregation (the aggregation's denominator keeps every action token, as TRL and verl do)."""
+
+    term: Tensor
+    token_weight: Tensor | None = None
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+class Regulator:
+    """Base of entropy regulators. Subclasses implement `__call__`; stateful ones override the state methods."""
+
+    needs_logits: ClassVar[bool] = False  # True: the learner passes full logits in `TokenContext.logits`
+
+    def __init__(self, cfg: PieceConfig):
+        self.cfg = cfg
+
+    def __call__(self, ctx: TokenContext) -> RegulatorOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 LOSSES: Registry = Registry("update.loss")
 ENTROPY: Registry = Registry("update.entropy")

@@ -1,7 +1,8 @@
 """The optimisation step: PPO epochs over minibatches of one packed batch, with KL, entropy and value terms.
 
-``loss = agg(w_i · ℓ_policy) + β · agg(KL) [when KL is in the loss] + entropy term + c_v · agg(ℓ_value)``
-where ``agg`` is the recipe's aggregation mode and ``w_i`` the episode's sample weight.
+``loss = agg(w_i · m_t · ℓ_policy) + β · agg(KL) [when KL is in the loss] + regulator term + c_v · agg(ℓ_value)``
+where ``agg`` is the recipe's aggregation mode, ``w_i`` the episode's sample weight and ``m_t`` the entropy
+regulator's token weight (1 unless the regulator masks tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from outrider.credit.stats import masked_mean
 from outrider.data import Batch
 from outrider.policy.model import Policy
 from outrider.registry import Entry, PieceConfig
+from outrider.update import Regulator, TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
 from outrider.update.kl import kl_penalty
 
@@ -103,12 +105,20 @@ def kl_into_rewards(batch: Batch, cfg: UpdateConfig) -> Tensor:
     return masked_mean(kl, batch.action_mask)
 
 
+def entropy_advantage_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The entropy-dynamics covariance of [153]: ``cov_t = (log π_t − mean log π)(A_t − mean A)`` over the action
+    tokens; under softmax policy gradient ``ΔH ≈ −η·mean_t cov_t``, so a positive mean predicts entropy falling.
+    Returns the masked mean of cov_t and the fraction of tokens with cov_t > 1 (the band Clip-Cov acts on)."""
+    lp, adv = logprobs.detach(), advantages.detach()
+    cov = (lp - masked_mean(lp, mask)) * (adv - masked_mean(adv, mask))
+    return masked_mean(cov, mask), masked_mean((cov > 1).to(cov.dtype), mask)
+
+
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
-                 entropy_piece: tuple[Entry, PieceConfig], cfg: UpdateConfig, temperature: float,
+                 regulator: Regulator, cfg: UpdateConfig, temperature: float,
                  generator: torch.Generator, norm_length: int) -> dict[str, float]:
     """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics."""
     loss_entry, loss_cfg = loss_piece
-    ent_entry, ent_cfg = entropy_piece
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
@@ -123,10 +133,15 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             mb = batch.select(rows)
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
-                                  values=mb.returns is not None)
+                                  values=mb.returns is not None, logits=regulator.needs_logits)
             old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
-            per_token, metrics = loss_entry.fn(scores.logprobs, old, mb.advantages, mask, loss_cfg)
-            loss = agg(per_token * mb.sample_weight[:, None], mask)
+            ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
+                               logits=scores.logits, aggregate=agg, generator=generator)
+            per_token, metrics = loss_entry.fn(ctx, loss_cfg)
+            reg = regulator(ctx)
+            weight = mb.sample_weight[:, None] if reg.token_weight is None else \
+                mb.sample_weight[:, None] * reg.token_weight
+            loss = agg(per_token * weight, mask)
             metrics = {f"loss/{k}" if not k.startswith("clip") else f"clip/{k[5:]}": v for k, v in metrics.items()}
             metrics["loss/policy"] = loss.detach()
             if mb.ref_logprobs is not None:
@@ -134,10 +149,11 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
                 metrics["policy/kl"] = masked_mean(kl, mask)
                 if cfg.kl.placement == "loss":
                     loss = loss + cfg.kl.coef * agg(kl, mask)
-            ent_term, ent_metrics = ent_entry.fn(scores.entropy, mask, ent_cfg, agg)
-            loss = loss + ent_term
-            metrics.update({f"entropy_reg/{k}": v for k, v in ent_metrics.items()})
+            loss = loss + reg.term
+            metrics.update({f"entropy_reg/{k}": v for k, v in reg.metrics.items()})
             metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
+            metrics["policy/entropy_adv_cov"], metrics["policy/cov_gt1_frac"] = entropy_advantage_covariance(
+                scores.logprobs, mb.advantages, mask)
             if mb.returns is not None:
                 v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
                 metrics["loss/value"] = agg(v_loss, mask).detach()

@@ -1,4 +1,4 @@
-"""Policy surrogates: ``fn(logprobs, old_logprobs, advantages, mask, cfg) -> (loss [B, T], metrics)``.
+"""Policy surrogates: ``fn(ctx: TokenContext, cfg) -> (loss [B, T], metrics)``.
 
 The loss is per token and exactly 0 off the mask; the caller reduces it with `outrider.update.aggregate`.
 Metrics are detached scalar tensors, means over the action tokens:
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from outrider.credit.stats import masked_mean
 from outrider.registry import PieceConfig
-from outrider.update import LOSSES
+from outrider.update import LOSSES, TokenContext
 from outrider.update.kl import LOG_RATIO_CLAMP
 
 
@@ -45,13 +45,13 @@ class GSPOLossConfig(PieceConfig):
     clip_high: float = Field(4e-4, ge=0.0, description="Sequence ratio clipped above at 1 + clip_high.")
 
 
-def _log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+def log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """``clamp(logp − old, ±20)`` on the mask, 0 elsewhere."""
     lr = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
     return torch.clamp(lr, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
-def _clip_metrics(ratio: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float) -> dict[str, Tensor]:
+def clip_metrics(ratio: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float) -> dict[str, Tensor]:
     ratio, advantages = ratio.detach(), advantages.detach()
     low_active = (advantages < 0) & (ratio < 1.0 - low)
     high_active = (advantages > 0) & (ratio > 1.0 + high)
@@ -68,9 +68,7 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float
 
 
 @LOSSES.register("ppo", config=PPOLossConfig)
-def ppo(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg: PPOLossConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate (Schulman et al. 2017, arXiv:1707.06347) with asymmetric clip-higher (DAPO, Yu et al.
     2025, arXiv:2503.14476) and optional dual clip (Ye et al. 2020, arXiv:1912.09729).
 
@@ -78,9 +76,10 @@ def ppo(
     ``ℓ = min(ℓ, −A·c)`` where A < 0, which bounds the loss of a negative-advantage token whose ratio has
     blown up (r > c) instead of letting it grow linearly in r. Used as GRPO's loss with group advantages.
     """
-    ratio = torch.exp(_log_ratio(logprobs, old_logprobs, mask))
+    logprobs, old_logprobs, advantages, mask = ctx.logprobs, ctx.old_logprobs, ctx.advantages, ctx.mask
+    ratio = torch.exp(log_ratio(logprobs, old_logprobs, mask))
     loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
-    metrics = _clip_metrics(ratio, advantages, mask, cfg.clip_low, cfg.clip_high)
+    metrics = clip_metrics(ratio, advantages, mask, cfg.clip_low, cfg.clip_high)
     if cfg.dual_clip is not None:
         bound = -advantages * cfg.dual_clip
         dual_active = (advantages < 0) & (loss > bound)
@@ -91,9 +90,7 @@ def ppo(
 
 
 @LOSSES.register("gspo", config=GSPOLossConfig)
-def gspo(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg: GSPOLossConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
+def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token surrogate (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv:2507.18071).
 
     Sequence ratio ``s_i = exp(mean_{t∈y_i} (logp_t − old_t))`` (length-normalised, the geometric mean of the
@@ -103,11 +100,12 @@ def gspo(
     objective. The default clipping ranges 3e-4 / 4e-4 are the paper's (v2, §5.1); they are tiny because s_i
     is a per-token geometric mean. Clip fractions are measured on s_i, counted over action tokens.
     """
-    seq_log_ratio = masked_mean(_log_ratio(logprobs.detach(), old_logprobs, mask), mask, dim=-1)  # [B]
+    logprobs, old_logprobs, advantages, mask = ctx.logprobs, ctx.old_logprobs, ctx.advantages, ctx.mask
+    seq_log_ratio = masked_mean(log_ratio(logprobs.detach(), old_logprobs, mask), mask, dim=-1)  # [B]
     seq_ratio = torch.exp(torch.clamp(seq_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     token_grad = torch.where(mask > 0, logprobs - logprobs.detach(), torch.zeros_like(logprobs))
     ratio = seq_ratio[:, None] * torch.exp(token_grad)
     loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
-    metrics = _clip_metrics(seq_ratio[:, None].expand_as(mask), advantages, mask, cfg.clip_low, cfg.clip_high)
+    metrics = clip_metrics(seq_ratio[:, None].expand_as(mask), advantages, mask, cfg.clip_low, cfg.clip_high)
     loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
     return loss, metrics
