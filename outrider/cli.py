@@ -1,4 +1,4 @@
-"""The `outrider` command line: train, eval, sft, recipes."""
+"""The `outrider` command line: train, eval, sft, recipes, compare, report."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     for key in next(iter(rows.values())):
         table.add_row(key, *[f"{r[key]:.3f}" for r in rows.values()])
     return table
+
+
+def _looks_like_run(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() or (path / "checkpoints").is_dir()
 
 
 @app.command()
@@ -61,9 +65,13 @@ def train(
         rec = load_recipe(recipe, set_)
         if out_dir.exists() and not out_dir.is_dir():
             raise OutriderError(f"--out: '{out_dir}' is a file, not a run directory")
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise OutriderError(f"--out: '{out_dir}' already holds a run; use --resume to continue it or "
-                                "--overwrite to replace it")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise OutriderError(f"--out: '{out_dir}' already holds a run; use --resume to continue it or "
+                                    "--overwrite to replace it")
+            if not _looks_like_run(out_dir):
+                raise OutriderError(f"--overwrite: '{out_dir}' is not an outrider run directory (no recipe.yaml "
+                                    "or checkpoints/); refusing to delete it, choose another --out")
     trainer = Trainer(rec, out_dir, resume=resume, quiet=quiet)  # builds the task: bad options fail here
     if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
         shutil.rmtree(out_dir)
@@ -168,6 +176,67 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
             opts = ", ".join(f"{k}={v['default']}" for k, v in info["options"].items())
             table.add_row(name, opts, info["doc"])
         out.print(table)
+
+
+@app.command()
+def compare(
+    recipes_: Annotated[list[Path], typer.Argument(metavar="RECIPE", help="Recipe YAML files to compare.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for runs (<recipe>/seed<k>/) and the report.")]
+    = Path("runs/compare"),
+    seeds: Annotated[int, typer.Option(help="Seeds per recipe (0..N-1).")] = 3,
+    set_: Annotated[list[str], typer.Option("--set", help="Override applied to every recipe (repeatable).")] = [],
+    jobs: Annotated[Optional[int], typer.Option(help="Runs at once (default: the core count).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per run (default: cores // jobs).")] = None,
+    metrics: Annotated[list[str], typer.Option("--metrics", help="Metric key to plot, e.g. eval/pass@1 "
+                                               "(repeatable or comma-separated; default: pass@1, pass@16, "
+                                               "policy/entropy, reward/total, eval/* diagnostics).")] = [],
+    resume: Annotated[bool, typer.Option(help="Keep finished runs (summary.json) and continue partial ones.")]
+    = False,
+) -> None:
+    """Run recipes x seeds in parallel processes, then write DIR/report.html (curves with 95% bootstrap bands, a
+    final table, the recipe diff) and DIR/summary.json. Exits 1 if any run failed."""
+    from outrider.compare import compare as run_compare
+
+    try:
+        summary, failed = run_compare(recipes_, seeds, out_dir, set_, jobs, threads, _metric_list(metrics), resume)
+    except KeyboardInterrupt:
+        raise typer.Abort() from None
+    _report_done(out_dir, summary)
+    if failed:
+        raise SystemExit(1)  # typer.Exit is swallowed by app(standalone_mode=False) in main()
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories, or directories "
+                                                   "holding them (e.g. a compare --out).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.html, summary.json, PNGs.")]
+    = Path("report"),
+    metrics: Annotated[list[str], typer.Option("--metrics", help="Metric key to plot (repeatable or "
+                                               "comma-separated).")] = [],
+) -> None:
+    """Build the compare report from existing runs. Runs named seed<k> are grouped by their parent directory;
+    other runs by identical resolved recipes (seed and threads aside)."""
+    from outrider.observe.report import build_report
+
+    _report_done(out_dir, build_report(run_dirs, out_dir, _metric_list(metrics)))
+
+
+def _metric_list(metrics: list[str]) -> list[str] | None:
+    return [m.strip() for item in metrics for m in item.split(",") if m.strip()] or None
+
+
+def _report_done(out_dir: Path, summary: dict) -> None:
+    table = Table(title="final values: mean [95% CI] (n)")
+    table.add_column("group")
+    for m in summary["metrics"]:
+        table.add_column(m, justify="right")
+    for group, row in summary["table"].items():
+        cells = ["-" if s is None else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] ({s['n']})"
+                 for s in row.values()]
+        table.add_row(group, *cells)
+    out.print(table)
+    out.print(f"wrote {out_dir / 'report.html'} and {out_dir / 'summary.json'}")
 
 
 def main() -> None:

@@ -115,3 +115,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` (relative path -> bytes), to check that nothing was touched."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def call_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `outrider.cli.main` in-process with `argv`; return (exit code, stdout, stderr)."""
+    from outrider.cli import main
+
+    monkeypatch.setattr(sys, "argv", [OUTRIDER, *argv])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -8,14 +8,14 @@ processes (`outrider` and `python -m outrider.cli`, started together by the `cli
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import OUTRIDER, assert_user_error, read_jsonl, run_cli_many, snapshot, tiny_recipe, write_recipe
-from outrider.cli import RECIPES_DIR, main
+from conftest import (assert_user_error, call_main, read_jsonl, run_cli_many, snapshot, tiny_recipe,
+                      write_recipe)
+from outrider.cli import RECIPES_DIR
 from outrider.credit import CREDIT
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
@@ -113,17 +113,6 @@ def test_recipes_json_lists_every_family_and_shipped_recipe(monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------- in-process checks of the same entry point
-
-
-def call_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", [OUTRIDER, *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_main_error(code: int, out: str, err: str, *fragments: str) -> None:
