@@ -114,7 +114,7 @@ def eval_(
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
     result = evaluate(policy, build_task(rec), prompts or rec.observe.eval_prompts, samples, ks, params,
-                      seed=rec.train.seed)
+                      seed=rec.train.seed, diagnostics=True)
     if as_json:
         print(json.dumps({"checkpoint": found[-1].name, **result}))
     else:

@@ -55,6 +55,9 @@ class ObserveConfig(Strict):
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest step checkpoints kept on disk.")
     tensorboard: bool = Field(True, description="Also write TensorBoard events under tb/.")
+    diagnostics: bool = Field(True, description="Exploration diagnostics at each evaluation: token entropy "
+                                                "(mean, p80, p95, forking fraction), answer diversity, effective "
+                                                "rank, support change and pass@k crossover against the start.")
 
 
 class TrainConfig(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE, ExploreContext
 from outrider.explore.rollout import rollout
-from outrider.observe.evaluate import evaluate
+from outrider.observe.evaluate import EvalRecord, evaluate_detailed
 from outrider.observe.metrics import MetricsWriter, episode_metrics
 from outrider.observe.progress import RunProgress
 from outrider.policy.model import Policy
@@ -30,6 +31,9 @@ from outrider.recipe import Recipe, resolve
 from outrider.score import SCORE, Component, compose
 from outrider.update import ENTROPY, LOSSES
 from outrider.update.learner import kl_into_rewards, learner_step, prepare
+
+
+BASE_EVAL_FILE = "eval_base.json"
 
 
 def build_policy(recipe: Recipe, value_head: bool) -> Policy:
@@ -99,10 +103,20 @@ class Trainer:
 
     # --- stages -------------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
+        """Held-out evaluation; the first one (the warm-started base model) is kept in `eval_base.json` so later
+        ones report support change and the pass@k crossover against it."""
         o = self.recipe.observe
         params = sampling_params(self.recipe, o.eval_temperature)
-        return evaluate(self.policy, self.task, o.eval_prompts, o.eval_samples, o.pass_at, params,
-                        seed=self.recipe.train.seed)
+        base_file = self.run_dir / BASE_EVAL_FILE
+        base = EvalRecord(**json.loads(base_file.read_text())) if base_file.exists() else None
+        metrics, record = evaluate_detailed(self.policy, self.task, o.eval_prompts, o.eval_samples, o.pass_at,
+                                            params, seed=self.recipe.train.seed, diagnostics=o.diagnostics,
+                                            base=base)
+        if base is None:
+            tmp = base_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(record)))
+            tmp.replace(base_file)
+        return metrics
 
     def _collect(self, step: int, timers: dict[str, float]) -> tuple[list[Episode], dict[str, float]]:
         seed = self.recipe.train.seed

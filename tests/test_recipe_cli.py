@@ -92,7 +92,11 @@ def test_eval_prints_pass_at_k_json(cli, monkeypatch, capsys):
     assert code == 0, err
     result = json.loads(out)
     assert result["checkpoint"] == "step_2"
-    assert set(result) == {"checkpoint", "pass@1", "pass@2", "accuracy", "invalid_rate", "response_length"}
+    assert set(result) == {"checkpoint", "pass@1", "pass@2", "accuracy", "invalid_rate", "response_length",
+                           "entropy_mean", "entropy_p80", "entropy_p95", "forking_frac", "distinct_answers",
+                           "distinct_correct", "answer_entropy", "repeat_rate", "zero_variance_frac",
+                           "effective_rank"}
+    assert 1 <= result["distinct_answers"] <= 2 and 0 < result["entropy_mean"]
     assert 0 <= result["pass@1"] <= result["pass@2"] <= 1
     assert result["pass@1"] == pytest.approx(result["accuracy"])
     assert 0 < result["response_length"] <= tiny_recipe()["explore"]["max_new_tokens"]

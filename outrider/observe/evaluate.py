@@ -1,34 +1,62 @@
-"""Held-out evaluation: unbiased pass@k over `samples` draws per prompt [Chen et al. 2021, Codex]."""
+"""Held-out evaluation: unbiased pass@k over `samples` draws per prompt [Chen et al. 2021, Codex], with the
+exploration diagnostics of `outrider.observe.diagnostics` (entropy, answer diversity, effective rank, and —
+given the base model's record — support change and the pass@k crossover [37])."""
 
 from __future__ import annotations
 
-from math import comb
+from dataclasses import dataclass, field
 
 import torch
 
+from outrider.data import Episode, pack
 from outrider.envs.base import Task
 from outrider.explore.rollout import rollout
+from outrider.observe.diagnostics import (answer_diversity, correct_support, crossover_k, effective_rank,
+                                          pass_at_k, support_change, token_entropy_stats)
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 
+__all__ = ["EvalRecord", "evaluate", "evaluate_detailed", "pass_at_k"]
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - comb(n - c, k) / comb(n, k)
+RANK_PROMPTS = 32  # prompts whose responses get a hidden-state forward for the effective rank (bounded cost)
+
+
+@dataclass
+class EvalRecord:
+    """What a later evaluation compares against: per-prompt correct counts and the correct-answer support."""
+
+    samples: int
+    correct: list[int]
+    support: list[list] = field(default_factory=list)  # [prompt index, canonical answer] pairs (JSON-friendly)
+
+    def support_set(self) -> set:
+        return {(p, a) for p, a in self.support}
+
+
+def canonical_answer(episode: Episode):
+    """The env's canonical answer for diversity counting (falls back to the parsed answer; None if unparseable)."""
+    info = episode.turns[-1].info if episode.turns else {}
+    return info.get("canonical", info.get("answer"))
 
 
 def evaluate(policy: Policy, task: Task, prompts: int, samples: int, ks: list[int], params: SamplingParams,
-             seed: int, chunk: int = 1024) -> dict[str, float]:
+             seed: int, chunk: int = 1024, diagnostics: bool = False) -> dict[str, float]:
     """pass@k for each k, mean accuracy, invalid-answer rate and response length on the first `prompts` held-out
-    problems. The same seed gives the same draws, so evaluations along a run share their randomness."""
+    problems (plus diagnostics on request). The same seed gives the same draws, so evaluations along a run
+    share their randomness."""
+    return evaluate_detailed(policy, task, prompts, samples, ks, params, seed, chunk, diagnostics)[0]
+
+
+def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks: list[int], params: SamplingParams,
+                      seed: int, chunk: int = 1024, diagnostics: bool = True,
+                      base: EvalRecord | None = None) -> tuple[dict[str, float], EvalRecord]:
+    """`evaluate` and the `EvalRecord` of this evaluation; with `base`, also support shrinkage/expansion and the
+    crossover k* against it (only when both used the same number of samples per prompt; k* = samples + 1 means
+    the current model is ahead at every k ≤ samples)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     prompts = min(prompts, task.eval_size)
     pairs = [(p, p) for p in range(prompts) for _ in range(samples)]
-    episodes = []
+    episodes: list[Episode] = []
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         episodes += rollout(policy, lambda: task.make_env("eval"), [s for s, _ in part], [g for _, g in part],
@@ -40,4 +68,38 @@ def evaluate(policy: Policy, task: Task, prompts: int, samples: int, ks: list[in
     out["accuracy"] = sum(correct) / (prompts * samples)
     out["invalid_rate"] = sum(any(t.info.get("invalid") for t in e.turns) for e in episodes) / len(episodes)
     out["response_length"] = sum(e.num_action_tokens for e in episodes) / len(episodes)
-    return out
+    groups: list[list] = [[] for _ in range(prompts)]
+    for e in episodes:
+        groups[e.group_id].append((canonical_answer(e), bool(e.success)))
+    record = EvalRecord(samples, correct, [[p, a] for p, a in sorted(correct_support(groups), key=str)])
+    if not diagnostics:
+        return out, record
+    out.update(token_entropy_stats([h for e in episodes for t in e.turns for h in t.behaviour_entropy]))
+    out.update(answer_diversity(groups))
+    out["effective_rank"] = _mean_group_rank(policy, episodes, min(prompts, RANK_PROMPTS))
+    if base is not None and base.samples == samples and len(base.correct) == prompts:
+        out.update(support_change(base.support_set(), record.support_set()))
+        k_star = crossover_k(base.correct, correct, samples)
+        out["crossover_k"] = float(k_star) if k_star is not None else float(samples + 1)
+    return out, record
+
+
+@torch.no_grad()
+def _mean_group_rank(policy: Policy, episodes: list[Episode], prompts: int) -> float:
+    """Mean over prompts of the effective rank of the stacked mean-pooled last-layer states of its responses [9]
+    (how spread the group's responses are in representation space, not only in surface text)."""
+    chosen = [e for e in episodes if e.group_id < prompts and e.num_action_tokens > 0]
+    if not chosen:
+        return 0.0
+    batch = pack(chosen, policy.pad_id, policy.bos_id).to(policy.device)
+    was_training = policy.training
+    policy.eval()
+    hidden = policy.score(batch.input_ids, batch.attention_mask, hidden=True).hidden
+    policy.train(was_training)
+    m = batch.action_mask.unsqueeze(-1)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    ranks = []
+    for g in sorted({e.group_id for e in chosen}):
+        rows = [i for i, e in enumerate(chosen) if e.group_id == g]
+        ranks.append(effective_rank(pooled[rows]))
+    return sum(ranks) / len(ranks)
