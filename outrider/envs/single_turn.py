@@ -42,6 +42,11 @@ class SingleTurnTask(Task):
         answer = problem["answer"]
         return f"<answer>{answer}</answer>" if self.cfg.answer_format == "tagged" else answer
 
+    def canonical(self, problem: dict[str, Any], answer: str) -> str:
+        """The answer in a normal form, so equal answers count once when diversity is measured (default: stripped).
+        Tasks whose answers can be written several ways (numbers, sets) override it."""
+        return answer.strip()
+
     def parse(self, response: str) -> str | None:
         if self.cfg.answer_format == "tagged":
             found = ANSWER_TAG.findall(response)
@@ -87,6 +92,7 @@ class SingleTurnEnv:
         info: dict[str, Any] = {"answer": answer, "reference": self._problem["answer"], "invalid": answer is None}
         reward = 0.0 if answer is None else float(self.task.verify(self._problem, answer))
         info["success"] = reward >= 1.0
+        info["canonical"] = None if answer is None else self.task.canonical(self._problem, answer)
         return "", reward, True, info
 
 
