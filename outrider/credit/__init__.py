@@ -29,3 +29,4 @@ class CreditConfig(PieceConfig):
 CREDIT: Registry = Registry("credit")
 
 from outrider.credit import gae, outcome  # noqa: E402,F401  (registers the built-ins)
+from outrider.credit import entropy_aware  # noqa: E402,F401  (canon, riskpo, ppl_position)

@@ -44,3 +44,4 @@ def compose(episodes: list[Episode], components: list[Component]) -> None:
 
 
 from outrider.score import builtin  # noqa: E402,F401  (registers the built-ins)
+from outrider.score import phase_entropy  # noqa: E402,F401  (pear)
