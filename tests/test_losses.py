@@ -228,9 +228,9 @@ def test_entropy_regulators():
 
 
 def test_registries_list_the_builtins():
-    assert LOSSES.names() == ["gspo", "ppo"]
-    assert ENTROPY.names() == ["bonus", "none"]
-    with pytest.raises(OutriderError, match="valid: gspo, ppo"):
+    assert LOSSES.names() == ["clip_cov", "gspo", "kl_cov", "ppo"]
+    assert ENTROPY.names() == ["adaptive_entropy", "bonus", "entropy_mask", "none", "siren"]
+    with pytest.raises(OutriderError, match="valid: clip_cov, gspo, kl_cov, ppo"):
         LOSSES.build({"name": "reinforce"})
 
 

@@ -179,7 +179,7 @@ def test_canonical_default_for_other_tasks(tmp_path):
 def test_recipe_loads():
     recipe = load_recipe(RECIPE)
     assert recipe.task["name"] == "multisol"
-    assert recipe.observe.pass_at == [1, 4, 16] and recipe.observe.eval_samples == 16
+    assert recipe.observe.pass_at == [1, 4, 16, 64] and recipe.observe.eval_samples == 64
     assert recipe.train.threads == 1
     entry, cfg = ENVS.build(recipe.task, "task")
     assert entry.fn(cfg).eval_size >= 20  # enough held-out prompts for a usable pass@k

@@ -45,7 +45,8 @@ class UpdateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     loss: dict = Field(default_factory=lambda: {"name": "ppo"},
-                       description="Policy surrogate: {name: ppo|gspo, ...options} (a bare name is accepted).")
+                       description="Policy surrogate: {name: ppo|gspo|clip_cov|kl_cov, ...options} "
+                                   "(a bare name is accepted).")
     aggregation: str = Field("token-mean", description=f"Loss aggregation: one of {', '.join(AGGREGATIONS)}.")
     norm_length: int | None = Field(None, ge=1, description="Constant length for seq-mean-token-sum-norm "
                                                             "(default: the generation budget).")
@@ -57,7 +58,8 @@ class UpdateConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm (null: no clipping).")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the frozen warm-started reference.")
     entropy: dict = Field(default_factory=lambda: {"name": "none"},
-                          description="Entropy regulator: {name: none|bonus, ...options}.")
+                          description="Entropy regulator: {name: none|bonus|adaptive_entropy|entropy_mask|"
+                                      "siren, ...options}.")
     vf_coef: float = Field(0.5, ge=0, description="Value-loss weight (used when the credit piece needs values).")
     value_clip: float | None = Field(0.2, gt=0, description="PPO value clipping range (null: unclipped).")
 
