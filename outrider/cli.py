@@ -227,14 +227,17 @@ def _metric_list(metrics: list[str]) -> list[str] | None:
 
 
 def _report_done(out_dir: Path, summary: dict) -> None:
-    table = Table(title="final values: mean [95% CI] (n)")
-    table.add_column("group")
+    # metrics as rows, groups as columns: there are usually many more metrics than groups, and a terminal is narrow
+    table = Table(title="final values: mean [95% CI] (n seeds)")
+    table.add_column("metric")
+    for group in summary["table"]:
+        table.add_column(group, justify="right")
     for m in summary["metrics"]:
-        table.add_column(m, justify="right")
-    for group, row in summary["table"].items():
-        cells = ["-" if s is None else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] ({s['n']})"
-                 for s in row.values()]
-        table.add_row(group, *cells)
+        cells = []
+        for row in summary["table"].values():
+            s = row.get(m)
+            cells.append("-" if s is None else f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] ({s['n']})")
+        table.add_row(m, *cells)
     out.print(table)
     out.print(f"wrote {out_dir / 'report.html'} and {out_dir / 'summary.json'}")
 
