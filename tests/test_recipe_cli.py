@@ -135,8 +135,8 @@ THE_FOUR = {
     "unknown_piece_option": ({"credit": {"name": "grpo", "bogus": 1}},
                              ["credit.bogus: unknown option; valid: std_normalize, epsilon"]),
     "unknown_registry_name": ({"credit": {"name": "nope"}},
-                              ["credit: unknown credit 'nope'; valid: dr_grpo, gae, grpo, reinforce_pp, "
-                               "reinforce_pp_baseline, rloo"]),
+                              ["credit: unknown credit 'nope'; valid: canon, dr_grpo, gae, grpo, ppl_position, "
+                               "reinforce_pp, reinforce_pp_baseline, riskpo, rloo"]),
 }
 
 
@@ -177,7 +177,7 @@ def test_existing_run_is_untouched_by_refused_commands(tmp_path, monkeypatch, ca
     ({"train": {"steps": -1}}, ["train.steps: Input should be greater than or equal to 0"]),
     ({"policy": {"warm_start": {"bogus": 1}}}, ["policy.warm_start.bogus: unknown option; valid: steps, batch_size"]),
     ({"update": {"kl": {"estimator": "k9"}}}, ["update.kl.estimator", "k1", "k3"]),
-    ({"update": {"loss": "nope"}}, ["update.loss: unknown update.loss 'nope'; valid: gspo, ppo"]),
+    ({"update": {"loss": "nope"}}, ["update.loss: unknown update.loss 'nope'; valid: clip_cov, gspo, kl_cov, ppo"]),
     ({"explore": "nope"}, ["explore: unknown explore 'nope'; valid: dynamic, group"]),
     ({"score": [{"weight": 1.0}]}, ["score[0]: missing 'name'; valid: exact_match"]),
     ({"score": [{"name": "format"}]}, ["score[0].pattern: Field required"]),
