@@ -83,3 +83,13 @@ def group_mean_std(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]
     var = sq / torch.clamp(counts - 1, min=1.0)
     std = torch.where(single, torch.ones_like(var), var.sqrt())
     return mean, std
+
+
+def quantile(x: Tensor, q: float) -> Tensor:
+    """Linear-interpolation quantile of all entries of ``x`` (as ``torch.quantile(x.flatten(), q)``), by sorting:
+    ``torch.quantile`` refuses inputs above 2^24 elements, which a long-response batch can exceed."""
+    s = torch.sort(x.flatten()).values
+    pos = q * (s.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, s.numel() - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])

@@ -16,6 +16,8 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
+from outrider.credit.stats import quantile
+
 FORKING_THRESHOLD = 0.672  # nats; [168] reports 0.672 as the 80th percentile of token entropy of Qwen3 on math
 
 
@@ -34,8 +36,8 @@ def token_entropy_stats(entropies: Sequence[float], forking_threshold: float = F
     if not entropies:
         return {"entropy_mean": 0.0, "entropy_p80": 0.0, "entropy_p95": 0.0, "forking_frac": 0.0}
     h = torch.tensor(entropies, dtype=torch.float64)
-    q = torch.quantile(h, torch.tensor([0.8, 0.95], dtype=torch.float64))
-    return {"entropy_mean": float(h.mean()), "entropy_p80": float(q[0]), "entropy_p95": float(q[1]),
+    return {"entropy_mean": float(h.mean()), "entropy_p80": float(quantile(h, 0.8)),
+            "entropy_p95": float(quantile(h, 0.95)),
             "forking_frac": float((h > forking_threshold).double().mean())}
 
 

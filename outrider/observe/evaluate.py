@@ -85,21 +85,27 @@ def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks
 
 
 @torch.no_grad()
-def _mean_group_rank(policy: Policy, episodes: list[Episode], prompts: int) -> float:
+def _mean_group_rank(policy: Policy, episodes: list[Episode], prompts: int, chunk: int = 32) -> float:
     """Mean over prompts of the effective rank of the stacked mean-pooled last-layer states of its responses [9]
-    (how spread the group's responses are in representation space, not only in surface text)."""
+    (how spread the group's responses are in representation space, not only in surface text). Runs the
+    transformer body only (no LM head: a [B, T, vocab] logits tensor would not fit for large vocabularies), in
+    chunks of `chunk` responses."""
     chosen = [e for e in episodes if e.group_id < prompts and e.num_action_tokens > 0]
     if not chosen:
         return 0.0
-    batch = pack(chosen, policy.pad_id, policy.bos_id).to(policy.device)
     was_training = policy.training
     policy.eval()
-    hidden = policy.score(batch.input_ids, batch.attention_mask, hidden=True).hidden
+    body = policy.model.get_decoder() if hasattr(policy.model, "get_decoder") else policy.model.base_model
+    pooled = []
+    for start in range(0, len(chosen), chunk):
+        batch = pack(chosen[start:start + chunk], policy.pad_id, policy.bos_id).to(policy.device)
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        m = batch.action_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float())
     policy.train(was_training)
-    m = batch.action_mask.unsqueeze(-1)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    states = torch.cat(pooled)
     ranks = []
     for g in sorted({e.group_id for e in chosen}):
         rows = [i for i, e in enumerate(chosen) if e.group_id == g]
-        ranks.append(effective_rank(pooled[rows]))
+        ranks.append(effective_rank(states[rows]))
     return sum(ranks) / len(ranks)

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean
+from outrider.credit.stats import masked_mean, quantile
 from outrider.registry import PieceConfig
 from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
 from outrider.update.aggregate import aggregate
@@ -45,7 +45,7 @@ class EntropyMask(Regulator):
         zero = torch.zeros((), dtype=h.dtype, device=h.device)
         if not valid.any():
             return RegulatorOutput(zero, torch.zeros_like(h), {"kept_frac": zero, "threshold": zero})
-        tau = torch.quantile(h[valid], 1.0 - self.cfg.rho, interpolation="linear")
+        tau = quantile(h[valid], 1.0 - self.cfg.rho)
         weight = ((h >= tau) & valid).to(h.dtype)  # ≥ as in TRL: ties at the threshold are kept
         metrics = {"kept_frac": masked_mean(weight, mask), "threshold": tau, "entropy": masked_mean(h, mask)}
         return RegulatorOutput(zero, weight, metrics)

@@ -128,7 +128,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
 
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
-    count = 0
+    counts: dict[str, int] = defaultdict(int)
     for _ in range(cfg.epochs):
         order = torch.randperm(batch.size, generator=generator)
         for rows in order.chunk(cfg.minibatches):
@@ -167,10 +167,10 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             optimizer.step()
             metrics["loss/total"] = loss.detach()
             metrics["optim/grad_norm"] = grad_norm
-            for k, v in metrics.items():
+            for k, v in metrics.items():  # per-key counts: some pieces skip a metric on some minibatches
                 sums[k] += float(v)
-            count += 1
-    return {k: v / count for k, v in sums.items()}
+                counts[k] += 1
+    return {k: v / counts[k] for k, v in sums.items()}
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
