@@ -14,13 +14,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from outrider.credit.stats import masked_mean
 from outrider.registry import PieceConfig, Registry
 
 AggregateFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _token_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -36,7 +33,8 @@ class TokenContext:
     mask: Tensor  # 1 on action tokens (the only trained tokens)
     entropy: Tensor | None = None  # H_t of π_θ(· | x_<t) at the sampling temperature
     logits: Tensor | None = None  # [B, T, V] temperature-scaled logits predicting x_t (only when a piece asks)
-    aggregate: AggregateFn = _token_mean  # the run's loss aggregation, so terms weigh tokens like the policy loss
+    # the run's loss aggregation (token-mean by default), so terms weigh tokens like the policy loss
+    aggregate: AggregateFn = masked_mean
     generator: torch.Generator | None = None  # for pieces that sample tokens (Clip-Cov): seeded per step
 
 

@@ -53,8 +53,9 @@ class KLCovConfig(PieceConfig):
                                "scripts use 1.0 (verl's fallback when unset); verl's config dataclass defaults to 0.1.")
 
 
-def _centred_cov(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
-    """``(A − mean_M A)(logp − mean_M logp)`` per token, detached, with masked means over the action tokens."""
+def token_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """``cov_t = (A_t − mean_M A)(logp_t − mean_M logp)`` per token, detached, with masked means over the action
+    tokens: the entropy-dynamics covariance of [153] (``ΔH ≈ −η·mean_t cov_t`` under softmax policy gradient)."""
     lp, adv = logprobs.detach(), advantages.detach()
     return (adv - masked_mean(adv, mask)) * (lp - masked_mean(lp, mask))
 
@@ -85,7 +86,7 @@ def clip_cov(ctx: TokenContext, cfg: ClipCovConfig) -> tuple[Tensor, dict[str, T
     valid = mask > 0
     ppo_clipped = (loss.detach() > unclipped.detach()) & valid  # the clamped branch wins: gradient already 0
 
-    cov = _centred_cov(logprobs, advantages, mask)
+    cov = token_covariance(logprobs, advantages, mask)
     candidates = valid & ~ppo_clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
     n_clip = max(int(cfg.clip_ratio * int(valid.sum())), 1)
     cand_index = candidates.flatten().nonzero().squeeze(1)
@@ -119,7 +120,7 @@ def kl_cov(ctx: TokenContext, cfg: KLCovConfig) -> tuple[Tensor, dict[str, Tenso
     ratio = torch.exp(lr)
     loss = -advantages * ratio
 
-    cov = _centred_cov(logprobs, advantages, mask)
+    cov = token_covariance(logprobs, advantages, mask)
     valid_index = (mask > 0).flatten().nonzero().squeeze(1)
     n_valid = valid_index.numel()
     selected = torch.zeros_like(mask, dtype=torch.bool)

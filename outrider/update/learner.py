@@ -20,6 +20,7 @@ from outrider.policy.model import Policy
 from outrider.registry import Entry, PieceConfig
 from outrider.update import Regulator, TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
+from outrider.update.cov import token_covariance
 from outrider.update.kl import kl_penalty
 
 
@@ -108,11 +109,9 @@ def kl_into_rewards(batch: Batch, cfg: UpdateConfig) -> Tensor:
 
 
 def entropy_advantage_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The entropy-dynamics covariance of [153]: ``cov_t = (log π_t − mean log π)(A_t − mean A)`` over the action
-    tokens; under softmax policy gradient ``ΔH ≈ −η·mean_t cov_t``, so a positive mean predicts entropy falling.
-    Returns the masked mean of cov_t and the fraction of tokens with cov_t > 1 (the band Clip-Cov acts on)."""
-    lp, adv = logprobs.detach(), advantages.detach()
-    cov = (lp - masked_mean(lp, mask)) * (adv - masked_mean(adv, mask))
+    """The masked mean of [153]'s `token_covariance` (positive predicts entropy falling) and the fraction of
+    tokens with cov_t > 1 (the band Clip-Cov acts on)."""
+    cov = token_covariance(logprobs, advantages, mask)
     return masked_mean(cov, mask), masked_mean((cov > 1).to(cov.dtype), mask)
 
 
