@@ -85,3 +85,27 @@ def test_sampling_distribution_matches_the_model():
     df = int(keep.sum())
     # mean df, sd sqrt(2 df): 6 sd above the mean has p < 1e-6, a wrong sampler lands far beyond
     assert chi2 < df + 6 * (2 * df) ** 0.5, (chi2, df)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (0, 0.6)])
+def test_truncated_sampling_distribution_matches_the_renormalised_model(top_k, top_p):
+    """The inverse-CDF draw after top-k / top-p: never a truncated token, and the kept ones at their renormalised
+    probabilities (chi-square, as above)."""
+    policy = llama()
+    context = [2, 40, 41]
+    n = 3000
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, max_new_tokens=1, backend="fast")
+    draws = sample(policy, [context] * n, params, torch.Generator().manual_seed(3))
+    counts = torch.bincount(torch.tensor([d.ids[0] for d in draws]), minlength=len(policy.tokenizer)).double()
+    with torch.no_grad():
+        probs = torch.softmax(policy.model(input_ids=torch.tensor([context])).logits[0, -1].double(), -1)
+    order = probs.argsort(descending=True)
+    if top_k:
+        kept = order[:top_k]
+    else:  # the smallest head of the sorted distribution whose mass reaches top_p
+        kept = order[: int((probs[order].cumsum(0) < top_p).sum()) + 1]
+    assert counts[kept].sum() == n  # nothing outside the kept set
+    expected = probs[kept] / probs[kept].sum() * n
+    chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
+    df = len(kept) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5 + 6, (chi2, df)

@@ -27,11 +27,15 @@ def supports(model: nn.Module) -> bool:
     # the fused projections below carry no MLP biases (q/k/v biases of Qwen2 are handled)
     if getattr(cfg, "mlp_bias", False):
         return False
-    return True
+    # RoPE tables are built once per sampling call: a rotary that rescales with the sequence length cannot be
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) != "dynamic"
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # the HF formula (float32 statistics, weight applied after the cast back)
+    # the HF formula (float32 statistics, weight applied after the cast back); fp32 takes the fused kernel
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -42,13 +46,18 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class FastDecoder:
-    """Prefill a left-padded batch once, then decode one token per call against a static KV buffer."""
+    """Prefill a left-padded batch once, then decode one token per call against a static KV buffer.
+
+    Per decoding step the work is the model's matmuls plus a few fused elementwise ops: RoPE tables are built
+    once per call (the model's own rotary module, evaluated at every position the call can reach) and applied to
+    q and k together; a single query attends through two batched matmuls (faster on CPU than the SDPA kernel,
+    and grouped-query heads share their keys by broadcasting, never copied).
+    """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int):
         cfg = model.config
         core = model.model
         self.embed = core.embed_tokens.weight
-        self.rotary = core.rotary_emb
         self.norm_w, self.eps = core.norm.weight, core.norm.variance_epsilon
         self.lm_head = model.lm_head.weight
         self.heads = cfg.num_attention_heads
@@ -70,31 +79,50 @@ class FastDecoder:
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        # additive attention bias over the buffer: 0 where a key is real, -inf for padding and unwritten slots
+        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
         self.length = 0
-        self.gqa = self.kv_heads != self.heads
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = core.rotary_emb(self.embed[:1][None], positions)
+        half = self.head_dim // 2
+        # rotate_half(x)·sin == (x with its halves swapped) · (sin with its first half negated)
+        self.cos_table, self.sin_table = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    def _rope(self, qk: Tensor, positions: Tensor) -> Tensor:
+        """RoPE on q and k heads at once: `qk` [B, S, heads, D], `positions` [B, S]."""
+        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)
+        half = self.head_dim // 2
+        swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+        return torch.addcmul(qk * cos, swapped, sin)
+
+    def _attend(self, q: Tensor, i: int, end: int, mask: Tensor | None) -> Tensor:
+        keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
+        B, S = q.shape[0], q.shape[2]
+        if mask is not None:  # prefill: a full causal/padding mask, the SDPA kernel handles it
+            if self.kv_heads != self.heads:
+                rep = self.heads // self.kv_heads
+                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        # one query per row: [B, kv, rep, D] @ [B, kv, D, L] -- query heads of a group share their keys
+        grouped = q.reshape(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self.scaling).add_(self.bias[:, :, :, :end])
+        out = torch.matmul(torch.softmax(scores, dim=-1), values)
+        return out.reshape(B, self.heads, S, self.head_dim)
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
         B, S = ids.shape
         h = F.embedding(ids, self.embed)
-        cos, sin = self.rotary(h, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         start, end = self.length, self.length + S
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(self.layers):
             qkv = F.linear(_rms(h, w_in, self.eps), w_qkv, b_qkv)
-            q = qkv[..., :q_size].view(B, S, self.heads, self.head_dim).transpose(1, 2)
-            k = qkv[..., q_size:q_size + kv_size].view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = qkv[..., q_size + kv_size:].view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v
-            keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
-            if self.gqa:
-                rep = self.heads // self.kv_heads
-                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            qk = self._rope(qkv[..., :q_size + kv_size].view(B, S, self.heads + self.kv_heads, self.head_dim),
+                            positions)
+            q = qk[:, :, :self.heads].transpose(1, 2)
+            self.k[i][:, :, start:end] = qk[:, :, self.heads:].transpose(1, 2)
+            self.v[i][:, :, start:end] = qkv[..., q_size + kv_size:].view(B, S, self.kv_heads,
+                                                                           self.head_dim).transpose(1, 2)
+            att = self._attend(q, i, end, mask)
             h = h + F.linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
             gate, up = F.linear(_rms(h, w_post, self.eps), w_gu).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, w_down)
@@ -104,19 +132,18 @@ class FastDecoder:
     def prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
         """`input_ids` [B, W] left-padded, `attention` [B, W]; returns the last position's logits [B, V]."""
         B, W = input_ids.shape
-        self.valid[:, :W] = attention.bool()
+        valid = attention.bool()
+        self.bias[:, 0, 0, :W].masked_fill_(valid, 0.0)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(W, W, dtype=torch.bool, device=input_ids.device).tril()
         # padded queries may see themselves, so no attention row is empty (their outputs are never used)
-        mask = (causal & self.valid[:, None, None, :W]) | torch.eye(W, dtype=torch.bool, device=input_ids.device)
+        mask = (causal & valid[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=input_ids.device)
         self._next_position = positions[:, -1:] + 1
         return self._forward(input_ids, positions, mask)
 
     def step(self, tokens: Tensor, live: Tensor) -> Tensor:
         """Feed one token per row (`live` rows are real); returns the next logits [B, V]."""
-        t = self.length
-        self.valid[:, t] = live
-        mask = self.valid[:, None, None, : t + 1]
+        self.bias[:, 0, 0, self.length].masked_fill_(live, 0.0)
         positions = self._next_position
         self._next_position = positions + 1
-        return self._forward(tokens.unsqueeze(-1), positions, mask)
+        return self._forward(tokens.unsqueeze(-1), positions, None)

@@ -31,6 +31,13 @@ class Scores:
     logits: Tensor | None = None  # [B, T, V] temperature-scaled logits predicting each token (row 0 is zeros)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which this model's forward takes a KV cache (``cache`` from transformers 5.24 on)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, max_positions: int,
                      seed: int) -> LlamaForCausalLM:
     """A small Llama-style model, randomly initialised from `seed` (nothing is downloaded)."""

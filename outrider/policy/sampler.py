@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from outrider.policy import fast_decode
-from outrider.policy.model import Policy
+from outrider.policy.model import Policy, cache_argument
 
 
 @dataclass
@@ -49,6 +49,22 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def _draw(log_p: Tensor, probs: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
+    """One token per row from `probs` (= exp(log_p)) after top-k/top-p, by inverse CDF: one uniform per row.
+
+    (``torch.multinomial`` draws a vocab-sized exponential per row, and costs more than a small model's whole
+    decoding step on CPU.) A zero-probability token is never drawn: ``u`` stays strictly below the total mass and
+    the CDF does not rise at such a token.
+    """
+    if params.top_k or params.top_p < 1.0:
+        probs = _filter_logits(log_p, params.top_k, params.top_p).exp()
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    u = torch.minimum(u, total * (1 - 1e-6))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
 class _HFStepper:
     """The generic path: the HF forward with its own KV cache (any causal LM)."""
 
@@ -57,20 +73,21 @@ class _HFStepper:
         self.attention = torch.zeros(batch, width + max_new, dtype=torch.long, device=device)
         self.past = None
         self.t = 0
+        self.cache_arg = cache_argument(model)
 
     def prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
         self.attention[:, : self.width] = attention
         self.positions = (attention.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=self.positions, use_cache=True)
-        self.past = out.past_key_values
+        self.past = getattr(out, self.cache_arg)
         return out.logits[:, -1]
 
     def step(self, tokens: Tensor, live: Tensor) -> Tensor:
         self.attention[:, self.width + self.t] = live.long()
         self.t += 1
         out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=self.attention[:, : self.width + self.t],
-                         position_ids=self.positions[:, -1:] + self.t, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                         position_ids=self.positions[:, -1:] + self.t, use_cache=True, **{self.cache_arg: self.past})
+        self.past = getattr(out, self.cache_arg)
         return out.logits[:, -1]
 
 
@@ -102,19 +119,20 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     texts = [""] * B
     logits = stepper.prefill(input_ids, attention)
     for t in range(n_new):
-        logits = logits.float() / max(params.temperature, 1e-6)
+        logits = logits.float()
         if params.temperature <= 0:
             token = logits.argmax(-1)
+            log_p = torch.log_softmax(logits / 1e-6, dim=-1)
         else:
-            probs = torch.softmax(_filter_logits(logits, params.top_k, params.top_p), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            log_p = torch.log_softmax(logits / params.temperature, dim=-1)
+            probs = log_p.exp()
+            token = _draw(log_p, probs, params, generator)
         live = ~done
         token = token.masked_fill(done, policy.pad_id)
         out_ids[:, t] = token
-        log_p = torch.log_softmax(logits, dim=-1)
         out_lp[:, t] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
-        out_h[:, t] = -(log_p.exp() * log_p).nan_to_num().sum(-1)
+        out_h[:, t] = -((log_p.exp() if params.temperature <= 0 else probs) * log_p).nan_to_num().sum(-1)
         lengths += live.long()
         hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
