@@ -143,38 +143,47 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
     rewards on the last action token of their turn; token-level rewards on the action tokens in order.
     """
     seqs = [sequence_ids(e, bos_id) for e in episodes]
-    B, T = len(episodes), max(len(s[0]) for s in seqs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)
-    action_mask = torch.zeros(B, T)
-    step_index = torch.full((B, T), -1, dtype=torch.long)
-    token_rewards = torch.zeros(B, T)
-    behaviour_lp = torch.zeros(B, T)
-    behaviour_h = torch.zeros(B, T)
-    for i, (episode, (ids, is_action, step)) in enumerate(zip(episodes, seqs)):
-        n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids)
-        attention_mask[i, :n] = 1
-        action_mask[i, :n] = torch.tensor(is_action, dtype=torch.float)
-        step_index[i, :n] = torch.tensor(step)
+    T = max(len(s[0]) for s in seqs)
+    # rows are built as Python lists and turned into tensors once per field: per-element tensor writes cost
+    # more than the training forward of a small model
+    ids_rows, action_rows, step_rows, reward_rows, lp_rows, h_rows, lengths = [], [], [], [], [], [], []
+    for episode, (ids, is_action, step) in zip(episodes, seqs):
+        n, pad = len(ids), T - len(ids)
+        ids_rows.append(ids + [pad_id] * pad)
+        action_rows.append(is_action + [0] * pad)
+        step_rows.append(step + [-1] * pad)
+        lengths.append(n)
+        rewards, lp, h = [0.0] * T, [0.0] * T, [0.0] * T
+        reward_rows.append(rewards)
+        lp_rows.append(lp)
+        h_rows.append(h)
         action_pos = [t for t in range(n) if is_action[t]]
         if not action_pos:
             continue
-        token_rewards[i, action_pos[-1]] += sum(episode.rewards["trajectory"].values())
+        rewards[action_pos[-1]] += sum(episode.rewards["trajectory"].values())
+        last_of_turn = {step[t]: t for t in action_pos}
         for per_turn in episode.rewards["step"].values():
             for k, r in enumerate(per_turn):
-                turn_pos = [t for t in action_pos if step[t] == k]
-                if turn_pos:
-                    token_rewards[i, turn_pos[-1]] += r
+                if k in last_of_turn:
+                    rewards[last_of_turn[k]] += r
         for per_token in episode.rewards["token"].values():
             for t, r in zip(action_pos, per_token):
-                token_rewards[i, t] += r
+                rewards[t] += r
         lps = [x for turn in episode.turns for x in turn.behaviour_logprobs]
         hs = [x for turn in episode.turns for x in turn.behaviour_entropy]
         if len(lps) == len(action_pos):  # demonstrations and hand-made episodes carry none
-            behaviour_lp[i, action_pos] = torch.tensor(lps)
+            for t, x in zip(action_pos, lps):
+                lp[t] = x
         if len(hs) == len(action_pos):
-            behaviour_h[i, action_pos] = torch.tensor(hs)
+            for t, x in zip(action_pos, hs):
+                h[t] = x
+    input_ids = torch.tensor(ids_rows, dtype=torch.long)
+    attention_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    action_mask = torch.tensor(action_rows, dtype=torch.float)
+    step_index = torch.tensor(step_rows, dtype=torch.long)
+    token_rewards = torch.tensor(reward_rows, dtype=torch.float)
+    behaviour_lp = torch.tensor(lp_rows, dtype=torch.float)
+    behaviour_h = torch.tensor(h_rows, dtype=torch.float)
     state_ids, action_ids = turn_ids(episodes)
     return Batch(
         input_ids=input_ids,

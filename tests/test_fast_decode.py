@@ -109,3 +109,25 @@ def test_truncated_sampling_distribution_matches_the_renormalised_model(top_k, t
     chi2 = float(((counts[kept] - expected) ** 2 / expected).sum())
     df = len(kept) - 1
     assert chi2 < df + 6 * (2 * df) ** 0.5 + 6, (chi2, df)
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+@pytest.mark.parametrize("make", [llama, qwen2_gqa])
+def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(make, backend):
+    """A group's rows share a prompt, which is prefilled once and its cache handed to every row: each row's
+    log-probs still equal the scoring forward, and greedy rows equal the prompt decoded alone."""
+    policy = make()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[2]]
+    out = sample(policy, prompts, SamplingParams(temperature=1.0, max_new_tokens=12, backend=backend),
+                 torch.Generator().manual_seed(4))
+    assert len({tuple(s.ids) for s in out[1:5]}) > 1  # rows of one prompt sample differently
+    for prompt, s in zip(prompts, out):
+        ids = torch.tensor([prompt + s.ids])
+        scored = policy.score(ids, torch.ones_like(ids)).logprobs[0, len(prompt):]
+        assert s.logprobs == pytest.approx(scored.tolist(), abs=1e-4)
+    greedy = sample(policy, prompts, SamplingParams(temperature=0, max_new_tokens=12, backend=backend),
+                    torch.Generator().manual_seed(0))
+    for prompt, s in zip(prompts, greedy):
+        alone = sample(policy, [prompt], SamplingParams(temperature=0, max_new_tokens=12, backend=backend),
+                       torch.Generator().manual_seed(0))[0]
+        assert s.ids == alone.ids

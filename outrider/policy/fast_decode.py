@@ -129,8 +129,26 @@ class FastDecoder:
         self.length = end
         return F.linear(_rms(h[:, -1], self.norm_w, self.eps), self.lm_head)
 
-    def prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
-        """`input_ids` [B, W] left-padded, `attention` [B, W]; returns the last position's logits [B, V]."""
+    def prefill(self, input_ids: Tensor, attention: Tensor, rows: Tensor | None = None) -> Tensor:
+        """`input_ids` [U, W] left-padded, `attention` [U, W]; returns the last position's logits [B, V].
+        `rows` [B] names each batch row's prompt (None: U = B, row i is prompt i); each prompt is computed once."""
+        if rows is None:
+            return self._prefill(input_ids, attention)
+        U, W = input_ids.shape
+        full_k, full_v, full_bias = self.k, self.v, self.bias
+        self.k = [torch.zeros(U, k.shape[1], W, k.shape[3], dtype=k.dtype, device=k.device) for k in full_k]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.bias = torch.full((U, 1, 1, W), float("-inf"), dtype=full_bias.dtype, device=full_bias.device)
+        logits = self._prefill(input_ids, attention)
+        for i in range(len(full_k)):
+            full_k[i][:, :, :W] = self.k[i][rows]
+            full_v[i][:, :, :W] = self.v[i][rows]
+        full_bias[..., :W] = self.bias[rows]
+        self.k, self.v, self.bias = full_k, full_v, full_bias
+        self._next_position = self._next_position[rows]
+        return logits[rows]
+
+    def _prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
         B, W = input_ids.shape
         valid = attention.bool()
         self.bias[:, 0, 0, :W].masked_fill_(valid, 0.0)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from outrider.errors import OutriderError
+from outrider.policy import shared_prefix
 from outrider.policy.tokenizer import build_char_tokenizer
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -29,13 +30,6 @@ class Scores:
     values: Tensor | None = None  # [B, T]
     hidden: Tensor | None = None  # [B, T, H] last-layer hidden state at the position *before* each token
     logits: Tensor | None = None  # [B, T, V] temperature-scaled logits predicting each token (row 0 is zeros)
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The name under which this model's forward takes a KV cache (``cache`` from transformers 5.24 on)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, max_positions: int,
@@ -69,6 +63,7 @@ class Policy(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.use_chat_template = chat_template  # observations go through the tokenizer's chat template, if any
         self._warned_template = False
+        self._encoded: dict[tuple[str, bool, bool], list[int]] = {}
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -135,7 +130,15 @@ class Policy(nn.Module):
         (Qwen3's think block), after a user turn — so an episode's ids follow the template applied to the whole
         conversation (the action ids, which end with EOS, are the assistant turns; what a template puts after an
         assistant's end token, often a newline, is left out). A template neither delta fits falls back to the
-        plain text, with a warning."""
+        plain text, with a warning. Encodings are memoised: a group's members see the same observations."""
+        key = (text, first, self.use_chat_template)
+        if key not in self._encoded:
+            if len(self._encoded) >= 4096:
+                self._encoded.clear()
+            self._encoded[key] = self._encode_observation(text, first)
+        return list(self._encoded[key])
+
+    def _encode_observation(self, text: str, first: bool) -> list[int]:
         if not (self.use_chat_template and getattr(self.tokenizer, "chat_template", None)):
             return self.encode(text)
         user = {"role": "user", "content": text}
@@ -169,15 +172,29 @@ class Policy(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # --- the scoring forward --------------------------------------------------------------------------------
-    def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
-              values: bool = False, hidden: bool = False, logits: bool = False) -> Scores:
-        """One forward over right-padded sequences: per-token log π(x_t|x_<t) at `temperature`, and on request
-        the entropy of that distribution, value-head predictions and hidden states."""
-        need_hidden = values or hidden
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, need_hidden: bool,
+                 groups: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if groups is not None:
+            p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
+            out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
+            if out is not None:
+                return out
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
-        scaled = out.logits[:, :-1].float() / temperature
+        return out.logits, (out.hidden_states[-1] if need_hidden else None)
+
+    # --- the scoring forward --------------------------------------------------------------------------------
+    def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
+              values: bool = False, hidden: bool = False, logits: bool = False,
+              groups: Tensor | None = None) -> Scores:
+        """One forward over right-padded sequences: per-token log π(x_t|x_<t) at `temperature`, and on request
+        the entropy of that distribution, value-head predictions and hidden states.
+
+        With `groups` (an id per row, e.g. the GRPO group), rows of a group that start with the same tokens share
+        one forward of that prefix (`shared_prefix`); the results are the same up to float rounding."""
+        need_hidden = values or hidden
+        model_logits, last_hidden = self._forward(input_ids, attention_mask, need_hidden, groups)
+        scaled = model_logits[:, :-1].float() / temperature
         log_norm = torch.logsumexp(scaled, dim=-1)
         target = input_ids[:, 1:].unsqueeze(-1)
         token_lp = scaled.gather(-1, target).squeeze(-1) - log_norm
@@ -189,7 +206,7 @@ class Policy(nn.Module):
         if logits:
             result.logits = _shift_right(scaled)
         if need_hidden:
-            h = out.hidden_states[-1][:, :-1]
+            h = last_hidden[:, :-1]
             if hidden:
                 result.hidden = torch.cat([torch.zeros_like(h[:, :1]), h], dim=1)
             if values:

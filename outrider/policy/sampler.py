@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from outrider.policy import fast_decode
-from outrider.policy.model import Policy, cache_argument
+from outrider.policy.model import Policy
+from outrider.policy.shared_prefix import cache_argument
 
 
 @dataclass
@@ -75,12 +76,17 @@ class _HFStepper:
         self.t = 0
         self.cache_arg = cache_argument(model)
 
-    def prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
-        self.attention[:, : self.width] = attention
-        self.positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=self.positions, use_cache=True)
+    def prefill(self, input_ids: Tensor, attention: Tensor, rows: Tensor | None = None) -> Tensor:
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
         self.past = getattr(out, self.cache_arg)
-        return out.logits[:, -1]
+        logits = out.logits[:, -1]
+        if rows is not None:  # distinct prompts were prefilled once: give each row its prompt's cache
+            self.past.batch_select_indices(rows)
+            attention, positions, logits = attention[rows], positions[rows], logits[rows]
+        self.attention[:, : self.width] = attention
+        self.positions = positions
+        return logits
 
     def step(self, tokens: Tensor, live: Tensor) -> Tensor:
         self.attention[:, self.width + self.t] = live.long()
@@ -101,9 +107,13 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     model.eval()
     B, n_new = len(prompts), params.max_new_tokens
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((B, width), policy.pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros(B, width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
+    # a group's rows share their prompt: prefill each distinct prompt once
+    distinct: dict[tuple[int, ...], int] = {}
+    prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    rows = torch.tensor(prompt_of_row, device=device) if len(distinct) < B else None
+    input_ids = torch.full((len(distinct), width), policy.pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros(len(distinct), width, dtype=torch.long, device=device)
+    for i, p in enumerate(distinct):
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         attention[i, width - len(p):] = 1
     use_fast = params.backend == "fast" or (params.backend == "auto" and fast_decode.supports(model))
@@ -117,7 +127,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     texts = [""] * B
-    logits = stepper.prefill(input_ids, attention)
+    logits = stepper.prefill(input_ids, attention, rows)
     for t in range(n_new):
         logits = logits.float()
         if params.temperature <= 0:

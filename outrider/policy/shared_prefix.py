@@ -1,0 +1,116 @@
+"""Shared-prefix forward: a group's common prompt goes through the model once, not once per completion.
+
+GRPO-style batches hold G prompts × n completions, and every completion of a group starts with the same tokens.
+The plain forward computes those prompt positions n times; this one runs each group's longest common prefix once
+(batch G), hands its KV cache to the rows of the group (an index, not a copy of work), and runs only each row's
+suffix against it. Logits and hidden states are then laid out exactly as the plain forward's, so everything
+downstream is unchanged, and gradients reach the prefix through the cache (the sum over the group's rows, as in
+the plain forward). Training FLOPs fall by the saved share ``Σ_g (n_g − 1)·P_g / Σ_b T_b``.
+
+Any HF causal LM whose cache is a plain per-layer key/value cache qualifies; anything else (sliding-window or
+recurrent layers) takes the plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# below this share of saved tokens the second model call costs more than it saves
+MIN_SAVED_SHARE = 0.1
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which this model's forward takes a KV cache (``cache`` from transformers 5.24 on)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class PrefixPlan:
+    prefix_ids: Tensor  # [G, P] each group's shared prefix, right-padded
+    prefix_mask: Tensor  # [G, P]
+    row_group: Tensor  # [B] which prefix row each sequence continues
+    suffix_ids: Tensor  # [B, S] each row's tokens after its prefix, right-padded
+    suffix_mask: Tensor  # [B, S]
+    suffix_positions: Tensor  # [B, S] position ids of the suffix tokens
+    gather: Tensor  # [B, T] index of each (row, position) into cat(prefix outputs, suffix outputs) flattened
+    saved_share: float
+
+
+def plan(input_ids: Tensor, attention_mask: Tensor, groups: Tensor,
+         min_saved_share: float = MIN_SAVED_SHARE) -> PrefixPlan | None:
+    """The prefix/suffix split of a right-padded batch by `groups` (one id per row), or None when too little
+    is shared. A group's prefix is its rows' longest common prefix, kept at least one token short of its
+    shortest row (every row keeps a suffix) and at least one token long (no empty attention rows)."""
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(-1)
+    group_ids, row_group = torch.unique(groups, return_inverse=True)
+    prefix_len = torch.zeros(len(group_ids), dtype=torch.long)
+    first_row = torch.zeros(len(group_ids), dtype=torch.long)
+    for g in range(len(group_ids)):
+        rows = (row_group == g).nonzero().flatten()
+        first_row[g] = rows[0]
+        shortest = int(lengths[rows].min())
+        same = (input_ids[rows, :shortest] == input_ids[rows[0], :shortest]).all(0)
+        common = int(same.long().cumprod(0).sum())
+        prefix_len[g] = min(common, shortest - 1)
+    if int(prefix_len.min()) < 1:
+        return None
+    per_row = prefix_len[row_group]
+    counts = torch.bincount(row_group, minlength=len(group_ids))
+    saved = float(((counts - 1) * prefix_len).sum())
+    total = float(lengths.sum())
+    if saved < min_saved_share * total:
+        return None
+    P, S = int(prefix_len.max()), int((lengths - per_row).max())
+    cols = torch.arange(P)
+    prefix_mask = (cols[None] < prefix_len[:, None]).long()
+    prefix_ids = torch.where(prefix_mask.bool(), input_ids[first_row, :P], input_ids.new_zeros(()))
+    offsets = torch.arange(S)
+    src = (per_row[:, None] + offsets[None]).clamp(max=T - 1)
+    suffix_mask = (per_row[:, None] + offsets[None] < lengths[:, None]).long()
+    suffix_ids = torch.where(suffix_mask.bool(), input_ids.gather(1, src), input_ids.new_zeros(()))
+    positions = torch.arange(T)[None].expand(B, T)
+    in_prefix = positions < per_row[:, None]
+    from_prefix = row_group[:, None] * P + positions
+    from_suffix = len(group_ids) * P + torch.arange(B)[:, None] * S + (positions - per_row[:, None]).clamp(0, S - 1)
+    gather = torch.where(in_prefix, from_prefix, from_suffix)
+    return PrefixPlan(prefix_ids, prefix_mask, row_group, suffix_ids, suffix_mask, per_row[:, None] + offsets[None],
+                      gather, saved / total)
+
+
+def _plain_cache(cache: object) -> bool:
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # transformers < 4.56: DynamicCache with key_cache/value_cache lists
+        return type(cache).__name__ == "DynamicCache"
+    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tensor | None] | None:
+    """Logits [B, T, V] (and last-layer hidden states [B, T, H] if `hidden`) as the plain forward lays them out;
+    None when the model's cache is not a plain key/value cache."""
+    device = next(model.parameters()).device
+    arg = cache_argument(model)
+    first = model(input_ids=p.prefix_ids.to(device), attention_mask=p.prefix_mask.to(device),
+                  position_ids=torch.arange(p.prefix_ids.shape[1], device=device)[None].expand_as(p.prefix_ids),
+                  use_cache=True, output_hidden_states=hidden)
+    cache = getattr(first, arg)
+    if not _plain_cache(cache):
+        return None
+    cache.batch_select_indices(p.row_group.to(device))
+    mask = torch.cat([p.prefix_mask[p.row_group], p.suffix_mask], dim=1).to(device)
+    second = model(input_ids=p.suffix_ids.to(device), attention_mask=mask, position_ids=p.suffix_positions.to(device),
+                   use_cache=True, output_hidden_states=hidden, **{arg: cache})
+    index = p.gather.to(device)
+
+    def lay_out(a: Tensor, b: Tensor) -> Tensor:
+        flat = torch.cat([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])])
+        return flat[index]
+
+    logits = lay_out(first.logits, second.logits)
+    states = lay_out(first.hidden_states[-1], second.hidden_states[-1]) if hidden else None
+    return logits, states

@@ -1,0 +1,96 @@
+"""The shared-prefix forward against the plain one: same log-probs, entropies, values, hidden states and gradients
+on ragged groups, for Llama and Qwen2 (grouped-query attention, q/k/v biases); and the plan's split by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from outrider.policy import shared_prefix
+from outrider.policy.model import Policy
+from outrider.policy.tokenizer import build_char_tokenizer
+
+
+def llama() -> Policy:
+    return Policy.tiny(hidden=32, layers=2, heads=4, seed=0, value_head=True)
+
+
+def qwen2() -> Policy:
+    tok = build_char_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return Policy(Qwen2ForCausalLM(cfg), tok, value_head=True)
+
+
+def ragged_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three groups with prompts of 4, 6 and 9 tokens, completions of 1-10 tokens, and a singleton group."""
+    g = torch.Generator().manual_seed(0)
+    rows, groups = [], []
+    for gi, (prompt_len, n) in enumerate([(4, 5), (6, 3), (9, 4), (3, 1)]):
+        prompt = [1] + torch.randint(3, 90, (prompt_len - 1,), generator=g).tolist()
+        for _ in range(n):
+            rows.append(prompt + torch.randint(3, 90, (int(torch.randint(1, 11, (1,), generator=g)),),
+                                               generator=g).tolist())
+            groups.append(gi)
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask, torch.tensor(groups)
+
+
+@pytest.mark.parametrize("make", [llama, qwen2])
+def test_scores_and_gradients_equal_the_plain_forward(make):
+    policy = make()
+    with torch.no_grad():
+        policy.value_head.weight.normal_(0, 0.5)
+    ids, mask, groups = ragged_batch()
+    assert shared_prefix.plan(ids, mask, groups) is not None
+    results = []
+    for g in (None, groups):
+        policy.zero_grad()
+        s = policy.score(ids, mask, 0.7, entropy=True, values=True, hidden=True, logits=True, groups=g)
+        m = mask.float()
+        (s.logprobs * m).sum().add((s.entropy * m).sum()).add((s.values * m).sum()).backward()
+        results.append((s, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+    (plain, plain_grad), (shared, shared_grad) = results
+    real = mask.bool()
+    for field in ("logprobs", "entropy", "values"):
+        assert torch.allclose(getattr(plain, field)[real], getattr(shared, field)[real], atol=1e-5), field
+    assert torch.allclose(plain.hidden[real], shared.hidden[real], atol=1e-5)
+    assert torch.allclose(plain.logits[real], shared.logits[real], atol=1e-5)
+    assert plain_grad.keys() == shared_grad.keys()
+    for name, grad in plain_grad.items():
+        assert torch.allclose(grad, shared_grad[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_plan_splits_each_group_at_its_common_prefix():
+    ids = torch.tensor([[1, 5, 6, 7, 8, 0],
+                        [1, 5, 6, 9, 0, 0],
+                        [1, 5, 6, 7, 8, 9],  # shares 5 tokens with row 0 but the group's common prefix is 3
+                        [1, 4, 4, 0, 0, 0],
+                        [1, 4, 4, 0, 0, 0]])  # identical rows: the prefix stops one short of the row
+    mask = (ids != 0).long()
+    p = shared_prefix.plan(ids, mask, torch.tensor([7, 7, 7, 3, 3]), min_saved_share=0.0)
+    assert p.row_group.tolist() == [1, 1, 1, 0, 0]  # groups sorted by id: 3, then 7
+    assert p.prefix_ids.tolist() == [[1, 4, 0], [1, 5, 6]]
+    assert p.prefix_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert p.suffix_ids.tolist() == [[7, 8, 0], [9, 0, 0], [7, 8, 9], [4, 0, 0], [4, 0, 0]]
+    assert p.suffix_positions[0].tolist() == [3, 4, 5] and p.suffix_positions[3].tolist() == [2, 3, 4]
+    # saved: group 7 runs its 3 prefix tokens once instead of 3 times, group 3 its 2 once instead of twice
+    assert p.saved_share == pytest.approx((2 * 3 + 1 * 2) / int(mask.sum()))
+    # (row 0, position 4) is the 2nd suffix token of row 0; (row 4, position 1) is prefix group 0, position 1
+    flat_prefix = 2 * 3
+    assert int(p.gather[0, 4]) == flat_prefix + 0 * 3 + 1
+    assert int(p.gather[4, 1]) == 0 * 3 + 1
+
+
+def test_plan_declines_when_little_is_shared():
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10], [1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    assert shared_prefix.plan(ids, mask, torch.tensor([0, 0, 1])) is None  # 1 token saved of 12
+    assert shared_prefix.plan(ids, mask, torch.tensor([0, 1, 2])) is None  # singletons share nothing
