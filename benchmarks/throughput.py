@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-import torch
+# a fresh compile cache, so the first compiled call's time is the cold compile a new machine pays
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="outrider_bench_inductor_"))
 
-from outrider.policy.model import Policy
-from outrider.policy.sampler import SamplingParams, sample
+import torch  # noqa: E402
+
+from outrider.policy.model import Policy  # noqa: E402
+from outrider.policy.sampler import SamplingParams, sample  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "throughput.json"
 MODELS = {"tiny-0.5M": dict(hidden=128, layers=2, heads=4), "small-3M": dict(hidden=256, layers=4, heads=4)}
@@ -46,8 +52,8 @@ def prompts_for(policy: Policy, batch: int, prompt_len: int) -> list[list[int]]:
             for _ in range(batch)]
 
 
-def run_outrider(policy: Policy, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
-    params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+def run_outrider(policy: Policy, prompts: list[list[int]], new_tokens: int, compile: bool = False) -> tuple[float, int]:
+    params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, compile=compile)
     t = time.perf_counter()
     out = sample(policy, prompts, params, torch.Generator().manual_seed(1))
     return time.perf_counter() - t, sum(len(s.ids) for s in out)
@@ -63,30 +69,95 @@ def run_generate(policy: Policy, prompts: list[list[int]], new_tokens: int) -> t
     return time.perf_counter() - t, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
+def run_compiled(policy: Policy, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+    return run_outrider(policy, prompts, new_tokens, compile=True)
+
+
+SAMPLER_PATHS = {"outrider": run_outrider, "outrider_compiled": run_compiled, "generate": run_generate}
+
+
 def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak: float) -> dict:
     results = {}
     for name, shape in MODELS.items():
         policy = Policy.tiny(**shape).eval()
         n_params = policy.num_parameters()
         prompts = prompts_for(policy, batch, prompt_len)
-        for fn in (run_outrider, run_generate):  # warm-up
+        t = time.perf_counter()
+        run_compiled(policy, prompts, new_tokens)  # its first call compiles: timed, then kept out of the figures
+        compile_s = time.perf_counter() - t
+        for fn in SAMPLER_PATHS.values():  # warm-up
             fn(policy, prompts, new_tokens)
-        tok_s: dict[str, list[float]] = {"outrider": [], "generate": []}
+        tok_s: dict[str, list[float]] = {k: [] for k in SAMPLER_PATHS}
         for _ in range(reps):
-            for label, fn in (("outrider", run_outrider), ("generate", run_generate)):
+            for label, fn in SAMPLER_PATHS.items():
                 secs, toks = fn(policy, prompts, new_tokens)
                 tok_s[label].append(toks / secs)
         ratio = [a / b for a, b in zip(tok_s["outrider"], tok_s["generate"])]
+        compiled_ratio = [a / b for a, b in zip(tok_s["outrider_compiled"], tok_s["generate"])]
         results[name] = {
             "parameters": n_params,
             "tokens_per_s": {k: stats(v) for k, v in tok_s.items()},
             "ratio": stats(ratio),
+            "compiled_ratio": stats(compiled_ratio),
+            "first_compiled_call_s": compile_s,
             "model_flops_fraction": {k: 2 * n_params * statistics.median(v) / peak for k, v in tok_s.items()},
+            "peak_rss_mb": {k: probe_memory("sampler", k, name) for k in SAMPLER_PATHS},
         }
         print(f"sampler {name} ({n_params/1e6:.2f}M): outrider {statistics.median(tok_s['outrider']):,.0f} tok/s, "
+              f"compiled {statistics.median(tok_s['outrider_compiled']):,.0f}, "
               f"generate {statistics.median(tok_s['generate']):,.0f} tok/s, ratio {statistics.median(ratio):.2f} "
-              f"[{min(ratio):.2f}, {max(ratio):.2f}]", flush=True)
+              f"[{min(ratio):.2f}, {max(ratio):.2f}], compiled {statistics.median(compiled_ratio):.2f} "
+              f"[{min(compiled_ratio):.2f}, {max(compiled_ratio):.2f}] (first compiled call {compile_s:.1f} s)",
+              flush=True)
     return results
+
+
+def probe_memory(kind: str, path: str, model: str = "tiny-0.5M") -> dict[str, float]:
+    """Peak RSS of one path, run alone in a fresh process: its peak and its peak above the process's size after
+    imports and setup (the import footprints of TRL and outrider differ, so both are reported)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--probe", kind, path, model], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _high_water_rss() -> int:
+    """This process's peak RSS in bytes. VmHWM, not ru_maxrss: a forked child inherits its parent's ru_maxrss
+    (exec does not reset it), which would report the benchmark process's peak for every probe."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: best effort
+
+
+def _probe(kind: str, path: str, model: str) -> None:
+    import psutil
+
+    torch.set_num_threads(2)
+    if kind == "sampler":
+        policy = Policy.tiny(**MODELS[model]).eval()
+        prompts = prompts_for(policy, 64, 16)
+        baseline = psutil.Process().memory_info().rss
+        for _ in range(2):
+            SAMPLER_PATHS[path](policy, prompts, 32)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from trl_grpo import _reverse_task, trl_grpo_step_times
+
+        if path == "trl":
+            import trl  # noqa: F401  (its import is setup, not the path's work)
+        prompts, answers = _reverse_task(64, 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            Policy.tiny().save(Path(tmp) / "model")
+            baseline = psutil.Process().memory_info().rss
+            args = (str(Path(tmp) / "model"), prompts, answers, 8, 16, 3, 1e-4, 0)
+            if path == "trl":
+                trl_grpo_step_times(*args)
+            else:
+                outrider_step_times(*args, work=Path(tmp))
+    peak = _high_water_rss()
+    print(json.dumps({"peak_mb": peak / 2**20, "above_baseline_mb": (peak - baseline) / 2**20}))
 
 
 def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
@@ -117,11 +188,18 @@ def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], 
     return {"step_s": step_s, "completion_tokens_per_step": tokens}
 
 
-def bench_rl_step(blocks: int, steps: int, new_tokens: int) -> dict:
-    """Alternate blocks of TRL and outrider steps on the same saved tiny model; drop each block's first step."""
-    import sys
-    import tempfile
+def step_flops(n_params: int, rows: int, groups: int, prompt_tokens: float, completion_tokens: float) -> dict:
+    """Model FLOPs of one GRPO step (2N per sampled token, prompt prefill included, and 6N per trained token),
+    counted two ways: nominal (every row's prompt computed, as TRL does) and with each group's prompt computed
+    once (outrider's shared prefill and shared-prefix training forward)."""
+    per_row = prompt_tokens + completion_tokens
+    nominal = 8 * n_params * rows * per_row
+    shared = 8 * n_params * (groups * prompt_tokens + rows * completion_tokens)
+    return {"nominal": nominal, "shared_prefix": shared}
 
+
+def bench_rl_step(blocks: int, steps: int, new_tokens: int, peak: float) -> dict:
+    """Alternate blocks of TRL and outrider steps on the same saved tiny model; drop each block's first step."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from trl_grpo import _reverse_task, trl_grpo_step_times
 
@@ -144,12 +222,30 @@ def bench_rl_step(blocks: int, steps: int, new_tokens: int) -> dict:
                 times[label] += r["step_s"][1:]
                 toks[label] += r["completion_tokens_per_step"][1:]
     ratio = statistics.median(times["trl"]) / statistics.median(times["outrider"])
+    n_params = Policy.tiny().num_parameters()
+    prompt_tokens = statistics.mean(len(Policy.tiny().encode(p)) + 1 for p in prompts)  # + BOS
+    rows, groups = 16 * 8, 16
+    flops = {k: step_flops(n_params, rows, groups, prompt_tokens, statistics.median(toks[k]) / rows) for k in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    roofline = {
+        "prompt_tokens_per_row": prompt_tokens,
+        "flops_per_step": flops,
+        "achieved_fraction_of_peak": {
+            "trl": flops["trl"]["nominal"] / (med["trl"] * peak),
+            "outrider_nominal": flops["outrider"]["nominal"] / (med["outrider"] * peak),
+            "outrider_actual": flops["outrider"]["shared_prefix"] / (med["outrider"] * peak)},
+        # what outrider would have to sustain, as a share of the matmul peak, to run in a third of TRL's time
+        "fraction_of_peak_needed_for_3x": {
+            "without_shared_prefix": 3 * flops["outrider"]["nominal"] / (med["trl"] * peak),
+            "with_shared_prefix": 3 * flops["outrider"]["shared_prefix"] / (med["trl"] * peak)},
+    }
     print(f"RL step: outrider {statistics.median(times['outrider']):.3f} s, TRL {statistics.median(times['trl']):.3f} s,"
           f" ratio {ratio:.2f} (tokens/step {statistics.median(toks['outrider'])} vs {statistics.median(toks['trl'])})")
     return {"seconds_per_step": {k: stats(v) for k, v in times.items()},
             "completion_tokens_per_step": {k: stats([float(x) for x in v]) for k, v in toks.items()},
             "tokens_per_s": {k: statistics.median(toks[k]) / statistics.median(times[k]) for k in times},
-            "trl_version": version, "ratio_median_of_medians": ratio}
+            "trl_version": version, "ratio_median_of_medians": ratio, "roofline": roofline,
+            "peak_rss_mb": {k: probe_memory("rl", k) for k in ("outrider", "trl")}}
 
 
 def main() -> None:
@@ -159,24 +255,28 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--probe", nargs=3, metavar=("KIND", "PATH", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        return _probe(*args.probe)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_flops()
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.threads} threads)")
     sampler = bench_sampler(args.reps, args.batch, args.prompt_len, args.new_tokens, peak)
-    rl_step = bench_rl_step(blocks=2, steps=max(args.reps, 5) + 1, new_tokens=16)
+    rl_step = bench_rl_step(blocks=2, steps=max(args.reps, 5) + 1, new_tokens=16, peak=peak)
+    settings = {k: v for k, v in vars(args).items() if k != "probe"}
     out = {
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.threads} torch threads",
         "torch": torch.__version__,
-        "settings": vars(args),
+        "settings": settings,
         "matmul_flops": peak,
         "sampler": sampler,
         "sampler_vs_generate": {k: v["ratio"]["median"] for k, v in sampler.items()},
         "rl_step": rl_step,
         "step_vs_trl": rl_step["ratio_median_of_medians"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "sampler_compiled_vs_generate": {k: v["compiled_ratio"]["median"] for k, v in sampler.items()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))

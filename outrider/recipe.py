@@ -38,6 +38,9 @@ class PolicyConfig(Strict):
     max_positions: int = Field(512, ge=16, description="Tiny model: longest sequence.")
     chat_template: bool = Field(True, description="Wrap observations (and single-turn prompts) in the tokenizer's "
                                                   "chat template when it has one; false: plain text.")
+    compile: bool = Field(False, description="torch.compile the sampler's decoding step (Llama/Qwen2/Mistral). "
+                                             "The first sampling call compiles (about 10-30 s on a 2-core CPU); "
+                                             "see docs/benchmarks.md for when it pays.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description="SFT before RL.")
 
     @model_validator(mode="after")

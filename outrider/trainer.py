@@ -52,7 +52,8 @@ def build_task(recipe: Recipe):
 def sampling_params(recipe: Recipe, temperature: float | None = None) -> SamplingParams:
     _, ex = EXPLORE.build(recipe.explore, "explore")
     return SamplingParams(temperature=ex.temperature if temperature is None else temperature, top_p=ex.top_p,
-                          top_k=ex.top_k, max_new_tokens=ex.max_new_tokens, stop=list(ex.stop))
+                          top_k=ex.top_k, max_new_tokens=ex.max_new_tokens, stop=list(ex.stop),
+                          compile=recipe.policy.compile)
 
 
 class Trainer:

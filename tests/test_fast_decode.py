@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from outrider.errors import OutriderError
 from outrider.policy import fast_decode
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
@@ -131,3 +132,28 @@ def test_repeated_prompts_prefilled_once_decode_like_distinct_ones(make, backend
         alone = sample(policy, [prompt], SamplingParams(temperature=0, max_new_tokens=12, backend=backend),
                        torch.Generator().manual_seed(0))[0]
         assert s.ids == alone.ids
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_the_eager_lean_decoder():
+    """`policy.compile`: the torch.compile'd step (static buffer, masked) gives the eager step's tokens at
+    temperature 0 and its log-probs at temperature 1 (same seed, same draws)."""
+    policy = llama()
+    for temperature in (0.0, 1.0):
+        outs = [sample(policy, PROMPTS, SamplingParams(temperature=temperature, max_new_tokens=20, compile=c),
+                       torch.Generator().manual_seed(5)) for c in (False, True)]
+        for eager, compiled in zip(*outs):
+            assert eager.ids == compiled.ids
+            assert eager.logprobs == pytest.approx(compiled.logprobs, abs=1e-4)
+
+
+def test_a_failing_compile_is_a_one_line_error_naming_the_switch(monkeypatch):
+    def broken():
+        def step(*args):
+            raise RuntimeError("InductorError: no C++ compiler\ntraceback lines")
+        return step
+
+    monkeypatch.setattr(fast_decode, "_compiled_step", broken)
+    with pytest.raises(OutriderError, match=r"policy.compile: torch.compile of the decoding step failed "
+                                            r"\(RuntimeError: InductorError: no C\+\+ compiler\); set policy.compile"):
+        sample(llama(), PROMPTS, SamplingParams(max_new_tokens=4, compile=True), torch.Generator().manual_seed(0))

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from outrider.errors import OutriderError
+
 SUPPORTED = {"llama", "qwen2", "mistral"}
+COMPILE_BUCKET = 64  # compiled decoding rounds the KV buffer up to a multiple of this
 
 
 def supports(model: nn.Module) -> bool:
@@ -45,6 +48,40 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _decode_step(ids: Tensor, positions: Tensor, t: Tensor, keys: list[Tensor], values: list[Tensor], bias: Tensor,
+                 layers: list[tuple], embed: Tensor, norm_w: Tensor, lm_head: Tensor, cos_table: Tensor,
+                 sin_table: Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, scaling: float) -> Tensor:
+    """One decoding step over the whole static buffer (unwritten slots are masked by `bias`), written for
+    `torch.compile`: every shape is fixed for a call, so one compiled graph serves every step."""
+    B = ids.shape[0]
+    h = F.embedding(ids, embed)
+    q_size, kv_size, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
+    cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
+    for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(layers):
+        qkv = F.linear(_rms(h, w_in, eps), w_qkv, b_qkv)
+        qk = qkv[..., :q_size + kv_size].view(B, 1, heads + kv_heads, head_dim)
+        qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+        keys[i].index_copy_(2, t, qk[:, :, heads:].transpose(1, 2))
+        values[i].index_copy_(2, t, qkv[..., q_size + kv_size:].view(B, 1, kv_heads, head_dim).transpose(1, 2))
+        grouped = qk[:, :, :heads].reshape(B, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.matmul(grouped, keys[i].transpose(-1, -2)) * scaling + bias
+        att = torch.matmul(torch.softmax(scores, dim=-1), values[i]).reshape(B, 1, q_size)
+        h = h + F.linear(att, w_o, b_o)
+        gate, up = F.linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
+        h = h + F.linear(F.silu(gate) * up, w_down)
+    return F.linear(_rms(h[:, -1], norm_w, eps), lm_head)
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_decode_step, dynamic=False)
+    return _COMPILED_STEP
+
+
 class FastDecoder:
     """Prefill a left-padded batch once, then decode one token per call against a static KV buffer.
 
@@ -54,8 +91,11 @@ class FastDecoder:
     and grouped-query heads share their keys by broadcasting, never copied).
     """
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int):
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compiled: bool = False):
         cfg = model.config
+        self.compiled = compiled
+        if compiled:  # few distinct buffer lengths, so few compiled graphs
+            max_len = -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET
         core = model.model
         self.embed = core.embed_tokens.weight
         self.norm_w, self.eps = core.norm.weight, core.norm.variance_epsilon
@@ -88,9 +128,8 @@ class FastDecoder:
         # rotate_half(x)·sin == (x with its halves swapped) · (sin with its first half negated)
         self.cos_table, self.sin_table = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def _rope(self, qk: Tensor, positions: Tensor) -> Tensor:
-        """RoPE on q and k heads at once: `qk` [B, S, heads, D], `positions` [B, S]."""
-        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)
+    def _rope(self, qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE on q and k heads at once: `qk` [B, S, heads, D], `cos`/`sin` [B, S, 1, D] from the tables."""
         half = self.head_dim // 2
         swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
         return torch.addcmul(qk * cos, swapped, sin)
@@ -114,10 +153,11 @@ class FastDecoder:
         h = F.embedding(ids, self.embed)
         start, end = self.length, self.length + S
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)
         for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(self.layers):
             qkv = F.linear(_rms(h, w_in, self.eps), w_qkv, b_qkv)
             qk = self._rope(qkv[..., :q_size + kv_size].view(B, S, self.heads + self.kv_heads, self.head_dim),
-                            positions)
+                            cos, sin)
             q = qk[:, :, :self.heads].transpose(1, 2)
             self.k[i][:, :, start:end] = qk[:, :, self.heads:].transpose(1, 2)
             self.v[i][:, :, start:end] = qkv[..., q_size + kv_size:].view(B, S, self.kv_heads,
@@ -164,4 +204,15 @@ class FastDecoder:
         self.bias[:, 0, 0, self.length].masked_fill_(live, 0.0)
         positions = self._next_position
         self._next_position = positions + 1
+        if self.compiled:
+            t = torch.tensor([self.length], device=tokens.device)
+            self.length += 1
+            try:
+                return _compiled_step()(tokens.unsqueeze(-1), positions, t, self.k, self.v, self.bias, self.layers,
+                                        self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table,
+                                        self.heads, self.kv_heads, self.head_dim, self.eps, self.scaling)
+            except Exception as e:  # noqa: BLE001  (inductor needs a working C++ compiler, among other things)
+                raise OutriderError(f"policy.compile: torch.compile of the decoding step failed "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); set policy.compile: "
+                                    "false") from e
         return self._forward(tokens.unsqueeze(-1), positions, None)

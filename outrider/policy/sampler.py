@@ -26,6 +26,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep generating past EOS (fixed-length benchmarks)
     backend: str = "auto"  # "auto": the lean decoder for Llama-family models, else HF; "fast" or "hf" to force
+    compile: bool = False  # torch.compile the lean decoder's step (first call compiles: tens of seconds on CPU)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
         attention[i, width - len(p):] = 1
     use_fast = params.backend == "fast" or (params.backend == "auto" and fast_decode.supports(model))
-    stepper = (fast_decode.FastDecoder(model, B, width + n_new) if use_fast
+    stepper = (fast_decode.FastDecoder(model, B, width + n_new, compiled=params.compile) if use_fast
                else _HFStepper(model, B, width, n_new, device))
 
     out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)

@@ -90,6 +90,20 @@ def _plain_cache(cache: object) -> bool:
     return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
+def _expand(cache: object, rows: Tensor) -> None:
+    """Give each row its group's prefix keys/values. `index_select`, whose backward (index_add) sums a group's
+    gradients in a fixed order; advanced indexing's backward (accumulating index_put) does not on 2+ threads, and
+    runs with the same seed would differ in the last bits."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    else:  # transformers < 4.56
+        for i in range(len(cache.key_cache)):
+            cache.key_cache[i] = cache.key_cache[i].index_select(0, rows)
+            cache.value_cache[i] = cache.value_cache[i].index_select(0, rows)
+
+
 def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tensor | None] | None:
     """Logits [B, T, V] (and last-layer hidden states [B, T, H] if `hidden`) as the plain forward lays them out;
     None when the model's cache is not a plain key/value cache."""
@@ -101,7 +115,7 @@ def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tens
     cache = getattr(first, arg)
     if not _plain_cache(cache):
         return None
-    cache.batch_select_indices(p.row_group.to(device))
+    _expand(cache, p.row_group.to(device))
     mask = torch.cat([p.prefix_mask[p.row_group], p.suffix_mask], dim=1).to(device)
     second = model(input_ids=p.suffix_ids.to(device), attention_mask=mask, position_ids=p.suffix_positions.to(device),
                    use_cache=True, output_hidden_states=hidden, **{arg: cache})
@@ -109,7 +123,7 @@ def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tens
 
     def lay_out(a: Tensor, b: Tensor) -> Tensor:
         flat = torch.cat([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])])
-        return flat[index]
+        return flat.index_select(0, index.flatten()).view(*index.shape, flat.shape[-1])
 
     logits = lay_out(first.logits, second.logits)
     states = lay_out(first.hidden_states[-1], second.hidden_states[-1]) if hidden else None
