@@ -10,6 +10,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from outrider.errors import OutriderError
 from outrider.policy import fast_decode
 from outrider.policy.model import Policy
+from outrider.policy import sampler as sampler_module
 from outrider.policy.sampler import SamplingParams, sample
 from outrider.policy.tokenizer import build_char_tokenizer
 
@@ -157,3 +158,28 @@ def test_a_failing_compile_is_a_one_line_error_naming_the_switch(monkeypatch):
     with pytest.raises(OutriderError, match=r"policy.compile: torch.compile of the decoding step failed "
                                             r"\(RuntimeError: InductorError: no C\+\+ compiler\); set policy.compile"):
         sample(llama(), PROMPTS, SamplingParams(max_new_tokens=4, compile=True), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_finished_rows_dropped_mid_batch_leave_the_others_unchanged(backend, monkeypatch):
+    """Rows that stop early are compacted out of the decoding batch; the rows still running keep their cache:
+    log-probs equal the scoring forward and greedy rows equal each prompt decoded alone."""
+    policy = llama()
+    stepper = fast_decode.FastDecoder if backend == "fast" else sampler_module._HFStepper
+    kept = []
+    original = stepper.keep
+    monkeypatch.setattr(stepper, "keep", lambda self, rows: (kept.append(len(rows)), original(self, rows))[1])
+    prompts = [[2, 40 + i, 41 + (i * 7) % 13] for i in range(12)]
+    stop = [policy.decode([t]) for t in range(40, 60)]  # any of 20 characters ends a row: lengths vary
+    for temperature in (1.0, 0.0):
+        params = SamplingParams(temperature=temperature, max_new_tokens=16, stop=stop, backend=backend)
+        out = sample(policy, prompts, params, torch.Generator().manual_seed(6))
+        for prompt, s in zip(prompts, out):
+            ids = torch.tensor([prompt + s.ids])
+            scored = policy.score(ids, torch.ones_like(ids), temperature=max(temperature, 1e-6)).logprobs
+            if temperature > 0:
+                assert s.logprobs == pytest.approx(scored[0, len(prompt):].tolist(), abs=1e-4)
+            else:
+                assert s.ids == sample(policy, [prompt], params, torch.Generator().manual_seed(0))[0].ids
+    assert kept  # compaction happened
+    assert len({len(s.ids) for s in out}) > 2

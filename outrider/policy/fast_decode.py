@@ -199,6 +199,12 @@ class FastDecoder:
         self._next_position = positions[:, -1:] + 1
         return self._forward(input_ids, positions, mask)
 
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in `rows` (finished ones) from the KV buffer."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.bias, self._next_position = self.bias[rows], self._next_position[rows]
+
     def step(self, tokens: Tensor, live: Tensor) -> Tensor:
         """Feed one token per row (`live` rows are real); returns the next logits [B, V]."""
         self.bias[:, 0, 0, self.length].masked_fill_(live, 0.0)

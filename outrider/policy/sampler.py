@@ -17,6 +17,13 @@ from outrider.policy.model import Policy
 from outrider.policy.shared_prefix import cache_argument
 
 
+# Finished rows are dropped from the decoding batch once no more than this share of it is still generating (and
+# it has at least COMPACT_MIN_ROWS rows): a long-tailed batch then stops paying for rows that are done. Not with
+# `compile`, where every new batch size would compile a new graph.
+COMPACT_AT = 0.5
+COMPACT_MIN_ROWS = 8
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -89,6 +96,11 @@ class _HFStepper:
         self.positions = positions
         return logits
 
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in `rows` (finished ones) from the cache and buffers."""
+        self.past.batch_select_indices(rows)
+        self.attention, self.positions = self.attention[rows], self.positions[rows]
+
     def step(self, tokens: Tensor, live: Tensor) -> Tensor:
         self.attention[:, self.width + self.t] = live.long()
         self.t += 1
@@ -124,10 +136,12 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, n_new, device=device)
     out_h = torch.zeros(B, n_new, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     texts = [""] * B
+    # the stepper's rows: all B at first; when most have finished, the finished ones are dropped (`compact`)
+    row_of = torch.arange(B, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = stepper.prefill(input_ids, attention, rows)
     for t in range(n_new):
         logits = logits.float()
@@ -140,22 +154,28 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
             token = _draw(log_p, probs, params, generator)
         live = ~done
         token = token.masked_fill(done, policy.pad_id)
-        out_ids[:, t] = token
-        out_lp[:, t] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        out_ids[row_of, t] = token
+        out_lp[row_of, t] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
-        out_h[:, t] = -((log_p.exp() if params.temperature <= 0 else probs) * log_p).nan_to_num().sum(-1)
-        lengths += live.long()
+        out_h[row_of, t] = -((log_p.exp() if params.temperature <= 0 else probs) * log_p).nan_to_num().sum(-1)
+        lengths[row_of] += live.long()
         hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
-                texts[i] += policy.decode([int(token[i])])
-                if any(s in texts[i] for s in params.stop):
+                row = int(row_of[i])
+                texts[row] += policy.decode([int(token[i])])
+                if any(s in texts[row] for s in params.stop):
                     hit_eos[i] = True
-        stopped |= hit_eos
+        stopped[row_of] |= hit_eos
         done |= hit_eos
-        if t + 1 == n_new or bool(done.all()):
+        n_live = int((~done).sum())
+        if t + 1 == n_new or n_live == 0:
             break
-        logits = stepper.step(token, live)
+        if not params.compile and len(done) >= COMPACT_MIN_ROWS and n_live <= COMPACT_AT * len(done):
+            keep = (~done).nonzero().flatten()
+            stepper.keep(keep)
+            row_of, done, token = row_of[keep], done[keep], token[keep]
+        logits = stepper.step(token, ~done)
     if was_training:
         model.train()
     samples = []
