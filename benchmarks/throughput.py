@@ -69,6 +69,29 @@ def run_generate(policy: Policy, prompts: list[list[int]], new_tokens: int) -> t
     return time.perf_counter() - t, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
+def matmul_ceiling(policy: Policy, batch: int, reps: int = 32) -> float:
+    """Tokens/s of a decoding step that did nothing but its matmuls (fused q/k/v, o, gate/up, down per layer, and
+    the LM head, at `batch` rows, weights hot in cache): no sampler on these shapes can beat it in fp32."""
+    import torch.nn.functional as F
+
+    from outrider.policy.fast_decode import FastDecoder
+
+    decoder = FastDecoder(policy.model, batch, 8)
+    weights = [w for layer in decoder.layers for w in (layer[1], layer[3], layer[6], layer[7])] + [decoder.lm_head]
+    inputs = [torch.randn(batch, w.shape[1]) for w in weights]
+
+    def once() -> None:
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+
+    with torch.no_grad():
+        once()
+        t = time.perf_counter()
+        for _ in range(reps):
+            once()
+    return batch * reps / (time.perf_counter() - t)
+
+
 def run_compiled(policy: Policy, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
     return run_outrider(policy, prompts, new_tokens, compile=True)
 
@@ -88,10 +111,13 @@ def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak:
         for fn in SAMPLER_PATHS.values():  # warm-up
             fn(policy, prompts, new_tokens)
         tok_s: dict[str, list[float]] = {k: [] for k in SAMPLER_PATHS}
+        ceilings = []
         for _ in range(reps):
             for label, fn in SAMPLER_PATHS.items():
                 secs, toks = fn(policy, prompts, new_tokens)
                 tok_s[label].append(toks / secs)
+            ceilings.append(matmul_ceiling(policy, batch))
+        ceiling = statistics.median(ceilings)
         ratio = [a / b for a, b in zip(tok_s["outrider"], tok_s["generate"])]
         compiled_ratio = [a / b for a, b in zip(tok_s["outrider_compiled"], tok_s["generate"])]
         results[name] = {
@@ -100,6 +126,9 @@ def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak:
             "ratio": stats(ratio),
             "compiled_ratio": stats(compiled_ratio),
             "first_compiled_call_s": compile_s,
+            # the fp32 bound: matmuls alone, against generate's median (>= 2 is needed for a 2x sampler)
+            "matmul_only_tokens_per_s": ceiling,
+            "matmul_only_vs_generate": ceiling / statistics.median(tok_s["generate"]),
             "model_flops_fraction": {k: 2 * n_params * statistics.median(v) / peak for k, v in tok_s.items()},
             "peak_rss_mb": {k: probe_memory("sampler", k, name) for k in SAMPLER_PATHS},
         }
@@ -107,7 +136,8 @@ def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak:
               f"compiled {statistics.median(tok_s['outrider_compiled']):,.0f}, "
               f"generate {statistics.median(tok_s['generate']):,.0f} tok/s, ratio {statistics.median(ratio):.2f} "
               f"[{min(ratio):.2f}, {max(ratio):.2f}], compiled {statistics.median(compiled_ratio):.2f} "
-              f"[{min(compiled_ratio):.2f}, {max(compiled_ratio):.2f}] (first compiled call {compile_s:.1f} s)",
+              f"[{min(compiled_ratio):.2f}, {max(compiled_ratio):.2f}] (first compiled call {compile_s:.1f} s); "
+              f"matmuls alone {ceiling:,.0f} tok/s = {ceiling / statistics.median(tok_s['generate']):.2f}x generate",
               flush=True)
     return results
 
@@ -160,9 +190,9 @@ def _probe(kind: str, path: str, model: str) -> None:
     print(json.dumps({"peak_mb": peak / 2**20, "above_baseline_mb": (peak - baseline) / 2**20}))
 
 
-def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
-                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path) -> dict:
-    """outrider GRPO steps with the settings `trl_grpo_step_times` uses (token-mean, beta 0, one update)."""
+def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], group_size: int, max_new_tokens: int,
+                     steps: int, lr: float, seed: int, work: Path, **update: object):
+    """An outrider GRPO trainer with the settings `trl_grpo_step_times` uses (token-mean, beta 0, one update)."""
     from outrider.recipe import parse_recipe
     from outrider.trainer import Trainer
 
@@ -175,10 +205,16 @@ def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], 
                     "max_new_tokens": max_new_tokens},
         "score": [{"name": "exact_match"}],
         "credit": {"name": "grpo"},
-        "update": {"loss": "ppo", "aggregation": "token-mean", "lr": lr, "grad_clip": 1.0},
+        "update": {"loss": "ppo", "aggregation": "token-mean", "lr": lr, "grad_clip": 1.0, **update},
         "train": {"seed": seed, "steps": steps},
     })
-    trainer = Trainer(recipe, work / "run", quiet=True)
+    return Trainer(recipe, work / "run", quiet=True)
+
+
+def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
+                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path) -> dict:
+    """Wall-clock seconds and completion tokens of each of `steps` outrider GRPO steps."""
+    trainer = outrider_trainer(model_dir, prompts, answers, group_size, max_new_tokens, steps, lr, seed, work)
     step_s, tokens = [], []
     for step in range(1, steps + 1):
         t = time.perf_counter()
@@ -264,7 +300,7 @@ def main() -> None:
     peak = matmul_flops()
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.threads} threads)")
     sampler = bench_sampler(args.reps, args.batch, args.prompt_len, args.new_tokens, peak)
-    rl_step = bench_rl_step(blocks=2, steps=max(args.reps, 5) + 1, new_tokens=16, peak=peak)
+    rl_step = bench_rl_step(blocks=4, steps=max(args.reps, 5) + 1, new_tokens=16, peak=peak)
     settings = {k: v for k, v in vars(args).items() if k != "probe"}
     out = {
         "date": date.today().isoformat(),
