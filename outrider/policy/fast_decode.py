@@ -117,8 +117,11 @@ class FastDecoder:
                                 torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
         dtype, device = self.embed.dtype, self.embed.device
         shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        # eager steps read only written slots ([:length]); the compiled step reads the whole buffer under a
+        # mask, and a masked NaN of uninitialised memory would still poison its weighted sum: zeros there
+        alloc = torch.zeros if compiled else torch.empty
+        self.k = [alloc(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.v = [alloc(shape, dtype=dtype, device=device) for _ in self.layers]
         # additive attention bias over the buffer: 0 where a key is real, -inf for padding and unwritten slots
         self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
         self.length = 0
