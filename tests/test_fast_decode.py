@@ -149,8 +149,8 @@ def test_compiled_decoding_equals_the_eager_lean_decoder():
 
 
 def test_a_failing_compile_is_a_one_line_error_naming_the_switch(monkeypatch):
-    def broken():
-        def step(*args):
+    def broken(fused_draw: bool = False):
+        def step(*args, **kwargs):
             raise RuntimeError("InductorError: no C++ compiler\ntraceback lines")
         return step
 

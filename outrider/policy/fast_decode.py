@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.errors import OutriderError
+from outrider.policy.draw import draw_with_stats
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 COMPILE_BUCKET = 64  # compiled decoding rounds the KV buffer up to a multiple of this
@@ -72,14 +73,20 @@ def _decode_step(ids: Tensor, positions: Tensor, t: Tensor, keys: list[Tensor], 
     return F.linear(_rms(h[:, -1], norm_w, eps), lm_head)
 
 
-_COMPILED_STEP = None
+def _decode_and_draw(*args, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`_decode_step` followed by the plain draw at `temperature` (token, log-prob, entropy), so the draw's
+    vocab-sized ops fuse into the same compiled graph."""
+    return draw_with_stats(_decode_step(*args), temperature, uniform)
 
 
-def _compiled_step():
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(_decode_step, dynamic=False)
-    return _COMPILED_STEP
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_step(fused_draw: bool = False):
+    name = "decode_and_draw" if fused_draw else "decode"
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_decode_and_draw if fused_draw else _decode_step, dynamic=False)
+    return _COMPILED[name]
 
 
 class FastDecoder:
@@ -208,18 +215,23 @@ class FastDecoder:
         self.v = [v[rows] for v in self.v]
         self.bias, self._next_position = self.bias[rows], self._next_position[rows]
 
-    def step(self, tokens: Tensor, live: Tensor) -> Tensor:
-        """Feed one token per row (`live` rows are real); returns the next logits [B, V]."""
+    def step(self, tokens: Tensor, live: Tensor,
+             draw: tuple[float, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Feed one token per row (`live` rows are real); returns the next logits [B, V]. Compiled decoders also
+        take `draw` = (temperature, uniforms [B, 1]) and return the drawn (token, log-prob, entropy) instead."""
         self.bias[:, 0, 0, self.length].masked_fill_(live, 0.0)
         positions = self._next_position
         self._next_position = positions + 1
         if self.compiled:
             t = torch.tensor([self.length], device=tokens.device)
             self.length += 1
+            args = (tokens.unsqueeze(-1), positions, t, self.k, self.v, self.bias, self.layers, self.embed,
+                    self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads, self.kv_heads,
+                    self.head_dim, self.eps, self.scaling)
             try:
-                return _compiled_step()(tokens.unsqueeze(-1), positions, t, self.k, self.v, self.bias, self.layers,
-                                        self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table,
-                                        self.heads, self.kv_heads, self.head_dim, self.eps, self.scaling)
+                if draw is not None:
+                    return _compiled_step(fused_draw=True)(*args, temperature=draw[0], uniform=draw[1])
+                return _compiled_step()(*args)
             except Exception as e:  # noqa: BLE001  (inductor needs a working C++ compiler, among other things)
                 raise OutriderError(f"policy.compile: torch.compile of the decoding step failed "
                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); set policy.compile: "

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from outrider.policy import fast_decode
+from outrider.policy.draw import draw_with_stats, inverse_cdf
 from outrider.policy.model import Policy
 from outrider.policy.shared_prefix import cache_argument
 
@@ -59,19 +60,29 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def _draw(log_p: Tensor, probs: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
-    """One token per row from `probs` (= exp(log_p)) after top-k/top-p, by inverse CDF: one uniform per row.
-
-    (``torch.multinomial`` draws a vocab-sized exponential per row, and costs more than a small model's whole
-    decoding step on CPU.) A zero-probability token is never drawn: ``u`` stays strictly below the total mass and
-    the CDF does not rise at such a token.
-    """
+    """One token per row from `probs` (= exp(log_p)) after top-k/top-p (`draw.inverse_cdf`)."""
     if params.top_k or params.top_p < 1.0:
         probs = _filter_logits(log_p, params.top_k, params.top_p).exp()
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
-    u = torch.minimum(u, total * (1 - 1e-6))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=probs.dtype)
+    return inverse_cdf(probs, uniform)
+
+
+def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Token, behaviour log-prob and entropy per row from the next-token logits [B, V] (greedy at temperature 0)."""
+    if params.temperature > 0 and not (params.top_k or params.top_p < 1.0):
+        uniform = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
+        return draw_with_stats(logits, params.temperature, uniform)
+    logits = logits.float()
+    if params.temperature <= 0:
+        token = logits.argmax(-1)
+        log_p = torch.log_softmax(logits / 1e-6, dim=-1)
+        probs = log_p.exp()
+    else:
+        log_p = torch.log_softmax(logits / params.temperature, dim=-1)
+        probs = log_p.exp()
+        token = _draw(log_p, probs, params, generator)
+    logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    return token, logprob, -(probs * log_p).nan_to_num().sum(-1)
 
 
 class _HFStepper:
@@ -139,34 +150,31 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     texts = [""] * B
-    # the stepper's rows: all B at first; when most have finished, the finished ones are dropped (`compact`)
-    row_of = torch.arange(B, device=device)
+    # the stepper's rows: all B at first (a slice: cheaper writes); once most have finished, the finished ones
+    # are dropped and `rows_of` becomes the index of the remaining ones
+    rows_of: slice | Tensor = slice(None)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    # a compiled lean decoder fuses the plain draw into its step; its uniforms come from the same generator calls
+    fused_draw = use_fast and params.compile and params.temperature > 0 and not (params.top_k or params.top_p < 1)
+    drawn = None
     logits = stepper.prefill(input_ids, attention, rows)
     for t in range(n_new):
-        logits = logits.float()
-        if params.temperature <= 0:
-            token = logits.argmax(-1)
-            log_p = torch.log_softmax(logits / 1e-6, dim=-1)
-        else:
-            log_p = torch.log_softmax(logits / params.temperature, dim=-1)
-            probs = log_p.exp()
-            token = _draw(log_p, probs, params, generator)
+        token, logprob, entropy = drawn if drawn is not None else _draw_step(logits, params, generator)
         live = ~done
         token = token.masked_fill(done, policy.pad_id)
-        out_ids[row_of, t] = token
-        out_lp[row_of, t] = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        out_ids[rows_of, t] = token
+        out_lp[rows_of, t] = logprob
         # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
-        out_h[row_of, t] = -((log_p.exp() if params.temperature <= 0 else probs) * log_p).nan_to_num().sum(-1)
-        lengths[row_of] += live.long()
+        out_h[rows_of, t] = entropy
+        lengths[rows_of] += live.long()
         hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
-                row = int(row_of[i])
+                row = i if isinstance(rows_of, slice) else int(rows_of[i])
                 texts[row] += policy.decode([int(token[i])])
                 if any(s in texts[row] for s in params.stop):
                     hit_eos[i] = True
-        stopped[row_of] |= hit_eos
+        stopped[rows_of] |= hit_eos
         done |= hit_eos
         n_live = int((~done).sum())
         if t + 1 == n_new or n_live == 0:
@@ -174,8 +182,13 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
         if not params.compile and len(done) >= COMPACT_MIN_ROWS and n_live <= COMPACT_AT * len(done):
             keep = (~done).nonzero().flatten()
             stepper.keep(keep)
-            row_of, done, token = row_of[keep], done[keep], token[keep]
-        logits = stepper.step(token, ~done)
+            rows_of = keep if isinstance(rows_of, slice) else rows_of[keep]
+            done, token = done[keep], token[keep]
+        if fused_draw:
+            uniform = torch.rand((len(done), 1), generator=generator, device=device)
+            drawn = stepper.step(token, ~done, draw=(params.temperature, uniform))
+        else:
+            logits = stepper.step(token, ~done)
     if was_training:
         model.train()
     samples = []

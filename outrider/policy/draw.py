@@ -1,0 +1,30 @@
+"""The token draw shared by the eager sampler loop and the compiled decoding step (which fuses it into its graph).
+
+Inverse CDF with one uniform per row: ``u ~ U[0, total)`` and the first token whose cumulative probability exceeds
+it. (``torch.multinomial`` draws a vocab-sized exponential per row, and costs more than a small model's whole
+decoding step on CPU.) A zero-probability token is never drawn: ``u`` stays strictly below the total mass and the
+CDF does not rise at such a token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
+    """`probs` [B, V] (unnormalised is fine), `uniform` [B, 1] in [0, 1): one token id per row [B]."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.minimum(uniform * total, total * (1 - 1e-6))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+def draw_with_stats(logits: Tensor, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Token, its log-prob and the distribution's entropy, all at `temperature` (no top-k/top-p)."""
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    probs = log_p.exp()
+    token = inverse_cdf(probs, uniform)
+    logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    entropy = -(probs * log_p).nan_to_num().sum(-1)
+    return token, logprob, entropy
