@@ -129,3 +129,20 @@ def call_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def tiny_qwen2(value_head: bool = False):
+    """A 2-layer Qwen2 policy on the char tokenizer: grouped-query attention (4 query heads, 2 KV heads) and q/k/v
+    biases, the Llama-family variant the lean decoder and the shared-prefix forward must also get right."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from outrider.policy.model import Policy
+    from outrider.policy.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return Policy(Qwen2ForCausalLM(cfg), tok, value_head=value_head)

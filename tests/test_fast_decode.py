@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from conftest import tiny_qwen2
 from outrider.errors import OutriderError
 from outrider.policy import fast_decode
 from outrider.policy.model import Policy
 from outrider.policy import sampler as sampler_module
 from outrider.policy.sampler import SamplingParams, sample
-from outrider.policy.tokenizer import build_char_tokenizer
 
 
 def _scaled(policy: Policy) -> Policy:
@@ -29,12 +28,7 @@ def llama() -> Policy:
 
 
 def qwen2_gqa() -> Policy:
-    tok = build_char_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    return _scaled(Policy(Qwen2ForCausalLM(cfg), tok))
+    return _scaled(tiny_qwen2())
 
 
 PROMPTS = [[2, 40, 41], [2, 50, 51, 52, 53, 54, 55], [2, 60], [2, 70, 71, 72, 73]]  # ragged: left padding

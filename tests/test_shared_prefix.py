@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from conftest import read_jsonl, run_cli_many, write_recipe
+from conftest import read_jsonl, run_cli_many, tiny_qwen2, write_recipe
 from outrider.policy import shared_prefix
 from outrider.policy.model import Policy
-from outrider.policy.tokenizer import build_char_tokenizer
 
 
 def llama() -> Policy:
@@ -18,12 +16,7 @@ def llama() -> Policy:
 
 
 def qwen2() -> Policy:
-    tok = build_char_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    return Policy(Qwen2ForCausalLM(cfg), tok, value_head=True)
+    return tiny_qwen2(value_head=True)
 
 
 def ragged_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

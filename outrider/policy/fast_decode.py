@@ -44,39 +44,54 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, keys: list[Tensor],
+                values: list[Tensor], bias: Tensor, mask: Tensor | None, layers: list[tuple], embed: Tensor,
+                norm_w: Tensor, lm_head: Tensor, cos_table: Tensor, sin_table: Tensor, heads: int, kv_heads: int,
+                head_dim: int, eps: float, scaling: float) -> Tensor:
+    """The model on `ids` [B, S] at `positions`, writing their keys/values at slots `t` of the buffers `keys`/
+    `values` (per layer [B, kv, L, D]) and attending over slots [0, end): the written part when eager, the whole
+    buffer when compiled. Returns the last position's logits [B, V].
 
-
-def _decode_step(ids: Tensor, positions: Tensor, t: Tensor, keys: list[Tensor], values: list[Tensor], bias: Tensor,
-                 layers: list[tuple], embed: Tensor, norm_w: Tensor, lm_head: Tensor, cos_table: Tensor,
-                 sin_table: Tensor, heads: int, kv_heads: int, head_dim: int, eps: float, scaling: float) -> Tensor:
-    """One decoding step over the whole static buffer (unwritten slots are masked by `bias`), written for
-    `torch.compile`: every shape is fixed for a call, so one compiled graph serves every step."""
-    B = ids.shape[0]
+    Prefill (S > 1) attends under `mask` with the SDPA kernel. A single query attends through two batched
+    matmuls under the additive `bias` (faster on CPU than SDPA at one query; grouped-query heads share their
+    keys by broadcasting). RoPE comes from tables and is applied to q and k together. Free of Python state, so
+    `torch.compile` takes it as is: with whole buffers every shape is fixed, and one graph serves every step."""
+    B, S = ids.shape
     h = F.embedding(ids, embed)
     q_size, kv_size, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
     cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
     for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(layers):
         qkv = F.linear(_rms(h, w_in, eps), w_qkv, b_qkv)
-        qk = qkv[..., :q_size + kv_size].view(B, 1, heads + kv_heads, head_dim)
+        qk = qkv[..., :q_size + kv_size].view(B, S, heads + kv_heads, head_dim)
+        # rotate_half(x)·sin == (x with its halves swapped) · (the table's sin, first half negated)
         qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
-        keys[i].index_copy_(2, t, qk[:, :, heads:].transpose(1, 2))
-        values[i].index_copy_(2, t, qkv[..., q_size + kv_size:].view(B, 1, kv_heads, head_dim).transpose(1, 2))
-        grouped = qk[:, :, :heads].reshape(B, kv_heads, heads // kv_heads, head_dim)
-        scores = torch.matmul(grouped, keys[i].transpose(-1, -2)) * scaling + bias
-        att = torch.matmul(torch.softmax(scores, dim=-1), values[i]).reshape(B, 1, q_size)
-        h = h + F.linear(att, w_o, b_o)
+        new_k = qk[:, :, heads:].transpose(1, 2)
+        new_v = qkv[..., q_size + kv_size:].view(B, S, kv_heads, head_dim).transpose(1, 2)
+        if isinstance(t, slice):  # eager: a slice write is the cheaper op
+            keys[i][:, :, t], values[i][:, :, t] = new_k, new_v
+        else:  # compiled: the slot is a tensor, so the graph does not depend on the step
+            keys[i].index_copy_(2, t, new_k)
+            values[i].index_copy_(2, t, new_v)
+        q = qk[:, :, :heads].transpose(1, 2)
+        k, v = keys[i][:, :, :end], values[i][:, :, :end]
+        if mask is not None:
+            if kv_heads != heads:
+                k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        else:
+            grouped = q.reshape(B, kv_heads, heads // kv_heads, head_dim)
+            scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scaling).add_(bias[:, :, :, :end])
+            att = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(B, heads, 1, head_dim)
+        h = h + F.linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
         gate, up = F.linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
         h = h + F.linear(F.silu(gate) * up, w_down)
     return F.linear(_rms(h[:, -1], norm_w, eps), lm_head)
 
 
 def _decode_and_draw(*args, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`_decode_step` followed by the plain draw at `temperature` (token, log-prob, entropy), so the draw's
+    """`_run_layers` followed by the plain draw at `temperature` (token, log-prob, entropy), so the draw's
     vocab-sized ops fuse into the same compiled graph."""
-    return draw_with_stats(_decode_step(*args), temperature, uniform)
+    return draw_with_stats(_run_layers(*args), temperature, uniform)
 
 
 _COMPILED: dict[str, object] = {}
@@ -85,17 +100,14 @@ _COMPILED: dict[str, object] = {}
 def _compiled_step(fused_draw: bool = False):
     name = "decode_and_draw" if fused_draw else "decode"
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_decode_and_draw if fused_draw else _decode_step, dynamic=False)
+        _COMPILED[name] = torch.compile(_decode_and_draw if fused_draw else _run_layers, dynamic=False)
     return _COMPILED[name]
 
 
 class FastDecoder:
     """Prefill a left-padded batch once, then decode one token per call against a static KV buffer.
 
-    Per decoding step the work is the model's matmuls plus a few fused elementwise ops: RoPE tables are built
-    once per call (the model's own rotary module, evaluated at every position the call can reach) and applied to
-    q and k together; a single query attends through two batched matmuls (faster on CPU than the SDPA kernel,
-    and grouped-query heads share their keys by broadcasting, never copied).
+    RoPE tables are built once per call, from the model's own rotary module at every position the call can reach.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, compiled: bool = False):
@@ -135,49 +147,17 @@ class FastDecoder:
         positions = torch.arange(max_len, device=device)[None]
         cos, sin = core.rotary_emb(self.embed[:1][None], positions)
         half = self.head_dim // 2
-        # rotate_half(x)·sin == (x with its halves swapped) · (sin with its first half negated)
         self.cos_table, self.sin_table = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def _rope(self, qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """RoPE on q and k heads at once: `qk` [B, S, heads, D], `cos`/`sin` [B, S, 1, D] from the tables."""
-        half = self.head_dim // 2
-        swapped = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
-        return torch.addcmul(qk * cos, swapped, sin)
-
-    def _attend(self, q: Tensor, i: int, end: int, mask: Tensor | None) -> Tensor:
-        keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]
-        B, S = q.shape[0], q.shape[2]
-        if mask is not None:  # prefill: a full causal/padding mask, the SDPA kernel handles it
-            if self.kv_heads != self.heads:
-                rep = self.heads // self.kv_heads
-                keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-        # one query per row: [B, kv, rep, D] @ [B, kv, D, L] -- query heads of a group share their keys
-        grouped = q.reshape(B, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(self.scaling).add_(self.bias[:, :, :, :end])
-        out = torch.matmul(torch.softmax(scores, dim=-1), values)
-        return out.reshape(B, self.heads, S, self.head_dim)
-
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        B, S = ids.shape
-        h = F.embedding(ids, self.embed)
-        start, end = self.length, self.length + S
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        cos, sin = self.cos_table[positions].unsqueeze(2), self.sin_table[positions].unsqueeze(2)
-        for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            qkv = F.linear(_rms(h, w_in, self.eps), w_qkv, b_qkv)
-            qk = self._rope(qkv[..., :q_size + kv_size].view(B, S, self.heads + self.kv_heads, self.head_dim),
-                            cos, sin)
-            q = qk[:, :, :self.heads].transpose(1, 2)
-            self.k[i][:, :, start:end] = qk[:, :, self.heads:].transpose(1, 2)
-            self.v[i][:, :, start:end] = qkv[..., q_size + kv_size:].view(B, S, self.kv_heads,
-                                                                           self.head_dim).transpose(1, 2)
-            att = self._attend(q, i, end, mask)
-            h = h + F.linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
-            gate, up = F.linear(_rms(h, w_post, self.eps), w_gu).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w_down)
+        """Eager: the model on `ids` at the next slots, attending over the buffer written so far."""
+        start, end = self.length, self.length + ids.shape[1]
         self.length = end
-        return F.linear(_rms(h[:, -1], self.norm_w, self.eps), self.lm_head)
+        return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, self.bias, mask, *self._weights())
+
+    def _weights(self) -> tuple:
+        return (self.layers, self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads,
+                self.kv_heads, self.head_dim, self.eps, self.scaling)
 
     def prefill(self, input_ids: Tensor, attention: Tensor, rows: Tensor | None = None) -> Tensor:
         """`input_ids` [U, W] left-padded, `attention` [U, W]; returns the last position's logits [B, V].
@@ -225,9 +205,8 @@ class FastDecoder:
         if self.compiled:
             t = torch.tensor([self.length], device=tokens.device)
             self.length += 1
-            args = (tokens.unsqueeze(-1), positions, t, self.k, self.v, self.bias, self.layers, self.embed,
-                    self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads, self.kv_heads,
-                    self.head_dim, self.eps, self.scaling)
+            args = (tokens.unsqueeze(-1), positions, t, self.bias.shape[-1], self.k, self.v, self.bias, None,
+                    *self._weights())
             try:
                 if draw is not None:
                     return _compiled_step(fused_draw=True)(*args, temperature=draw[0], uniform=draw[1])

@@ -59,28 +59,19 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _draw(log_p: Tensor, probs: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
-    """One token per row from `probs` (= exp(log_p)) after top-k/top-p (`draw.inverse_cdf`)."""
-    if params.top_k or params.top_p < 1.0:
-        probs = _filter_logits(log_p, params.top_k, params.top_p).exp()
-    uniform = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=probs.dtype)
-    return inverse_cdf(probs, uniform)
-
-
 def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Token, behaviour log-prob and entropy per row from the next-token logits [B, V] (greedy at temperature 0)."""
-    if params.temperature > 0 and not (params.top_k or params.top_p < 1.0):
-        uniform = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device)
+    """Token, behaviour log-prob and entropy per row from the next-token logits [B, V]: greedy at temperature 0,
+    else `draw.inverse_cdf` (after top-k/top-p); the log-prob and entropy are the unfiltered distribution's."""
+    uniform = None if params.temperature <= 0 else torch.rand((logits.shape[0], 1), generator=generator,
+                                                              device=logits.device)
+    if uniform is not None and not (params.top_k or params.top_p < 1.0):
         return draw_with_stats(logits, params.temperature, uniform)
-    logits = logits.float()
-    if params.temperature <= 0:
-        token = logits.argmax(-1)
-        log_p = torch.log_softmax(logits / 1e-6, dim=-1)
-        probs = log_p.exp()
+    log_p = torch.log_softmax(logits.float() / max(params.temperature, 1e-6), dim=-1)
+    probs = log_p.exp()
+    if uniform is None:
+        token = log_p.argmax(-1)
     else:
-        log_p = torch.log_softmax(logits / params.temperature, dim=-1)
-        probs = log_p.exp()
-        token = _draw(log_p, probs, params, generator)
+        token = inverse_cdf(_filter_logits(log_p, params.top_k, params.top_p).exp(), uniform)
     logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
     return token, logprob, -(probs * log_p).nan_to_num().sum(-1)
 
