@@ -32,6 +32,8 @@ class Entry:
     name: str
     fn: Any
     config: type[PieceConfig]
+    # properties a caller may rely on, declared where the piece is registered (see each family's docs)
+    traits: frozenset[str] = frozenset()
 
     @property
     def doc(self) -> str:
@@ -45,11 +47,12 @@ class Registry(Generic[F]):
         self.family = family
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, config: type[PieceConfig] = NoOptions) -> Callable[[F], F]:
+    def register(self, name: str, config: type[PieceConfig] = NoOptions,
+                 traits: frozenset[str] | set[str] = frozenset()) -> Callable[[F], F]:
         def wrap(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.family}: '{name}' is registered twice")
-            self._entries[name] = Entry(name, fn, config)
+            self._entries[name] = Entry(name, fn, config, frozenset(traits))
             return fn
 
         return wrap
