@@ -113,12 +113,25 @@ class Batch:
             out[f.name] = v[rows] if isinstance(v, Tensor) else v
         return Batch(**out)
 
+    def select_columns(self, width: int) -> "Batch":
+        """The first `width` token positions of every ``[B, T]`` field (dropping padding no row reaches)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[:, :width] if f.name in TOKEN_FIELDS and isinstance(v, Tensor) else v
+        return Batch(**out)
+
     def to(self, device: torch.device | str) -> "Batch":
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.to(device) if isinstance(v, Tensor) else v
         return Batch(**out)
+
+
+# the `Batch` fields laid out per token position, [B, T]
+TOKEN_FIELDS = ("input_ids", "attention_mask", "action_mask", "token_rewards", "step_index", "behaviour_logprobs",
+                "behaviour_entropy", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
 
 
 def sequence_ids(episode: Episode, bos_id: int | None = None) -> tuple[list[int], list[int], list[int]]:

@@ -67,6 +67,12 @@ class Regulator:
         pass
 
 
+# Trait of a loss or regulator entry: for a row whose advantages are 0 on every action token, its per-token loss,
+# its term and its gradient are exactly 0, and it does not change what the other rows contribute (nothing is
+# computed across rows: no batch quantiles, no covariance with the batch mean). The learner may then leave such
+# rows out of the forward and backward (`update.skip_zero_advantage`) without changing the update.
+ZERO_AT_ZERO_ADVANTAGE = "zero_at_zero_advantage"
+
 LOSSES: Registry = Registry("update.loss")
 ENTROPY: Registry = Registry("update.entropy")
 

@@ -64,6 +64,13 @@ class UpdateConfig(BaseModel):
     shared_prefix: bool = Field(
         True, description="Run each group's common prompt through the model once per forward instead of once per "
                           "completion (same results up to float rounding; used when it saves ≥ 10% of tokens).")
+    skip_zero_advantage: bool = Field(
+        True, description="Leave rows whose advantages are 0 on every action token (e.g. a GRPO group where every "
+                          "completion got the same reward) out of the training forward and backward, keeping them "
+                          "in the loss's denominator: the same update up to float rounding. Applies only when the "
+                          "loss and the entropy regulator declare that such rows contribute nothing (ppo, gspo; "
+                          "regulator none), with no KL in the loss and no value loss; policy/* metrics then "
+                          "describe the trained rows.")
     vf_coef: float = Field(0.5, ge=0, description="Value-loss weight (used when the credit piece needs values).")
     value_clip: float | None = Field(0.2, gt=0, description="PPO value clipping range (null: unclipped).")
 
@@ -120,23 +127,55 @@ def entropy_advantage_covariance(logprobs: Tensor, advantages: Tensor, mask: Ten
     return masked_mean(cov, mask), masked_mean((cov > 1).to(cov.dtype), mask)
 
 
+def live_rows(advantages: Tensor, mask: Tensor) -> Tensor:
+    """[B] bool: the row has a non-zero advantage on some action token."""
+    return ((advantages != 0) & (mask > 0)).any(dim=-1)
+
+
+def trained_rows(advantages: Tensor, mask: Tensor) -> Tensor | None:
+    """Indices of the rows with a non-zero advantage on some action token, or None when that is every row.
+
+    With no such row, row 0 is kept: its loss and gradients are exact zeros, so the optimiser still steps (AdamW
+    moves parameters on a zero gradient through its moments and weight decay) exactly as on the full batch."""
+    live = live_rows(advantages, mask)
+    if bool(live.all()):
+        return None
+    rows = live.nonzero().squeeze(-1)
+    return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=advantages.device)
+
+
+def _trim(mb: Batch, rows: Tensor) -> Batch:
+    """The sub-batch of `rows` without the padding columns that no kept row reaches."""
+    sub = mb.select(rows)
+    width = int(sub.attention_mask.sum(-1).max())
+    return sub.select_columns(width) if width < sub.input_ids.shape[1] else sub
+
+
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
                  regulator: Regulator, cfg: UpdateConfig, temperature: float,
-                 generator: torch.Generator, norm_length: int) -> dict[str, float]:
-    """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics."""
+                 generator: torch.Generator, norm_length: int, zero_rows_contribute: bool = True) -> dict[str, float]:
+    """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics.
+
+    `zero_rows_contribute=False` (the loss and the regulator both have the `ZERO_AT_ZERO_ADVANTAGE` trait) lets
+    `cfg.skip_zero_advantage` leave zero-advantage rows out: the per-token loss of the kept rows is put back in
+    its place in the minibatch, so every aggregation keeps its full-minibatch denominator."""
     loss_entry, loss_cfg = loss_piece
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
         return aggregate(x, m, cfg.aggregation, agg_len)
 
+    kl_in_loss = batch.ref_logprobs is not None and cfg.kl.placement == "loss" and cfg.kl.coef > 0
+    skip = cfg.skip_zero_advantage and not zero_rows_contribute and not kl_in_loss and batch.returns is None
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for _ in range(cfg.epochs):
         order = torch.randperm(batch.size, generator=generator)
         for rows in order.chunk(cfg.minibatches):
-            mb = batch.select(rows)
+            full = batch.select(rows)
+            kept = trained_rows(full.advantages, full.action_mask) if skip else None
+            mb = full if kept is None else _trim(full, kept)
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
                                   values=mb.returns is not None, logits=regulator.needs_logits,
@@ -149,19 +188,23 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             reg = regulator(ctx)
             weight = mb.sample_weight[:, None] if reg.token_weight is None else \
                 mb.sample_weight[:, None] * reg.token_weight
-            loss = agg(per_token * weight, mask)
+            if kept is None:
+                loss = agg(per_token * weight, mask)
+            else:
+                kept_loss = torch.nn.functional.pad(per_token * weight, (0, full.action_mask.shape[1] - mask.shape[1]))
+                loss = agg(per_token.new_zeros(full.action_mask.shape).index_copy(0, kept, kept_loss), full.action_mask)
             metrics = {f"loss/{k}" if not k.startswith("clip") else f"clip/{k[5:]}": v for k, v in metrics.items()}
             metrics["loss/policy"] = loss.detach()
             if mb.ref_logprobs is not None:
                 kl = kl_penalty(scores.logprobs, mb.ref_logprobs, cfg.kl.estimator)
-                metrics["policy/kl"] = masked_mean(kl, mask)
+                metrics["policy/kl"] = masked_mean(kl.detach(), mask)
                 if cfg.kl.placement == "loss":
                     loss = loss + cfg.kl.coef * agg(kl, mask)
             loss = loss + reg.term
             metrics.update({f"entropy_reg/{k}": v for k, v in reg.metrics.items()})
             metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
             metrics["policy/entropy_adv_cov"], metrics["policy/cov_gt1_frac"] = entropy_advantage_covariance(
-                scores.logprobs, mb.advantages, mask)
+                scores.logprobs.detach(), mb.advantages, mask)
             if mb.returns is not None:
                 v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
                 metrics["loss/value"] = agg(v_loss, mask).detach()
@@ -173,6 +216,8 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             optimizer.step()
             metrics["loss/total"] = loss.detach()
             metrics["optim/grad_norm"] = grad_norm
+            if skip:
+                metrics["update/skipped_rows_frac"] = 1.0 - float(live_rows(full.advantages, full.action_mask).sum()) / full.size
             for k, v in metrics.items():  # per-key counts: some pieces skip a metric on some minibatches
                 sums[k] += float(v)
                 counts[k] += 1

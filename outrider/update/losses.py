@@ -20,7 +20,7 @@ from torch import Tensor
 
 from outrider.credit.stats import masked_mean
 from outrider.registry import PieceConfig
-from outrider.update import LOSSES, TokenContext
+from outrider.update import LOSSES, ZERO_AT_ZERO_ADVANTAGE, TokenContext
 from outrider.update.kl import LOG_RATIO_CLAMP
 
 
@@ -67,7 +67,7 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float
     return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high))
 
 
-@LOSSES.register("ppo", config=PPOLossConfig)
+@LOSSES.register("ppo", config=PPOLossConfig, traits={ZERO_AT_ZERO_ADVANTAGE})
 def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate (Schulman et al. 2017, arXiv:1707.06347) with asymmetric clip-higher (DAPO, Yu et al.
     2025, arXiv:2503.14476) and optional dual clip (Ye et al. 2020, arXiv:1912.09729).
@@ -89,7 +89,7 @@ def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor
     return loss, metrics
 
 
-@LOSSES.register("gspo", config=GSPOLossConfig)
+@LOSSES.register("gspo", config=GSPOLossConfig, traits={ZERO_AT_ZERO_ADVANTAGE})
 def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token surrogate (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv:2507.18071).
 
