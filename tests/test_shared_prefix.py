@@ -37,8 +37,14 @@ def ragged_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, torch.tensor(groups)
 
 
+@pytest.mark.parametrize("layout", ["packed", "cache"])
 @pytest.mark.parametrize("make", [llama, qwen2])
-def test_scores_and_gradients_equal_the_plain_forward(make):
+def test_scores_and_gradients_equal_the_plain_forward(make, layout, monkeypatch):
+    if layout == "cache":
+        monkeypatch.setattr(shared_prefix, "PACKED_MAX_LEN", 0)
+    packed_calls = []
+    original = shared_prefix._forward_packed
+    monkeypatch.setattr(shared_prefix, "_forward_packed", lambda *a: (packed_calls.append(1), original(*a))[1])
     policy = make()
     with torch.no_grad():
         policy.value_head.weight.copy_(torch.randn(policy.value_head.weight.shape,
@@ -52,6 +58,7 @@ def test_scores_and_gradients_equal_the_plain_forward(make):
         m = mask.float()
         (s.logprobs * m).sum().add((s.entropy * m).sum()).add((s.values * m).sum()).backward()
         results.append((s, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+    assert len(packed_calls) == (layout == "packed")
     (plain, plain_grad), (shared, shared_grad) = results
     real = mask.bool()
     for field in ("logprobs", "entropy", "values"):
@@ -78,6 +85,21 @@ def test_plan_splits_each_group_at_its_common_prefix():
     assert p.suffix_positions[0].tolist() == [3, 4, 5] and p.suffix_positions[3].tolist() == [2, 3, 4]
     # saved: group 7 runs its 3 prefix tokens once instead of 3 times, group 3 its 2 once instead of twice
     assert p.saved_share == pytest.approx((2 * 3 + 1 * 2) / int(mask.sum()))
+
+    # packed: group 3 is [prefix 1 4 | row 3: 4 | row 4: 4], group 7 [prefix 1 5 6 | 7 8 | 9 | 7 8 9]
+    layout = shared_prefix.packed_layout(p, torch.float32)
+    assert layout.ids.tolist() == [[1, 4, 4, 4, 0, 0, 0, 0, 0], [1, 5, 6, 7, 8, 9, 7, 8, 9]]
+    assert layout.positions.tolist() == [[0, 1, 2, 2, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 3, 3, 4, 5]]
+    # outputs of the flattened [2 × 9] packed batch each (row, position) reads; padding reads the row's last token
+    assert layout.gather.tolist() == [[9, 10, 11, 12, 13, 13], [9, 10, 11, 14, 14, 14], [9, 10, 11, 15, 16, 17],
+                                      [0, 1, 2, 2, 2, 2], [0, 1, 3, 3, 3, 3]]
+    sees = (layout.mask[:, 0] == 0).int().tolist()
+    assert sees[1][5] == [1, 1, 1, 0, 0, 1, 0, 0, 0]  # row 1's token: the prefix and itself, not row 0's suffix
+    assert sees[1][8] == [1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert sees[0][3] == [1, 1, 0, 1, 0, 0, 0, 0, 0]  # row 4's token: the prefix, not row 3's
+    assert sees[0][5] == [0, 0, 0, 0, 0, 1, 0, 0, 0]  # padding sees only itself
+    assert all(sees[g][i][j] == 0 for g in range(2) for i in range(9) for j in range(i + 1, 9))  # causal
+    assert shared_prefix.packed_layout(p, torch.float32, max_len=8) is None
     # (row 0, position 4) is the 2nd suffix token of row 0; (row 4, position 1) is prefix group 0, position 1
     flat_prefix = 2 * 3
     assert int(p.gather[0, 4]) == flat_prefix + 0 * 3 + 1
