@@ -1,5 +1,5 @@
-"""Where an outrider GRPO step's time goes, at the RL-step settings of `throughput.py` (tiny model, 16 prompts × 8
-completions, up to 16 new tokens): the sampling / training split from the step's own timers, then the torch
+"""Where an outrider GRPO step's time goes, at the RL-step settings of `throughput.py` (the warm-started tiny model
+of `rl_task.py`, 16 prompts × 8 completions, up to 16 new tokens): the sampling / training split from the step's own timers, then the torch
 profiler's self time grouped by kind of op. Prints a table; writes benchmarks/results/profile_step.json.
 
     .venv/bin/python benchmarks/profile_step.py [--steps 6]
@@ -20,9 +20,7 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import outrider_trainer  # noqa: E402
-from trl_grpo import _reverse_task  # noqa: E402
-
-from outrider.policy.model import Policy  # noqa: E402
+from rl_task import warm_started_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_step.json"
 KINDS = {  # aten op name fragments -> kind; first match wins
@@ -43,9 +41,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    prompts, answers = _reverse_task(64, 0)
     with tempfile.TemporaryDirectory() as tmp:
-        Policy.tiny().save(Path(tmp) / "model")
+        prompts, answers = warm_started_model(Path(tmp) / "model")
         trainer = outrider_trainer(str(Path(tmp) / "model"), prompts, answers, 8, 16, 2 + args.steps, 1e-4, 0,
                                    Path(tmp))
         for step in (1, 2):  # warm-up

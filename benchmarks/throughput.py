@@ -174,15 +174,18 @@ def _probe(kind: str, path: str, model: str) -> None:
             SAMPLER_PATHS[path](policy, prompts, 32)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from trl_grpo import _reverse_task, trl_grpo_step_times
+        from rl_task import trl_prompts, warm_started_model
+        from trl_grpo import trl_grpo_step_times
 
         if path == "trl":
             import trl  # noqa: F401  (its import is setup, not the path's work)
-        prompts, answers = _reverse_task(64, 0)
         with tempfile.TemporaryDirectory() as tmp:
-            Policy.tiny().save(Path(tmp) / "model")
+            model_dir = str(Path(tmp) / "model")
+            prompts, answers = warm_started_model(model_dir)
+            if path == "trl":
+                prompts = trl_prompts(model_dir, prompts)
             baseline = psutil.Process().memory_info().rss
-            args = (str(Path(tmp) / "model"), prompts, answers, 8, 16, 3, 1e-4, 0)
+            args = (model_dir, prompts, answers, 8, 16, 3, 1e-4, 0)
             if path == "trl":
                 trl_grpo_step_times(*args)
             else:
@@ -213,75 +216,103 @@ def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], gro
 
 
 def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
-                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path) -> dict:
-    """Wall-clock seconds and completion tokens of each of `steps` outrider GRPO steps."""
-    trainer = outrider_trainer(model_dir, prompts, answers, group_size, max_new_tokens, steps, lr, seed, work)
-    step_s, tokens = [], []
+                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path, **update: object) -> dict:
+    """Wall-clock seconds, completion tokens and the share of rows left out of training, for each of `steps`
+    outrider GRPO steps."""
+    trainer = outrider_trainer(model_dir, prompts, answers, group_size, max_new_tokens, steps, lr, seed, work,
+                               **update)
+    step_s, tokens, skipped, zero_std = [], [], [], []
     for step in range(1, steps + 1):
         t = time.perf_counter()
         m = trainer.step(step)
         step_s.append(time.perf_counter() - t)
         tokens.append(round(m["episode/response_length"] * 16 * group_size))
-    return {"step_s": step_s, "completion_tokens_per_step": tokens}
+        skipped.append(m.get("update/skipped_rows_frac", 0.0))
+        zero_std.append(m["episode/zero_variance_group_frac"])
+    return {"step_s": step_s, "completion_tokens_per_step": tokens, "skipped_rows_frac": skipped,
+            "zero_std_group_frac": zero_std}
 
 
-def step_flops(n_params: int, rows: int, groups: int, prompt_tokens: float, completion_tokens: float) -> dict:
-    """Model FLOPs of one GRPO step (2N per sampled token, prompt prefill included, and 6N per trained token),
-    counted two ways: nominal (every row's prompt computed, as TRL does) and with each group's prompt computed
-    once (outrider's shared prefill and shared-prefix training forward)."""
+def step_flops(n_params: int, rows: int, groups: int, prompt_tokens: float, completion_tokens: float,
+               trained_share: float = 1.0) -> dict:
+    """Model FLOPs of one GRPO step: 2N per sampled token (prompt prefill included) and 6N per trained token.
+
+    ``nominal``: every row's prompt computed and every row trained, as TRL does. ``outrider``: each group's prompt
+    computed once (shared prefill and shared-prefix training forward) and only `trained_share` of the rows trained
+    (`update.skip_zero_advantage`; the prompt forward is counted in full, an upper bound)."""
     per_row = prompt_tokens + completion_tokens
     nominal = 8 * n_params * rows * per_row
-    shared = 8 * n_params * (groups * prompt_tokens + rows * completion_tokens)
-    return {"nominal": nominal, "shared_prefix": shared}
+    outrider = 2 * n_params * (groups * prompt_tokens + rows * completion_tokens) \
+        + 6 * n_params * (groups * prompt_tokens + trained_share * rows * completion_tokens)
+    return {"nominal": nominal, "outrider": outrider}
+
+
+PATHS = {"trl": {}, "outrider": {}, "outrider_no_skip": {"skip_zero_advantage": False}}
 
 
 def bench_rl_step(blocks: int, steps: int, new_tokens: int, peak: float) -> dict:
-    """Alternate blocks of TRL and outrider steps on the same saved tiny model; drop each block's first step."""
+    """Alternate blocks of TRL, outrider and outrider without `skip_zero_advantage` on the same warm-started tiny
+    model (`rl_task.py`); each block trains a fresh copy for `steps` steps and its first step is dropped."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from trl_grpo import _reverse_task, trl_grpo_step_times
+    from rl_task import trl_prompts, warm_started_model
+    from trl_grpo import trl_grpo_step_times
 
-    prompts, answers = _reverse_task(64, 0)
-    times: dict[str, list[float]] = {"outrider": [], "trl": []}
-    toks: dict[str, list[int]] = {"outrider": [], "trl": []}
+    times: dict[str, list[float]] = {k: [] for k in PATHS}
+    toks: dict[str, list[int]] = {k: [] for k in PATHS}
+    zero_std: dict[str, list[float]] = {k: [] for k in PATHS}
+    skipped: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / "model")
-        Policy.tiny().save(model_dir)
+        prompts, answers = warm_started_model(model_dir)
         for b in range(blocks):
-            for label in ("trl", "outrider"):
-                args = (model_dir, prompts, answers, 8, new_tokens, steps, 1e-4, b)
+            for label, update in PATHS.items():
                 if label == "trl":
-                    r = trl_grpo_step_times(*args)
+                    r = trl_grpo_step_times(model_dir, trl_prompts(model_dir, prompts), answers, 8, new_tokens,
+                                            steps, 1e-4, b)
                     version = r["trl_version"]
                 else:
-                    work = Path(tmp) / f"o{b}"
+                    work = Path(tmp) / f"{label}{b}"
                     work.mkdir()
-                    r = outrider_step_times(*args, work=work)
+                    r = outrider_step_times(model_dir, prompts, answers, 8, new_tokens, steps, 1e-4, b, work=work,
+                                            **update)
+                    if label == "outrider":
+                        skipped += r["skipped_rows_frac"][1:]
                 times[label] += r["step_s"][1:]
                 toks[label] += r["completion_tokens_per_step"][1:]
-    ratio = statistics.median(times["trl"]) / statistics.median(times["outrider"])
+                zero_std[label] += r["zero_std_group_frac"][1:]
+    med = {k: statistics.median(v) for k, v in times.items()}
     n_params = Policy.tiny().num_parameters()
     prompt_tokens = statistics.mean(len(Policy.tiny().encode(p)) + 1 for p in prompts)  # + BOS
     rows, groups = 16 * 8, 16
-    flops = {k: step_flops(n_params, rows, groups, prompt_tokens, statistics.median(toks[k]) / rows) for k in times}
-    med = {k: statistics.median(v) for k, v in times.items()}
+    per_row = {k: statistics.median(toks[k]) / rows for k in times}
+    flops = {"trl": step_flops(n_params, rows, groups, prompt_tokens, per_row["trl"])["nominal"],
+             "outrider": step_flops(n_params, rows, groups, prompt_tokens, per_row["outrider"],
+                                    1 - statistics.mean(skipped))["outrider"],
+             "outrider_no_skip": step_flops(n_params, rows, groups, prompt_tokens, per_row["outrider_no_skip"])[
+                 "outrider"]}
     roofline = {
         "prompt_tokens_per_row": prompt_tokens,
         "flops_per_step": flops,
-        "achieved_fraction_of_peak": {
-            "trl": flops["trl"]["nominal"] / (med["trl"] * peak),
-            "outrider_nominal": flops["outrider"]["nominal"] / (med["outrider"] * peak),
-            "outrider_actual": flops["outrider"]["shared_prefix"] / (med["outrider"] * peak)},
+        "achieved_fraction_of_peak": {k: flops[k] / (med[k] * peak) for k in times},
         # what outrider would have to sustain, as a share of the matmul peak, to run in a third of TRL's time
-        "fraction_of_peak_needed_for_3x": {
-            "without_shared_prefix": 3 * flops["outrider"]["nominal"] / (med["trl"] * peak),
-            "with_shared_prefix": 3 * flops["outrider"]["shared_prefix"] / (med["trl"] * peak)},
+        "fraction_of_peak_needed_for_3x": {k: 3 * flops[k] / (med["trl"] * peak) for k in ("outrider",
+                                                                                           "outrider_no_skip")},
     }
-    print(f"RL step: outrider {statistics.median(times['outrider']):.3f} s, TRL {statistics.median(times['trl']):.3f} s,"
-          f" ratio {ratio:.2f} (tokens/step {statistics.median(toks['outrider'])} vs {statistics.median(toks['trl'])})")
-    return {"seconds_per_step": {k: stats(v) for k, v in times.items()},
+    ratio = med["trl"] / med["outrider"]
+    ratio_no_skip = med["trl"] / med["outrider_no_skip"]
+    print(f"RL step: outrider {med['outrider']:.3f} s ({statistics.mean(skipped):.0%} of rows skipped), without "
+          f"the skip {med['outrider_no_skip']:.3f} s, TRL {med['trl']:.3f} s; ratio {ratio:.2f} "
+          f"({ratio_no_skip:.2f} without the skip); tokens/step {statistics.median(toks['outrider'])} vs "
+          f"{statistics.median(toks['trl'])}; groups with equal rewards "
+          f"{statistics.mean(zero_std['outrider']):.0%} vs {statistics.mean(zero_std['trl']):.0%} (TRL)")
+    return {"task": "spell_backward, tiny model warm-started as in the quickstart (benchmarks/rl_task.py)",
+            "seconds_per_step": {k: stats(v) for k, v in times.items()},
             "completion_tokens_per_step": {k: stats([float(x) for x in v]) for k, v in toks.items()},
-            "tokens_per_s": {k: statistics.median(toks[k]) / statistics.median(times[k]) for k in times},
-            "trl_version": version, "ratio_median_of_medians": ratio, "roofline": roofline,
+            "tokens_per_s": {k: statistics.median(toks[k]) / med[k] for k in times},
+            "equal_reward_group_frac": {k: statistics.mean(v) for k, v in zero_std.items()},
+            "skipped_rows_frac": stats(skipped),
+            "trl_version": version, "ratio_median_of_medians": ratio, "ratio_without_skip": ratio_no_skip,
+            "roofline": roofline,
             "peak_rss_mb": {k: probe_memory("rl", k) for k in ("outrider", "trl")}}
 
 

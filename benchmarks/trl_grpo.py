@@ -32,9 +32,13 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
     (``16 × group_size`` completions, e.g. 128 for group_size 8) and takes one AdamW update on all of them.
     The reward is 1.0 when a completion, stripped of surrounding whitespace, equals its prompt's answer, else 0.0.
 
-    Returns ``{"step_s": [...], "completion_tokens_per_step": [...], "trl_version": str}`` with one entry per
-    optimiser step: its wall-clock seconds (generation, reward, loss, backward and optimiser step included) and
-    the number of completion tokens generated for it (TRL's logged `completions/mean_length` × completions).
+    Prompts are tokenised without special tokens, as TRL does: to give the model the same ids as outrider (which
+    starts each sequence with BOS), put the tokenizer's BOS text in front of each prompt.
+
+    Returns ``{"step_s": [...], "completion_tokens_per_step": [...], "zero_std_group_frac": [...],
+    "trl_version": str}`` with one entry per optimiser step: its wall-clock seconds (generation, reward, loss,
+    backward and optimiser step included), the number of completion tokens generated for it (TRL's logged
+    `completions/mean_length` × completions) and the share of groups whose rewards were all equal.
     """
     import trl
     from datasets import Dataset
@@ -68,6 +72,7 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
             self.t0 = None
             self.step_s: list[float] = []
             self.mean_lengths: list[float] = []
+            self.zero_std: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
@@ -78,6 +83,8 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs:
                 self.mean_lengths.append(float(logs["completions/mean_length"]))
+            if logs and "frac_reward_zero_std" in logs:
+                self.zero_std.append(float(logs["frac_reward_zero_std"]))
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="trl_grpo_bench_") as out_dir:
@@ -124,7 +131,8 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
         trainer.train()
 
     tokens = [round(m * completions_per_step) for m in timer.mean_lengths]
-    return {"step_s": timer.step_s, "completion_tokens_per_step": tokens, "trl_version": trl.__version__}
+    return {"step_s": timer.step_s, "completion_tokens_per_step": tokens, "trl_version": trl.__version__,
+            "zero_std_group_frac": timer.zero_std}
 
 
 def _reverse_task(n: int, seed: int) -> tuple[list[str], list[str]]:
