@@ -332,7 +332,7 @@ def main() -> None:
     peak = matmul_flops()
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s ({args.threads} threads)")
     sampler = bench_sampler(args.reps, args.batch, args.prompt_len, args.new_tokens, peak)
-    rl_step = bench_rl_step(blocks=4, steps=max(args.reps, 5) + 1, new_tokens=16, peak=peak)
+    rl_step = bench_rl_step(blocks=6, steps=max(args.reps, 7) + 1, new_tokens=16, peak=peak)
     settings = {k: v for k, v in vars(args).items() if k != "probe"}
     out = {
         "date": date.today().isoformat(),
