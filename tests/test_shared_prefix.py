@@ -111,6 +111,11 @@ def test_plan_declines_when_little_is_shared():
     mask = torch.ones_like(ids)
     assert shared_prefix.plan(ids, mask, torch.tensor([0, 0, 1])) is None  # 1 token saved of 12
     assert shared_prefix.plan(ids, mask, torch.tensor([0, 1, 2])) is None  # singletons share nothing
+    # left padding (its split would be wrong): the right-padded twin of this batch has a plan, this one has none
+    right = torch.tensor([[1, 5, 6, 7, 0], [1, 5, 6, 8, 0], [1, 5, 6, 9, 0]])
+    assert shared_prefix.plan(right, (right != 0).long(), torch.tensor([0, 0, 0])) is not None
+    left = right.roll(1, dims=1)
+    assert shared_prefix.plan(left, (left != 0).long(), torch.tensor([0, 0, 0])) is None
 
 
 @pytest.mark.slow

@@ -57,9 +57,11 @@ class PrefixPlan:
 def plan(input_ids: Tensor, attention_mask: Tensor, groups: Tensor,
          min_saved_share: float = MIN_SAVED_SHARE) -> PrefixPlan | None:
     """The prefix/suffix split of a right-padded batch by `groups` (one id per row), or None when too little
-    is shared. A group's prefix is its rows' longest common prefix, kept at least one token short of its
+    is shared (or the batch is not right-padded). A group's prefix is its rows' longest common prefix, kept at least one token short of its
     shortest row (every row keeps a suffix) and at least one token long (no empty attention rows)."""
     B, T = input_ids.shape
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):  # a real token after padding: not right-padded
+        return None
     lengths = attention_mask.sum(-1)
     group_ids, row_group = torch.unique(groups, return_inverse=True)
     prefix_len = torch.zeros(len(group_ids), dtype=torch.long)
