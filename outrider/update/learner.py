@@ -69,8 +69,9 @@ class UpdateConfig(BaseModel):
                           "completion got the same reward) out of the training forward and backward, keeping them "
                           "in the loss's denominator: the same update up to float rounding. Applies only when the "
                           "loss and the entropy regulator declare that such rows contribute nothing (ppo, gspo; "
-                          "regulator none), with no KL in the loss and no value loss; policy/* metrics then "
-                          "describe the trained rows.")
+                          "regulator none), with no KL in the loss and no value loss. The update's own metrics "
+                          "(policy/*, loss/*, entropy_reg/*) then describe the trained rows (row 0 when none is); "
+                          "update/skipped_rows_frac says how many were left out.")
     vf_coef: float = Field(0.5, ge=0, description="Value-loss weight (used when the credit piece needs values).")
     value_clip: float | None = Field(0.2, gt=0, description="PPO value clipping range (null: unclipped).")
 
