@@ -200,10 +200,13 @@ def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], gro
     from outrider.recipe import parse_recipe
     from outrider.trainer import Trainer
 
-    data = work / "reverse.jsonl"
+    data, held_out = work / "train.jsonl", work / "eval.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    # the benchmark never evaluates; a separate eval file keeps every prompt in the train split, as TRL trains on
+    # all of them (without it a hash would hold out a tenth)
+    held_out.write_text(json.dumps({"prompt": "(no evaluation) ->", "answer": ""}) + "\n")
     recipe = parse_recipe({
-        "task": {"name": "jsonl", "path": str(data), "eval_fraction": 0.1},
+        "task": {"name": "jsonl", "path": str(data), "eval_path": str(held_out)},
         "policy": {"model": model_dir},
         "explore": {"name": "group", "prompts_per_step": 16, "group_size": group_size, "temperature": 1.0,
                     "max_new_tokens": max_new_tokens},
@@ -252,7 +255,8 @@ PATHS = {"trl": {}, "outrider": {}, "outrider_no_skip": {"skip_zero_advantage": 
 
 def bench_rl_step(blocks: int, steps: int, new_tokens: int, peak: float) -> dict:
     """Alternate blocks of TRL, outrider and outrider without `skip_zero_advantage` on the same warm-started tiny
-    model (`rl_task.py`); each block trains a fresh copy for `steps` steps and its first step is dropped."""
+    model (`rl_task.py`), the order rotating from block to block; each block trains a fresh copy for `steps`
+    steps and its first step is dropped."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from rl_task import trl_prompts, warm_started_model
     from trl_grpo import trl_grpo_step_times
@@ -264,8 +268,10 @@ def bench_rl_step(blocks: int, steps: int, new_tokens: int, peak: float) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / "model")
         prompts, answers = warm_started_model(model_dir)
+        labels = list(PATHS)
         for b in range(blocks):
-            for label, update in PATHS.items():
+            for label in labels[b % 3:] + labels[:b % 3]:  # each path first in a third of the blocks
+                update = PATHS[label]
                 if label == "trl":
                     r = trl_grpo_step_times(model_dir, trl_prompts(model_dir, prompts), answers, 8, new_tokens,
                                             steps, 1e-4, b)
