@@ -29,7 +29,7 @@ from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import warm_start
 from outrider.recipe import Recipe, resolve
 from outrider.score import SCORE, Component, compose
-from outrider.update import ENTROPY, LOSSES, ZERO_AT_ZERO_ADVANTAGE
+from outrider.update import ENTROPY, LOSSES
 from outrider.update.learner import kl_into_rewards, learner_step, prepare
 
 
@@ -66,8 +66,7 @@ class Trainer:
         self.explore = EXPLORE.build(recipe.explore, "explore")
         self.loss = LOSSES.build(recipe.update.loss, "update.loss")
         entropy_entry, entropy_cfg = ENTROPY.build(recipe.update.entropy, "update.entropy")
-        self.regulator = entropy_entry.fn(entropy_cfg)
-        self.zero_rows_contribute = not all(ZERO_AT_ZERO_ADVANTAGE in e.traits for e in (self.loss[0], entropy_entry))
+        self.regulator, self.regulator_traits = entropy_entry.fn(entropy_cfg), entropy_entry.traits
         self.components = []
         for i, c in enumerate(recipe.score):
             entry, cfg = SCORE.build({k: v for k, v in c.items() if k != "weight"}, f"score[{i}]")
@@ -169,7 +168,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 7_919 + step)
         norm_length = self.params.max_new_tokens * self.task.max_turns
         metrics.update(learner_step(self.policy, self.optimizer, batch, self.loss, self.regulator, u,
-                                    self.params.temperature, generator, norm_length, self.zero_rows_contribute))
+                                    self.params.temperature, generator, norm_length, self.regulator_traits))
         train_s = time.perf_counter() - t_train
         train_tokens = float(batch.attention_mask.sum()) * u.epochs
         metrics.update({

@@ -50,9 +50,9 @@ def run(advantages_per_step: list[list[float]], skip: bool, aggregation: str = "
     metrics = []
     for advantages in advantages_per_step:
         batch = make_batch(policy, advantages)
-        metrics.append(learner_step(policy, opt, batch, (Entry(entry.name, spy, entry.config), loss_cfg),
+        metrics.append(learner_step(policy, opt, batch, (Entry(entry.name, spy, entry.config, entry.traits), loss_cfg),
                                     reg_entry.fn(reg_cfg), cfg, 1.0, torch.Generator().manual_seed(0), norm_length=12,
-                                    zero_rows_contribute=ZERO_AT_ZERO_ADVANTAGE not in reg_entry.traits))
+                                    regulator_traits=reg_entry.traits))
     return [p.detach().clone() for p in policy.parameters()], metrics
 
 
@@ -120,8 +120,8 @@ def test_rows_are_kept_with_kl_in_the_loss():
         return entry.fn(ctx, c)
 
     reg_entry, reg_cfg = ENTROPY.build({"name": "none"})
-    learner_step(policy, torch.optim.AdamW(policy.parameters()), batch, (Entry("ppo", spy, entry.config), loss_cfg),
-                 reg_entry.fn(reg_cfg), cfg, 1.0, torch.Generator().manual_seed(0), 12, zero_rows_contribute=False)
+    learner_step(policy, torch.optim.AdamW(policy.parameters()), batch, (Entry("ppo", spy, entry.config, entry.traits), loss_cfg),
+                 reg_entry.fn(reg_cfg), cfg, 1.0, torch.Generator().manual_seed(0), 12, regulator_traits=reg_entry.traits)
     assert rows_seen == [6]
 
 

@@ -18,7 +18,7 @@ from outrider.credit.stats import masked_mean
 from outrider.data import Batch
 from outrider.policy.model import Policy
 from outrider.registry import Entry, PieceConfig
-from outrider.update import Regulator, TokenContext
+from outrider.update import ZERO_AT_ZERO_ADVANTAGE, Regulator, TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
 from outrider.update.cov import token_covariance
 from outrider.update.kl import kl_penalty
@@ -133,12 +133,13 @@ def live_rows(advantages: Tensor, mask: Tensor) -> Tensor:
     return ((advantages != 0) & (mask > 0)).any(dim=-1)
 
 
-def trained_rows(advantages: Tensor, mask: Tensor) -> Tensor | None:
-    """Indices of the rows with a non-zero advantage on some action token, or None when that is every row.
+def trained_rows(advantages: Tensor, mask: Tensor, live: Tensor | None = None) -> Tensor | None:
+    """Indices of the rows with a non-zero advantage on some action token (`live`, if already computed), or None
+    when that is every row.
 
     With no such row, row 0 is kept: its loss and gradients are exact zeros, so the optimiser still steps (AdamW
     moves parameters on a zero gradient through its moments and weight decay) exactly as on the full batch."""
-    live = live_rows(advantages, mask)
+    live = live_rows(advantages, mask) if live is None else live
     if bool(live.all()):
         return None
     rows = live.nonzero().squeeze(-1)
@@ -154,12 +155,14 @@ def _trim(mb: Batch, rows: Tensor) -> Batch:
 
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
                  regulator: Regulator, cfg: UpdateConfig, temperature: float,
-                 generator: torch.Generator, norm_length: int, zero_rows_contribute: bool = True) -> dict[str, float]:
+                 generator: torch.Generator, norm_length: int,
+                 regulator_traits: frozenset[str] = frozenset()) -> dict[str, float]:
     """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics.
 
-    `zero_rows_contribute=False` (the loss and the regulator both have the `ZERO_AT_ZERO_ADVANTAGE` trait) lets
-    `cfg.skip_zero_advantage` leave zero-advantage rows out: the per-token loss of the kept rows is put back in
-    its place in the minibatch, so every aggregation keeps its full-minibatch denominator."""
+    When the loss entry and the regulator (its registry entry's `regulator_traits`) both have the
+    `ZERO_AT_ZERO_ADVANTAGE` trait, `cfg.skip_zero_advantage` leaves zero-advantage rows out: the per-token loss
+    of the kept rows is put back in its place in the minibatch, so every aggregation keeps its full-minibatch
+    denominator."""
     loss_entry, loss_cfg = loss_piece
     agg_len = cfg.norm_length or norm_length
 
@@ -167,7 +170,8 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
         return aggregate(x, m, cfg.aggregation, agg_len)
 
     kl_in_loss = batch.ref_logprobs is not None and cfg.kl.placement == "loss" and cfg.kl.coef > 0
-    skip = cfg.skip_zero_advantage and not zero_rows_contribute and not kl_in_loss and batch.returns is None
+    skip = (cfg.skip_zero_advantage and ZERO_AT_ZERO_ADVANTAGE in (loss_entry.traits & regulator_traits)
+            and not kl_in_loss and batch.returns is None)
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -175,7 +179,8 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
         order = torch.randperm(batch.size, generator=generator)
         for rows in order.chunk(cfg.minibatches):
             full = batch.select(rows)
-            kept = trained_rows(full.advantages, full.action_mask) if skip else None
+            live = live_rows(full.advantages, full.action_mask) if skip else None
+            kept = None if live is None else trained_rows(full.advantages, full.action_mask, live)
             mb = full if kept is None else _trim(full, kept)
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
@@ -192,8 +197,10 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             if kept is None:
                 loss = agg(per_token * weight, mask)
             else:
-                kept_loss = torch.nn.functional.pad(per_token * weight, (0, full.action_mask.shape[1] - mask.shape[1]))
-                loss = agg(per_token.new_zeros(full.action_mask.shape).index_copy(0, kept, kept_loss), full.action_mask)
+                width = full.action_mask.shape[1]
+                kept_loss = torch.nn.functional.pad(per_token * weight, (0, width - mask.shape[1]))
+                placed = per_token.new_zeros(full.action_mask.shape).index_copy(0, kept, kept_loss)
+                loss = agg(placed, full.action_mask)
             metrics = {f"loss/{k}" if not k.startswith("clip") else f"clip/{k[5:]}": v for k, v in metrics.items()}
             metrics["loss/policy"] = loss.detach()
             if mb.ref_logprobs is not None:
@@ -217,8 +224,8 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             optimizer.step()
             metrics["loss/total"] = loss.detach()
             metrics["optim/grad_norm"] = grad_norm
-            if skip:
-                metrics["update/skipped_rows_frac"] = 1.0 - float(live_rows(full.advantages, full.action_mask).sum()) / full.size
+            if live is not None:
+                metrics["update/skipped_rows_frac"] = 1.0 - float(live.sum()) / full.size
             for k, v in metrics.items():  # per-key counts: some pieces skip a metric on some minibatches
                 sums[k] += float(v)
                 counts[k] += 1
