@@ -1,6 +1,6 @@
 """Where an outrider GRPO step's time goes, at the RL-step settings of `throughput.py` (the warm-started tiny model
-of `rl_task.py`, 16 prompts × 8 completions, up to 16 new tokens): the sampling / training split from the step's own timers, then the torch
-profiler's self time grouped by kind of op. Prints a table; writes benchmarks/results/profile_step.json.
+of `rl_task.py`, 16 prompts × 8 completions, up to 16 new tokens): the sampling / training split from the step's
+own timers, then the torch profiler's self time grouped by kind of op. Prints a table; writes benchmarks/results/profile_step.json.
 
     .venv/bin/python benchmarks/profile_step.py [--steps 6]
 """

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from outrider.policy import fast_decode
+
 # below this share of saved tokens the second model call costs more than it saves
 MIN_SAVED_SHARE = 0.1
 # the packed layout's attention is dense over a group's whole packed sequence (G·L² scores, most of them masked):
@@ -57,8 +59,9 @@ class PrefixPlan:
 def plan(input_ids: Tensor, attention_mask: Tensor, groups: Tensor,
          min_saved_share: float = MIN_SAVED_SHARE) -> PrefixPlan | None:
     """The prefix/suffix split of a right-padded batch by `groups` (one id per row), or None when too little
-    is shared (or the batch is not right-padded). A group's prefix is its rows' longest common prefix, kept at least one token short of its
-    shortest row (every row keeps a suffix) and at least one token long (no empty attention rows)."""
+    is shared or the batch is not right-padded. A group's prefix is its rows' longest common prefix, kept at
+    least one token short of its shortest row (every row keeps a suffix) and at least one token long (no empty
+    attention rows)."""
     B, T = input_ids.shape
     if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):  # a real token after padding: not right-padded
         return None
@@ -108,8 +111,8 @@ class PackedLayout:
 
 def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None) -> PackedLayout | None:
     """The packed layout of `p`, or None when a group's packed sequence would exceed `max_len` tokens (default
-    `PACKED_MAX_LEN`) or the mask the memory budget. Padding (between a short prefix and its suffixes, and after a short group) attends only
-    to itself and is attended by nothing."""
+    `PACKED_MAX_LEN`) or the mask the memory budget. Padding (between a short prefix and its suffixes, and after
+    a short group) attends only to itself and is attended by nothing."""
     G, P = p.prefix_ids.shape
     B, S = p.suffix_ids.shape
     prefix_len, suffix_len, per_row = p.prefix_mask.sum(-1), p.suffix_mask.sum(-1), p.suffix_positions[:, 0]
@@ -126,9 +129,9 @@ def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None)
     ids = torch.zeros(G, L, dtype=torch.long)
     positions = torch.zeros(G, L, dtype=torch.long)
     segment = torch.full((G, L), -1, dtype=torch.long)  # 0: the prefix, b + 1: row b's suffix, -1: padding
-    ids[:, :P] = p.prefix_ids[:, :L]
-    positions[:, :P] = torch.arange(P)[:L]
-    segment[:, :P] = torch.where(p.prefix_mask.bool(), 0, -1)[:, :L]
+    ids[:, :P] = p.prefix_ids  # P ≤ L: every group is at least as long as its prefix
+    positions[:, :P] = torch.arange(P)
+    segment[:, :P] = torch.where(p.prefix_mask.bool(), 0, -1)
     real = p.suffix_mask.bool()
     slot = (p.row_group[:, None] * L + start[:, None] + torch.arange(S)[None])[real]
     ids.view(-1)[slot] = p.suffix_ids[real]
@@ -182,8 +185,6 @@ def _expand(cache: object, rows: Tensor) -> None:
 def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tensor | None] | None:
     """Logits [B, T, V] (and last-layer hidden states [B, T, H] if `hidden`) as the plain forward lays them out;
     None when the model's cache is not a plain key/value cache. Packed layout where it applies, else the cache."""
-    from outrider.policy import fast_decode
-
     if fast_decode.supports(model) and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
         layout = packed_layout(p, next(model.parameters()).dtype)
         if layout is not None:
