@@ -13,24 +13,22 @@ from pathlib import Path
 
 from outrider.policy.model import Policy
 
-WARM_START = {"steps": 45, "batch_size": 64, "lr": 3.0e-3}  # recipes/quickstart.yaml's policy.warm_start
+QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 PROMPTS = 256
 
 
-def warm_started_model(model_dir: str | Path, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Warm-start `Policy.tiny()` as the quickstart does, save it to `model_dir`; return the RL prompts (train
-    problems, never the warm start's demonstrations) and their answers."""
-    from outrider.policy.sft import WarmStartConfig, warm_start
-    from outrider.recipe import parse_recipe
-    from outrider.trainer import build_task
+def warm_started_model(model_dir: str | Path) -> tuple[list[str], list[str]]:
+    """Build and warm-start the quickstart's policy from `recipes/quickstart.yaml` (its task, model and
+    `policy.warm_start`), save it to `model_dir`; return the RL prompts (train problems, never the warm start's
+    demonstrations) and their answers."""
+    from outrider.policy.sft import warm_start
+    from outrider.recipe import load_recipe
+    from outrider.trainer import build_policy, build_task
 
-    recipe = parse_recipe({
-        "task": {"name": "reasoning_gym", "dataset": "spell_backward",
-                 "config": {"min_word_len": 3, "max_word_len": 6}, "template": "{metadata[word]} ->"},
-        "policy": {"model": "tiny"}, "train": {"steps": 1, "seed": seed}})
+    recipe = load_recipe(QUICKSTART)
     task = build_task(recipe)
-    policy = Policy.tiny(seed=seed)
-    warm_start(policy, task, WarmStartConfig(**WARM_START))
+    policy = build_policy(recipe, value_head=False)
+    warm_start(policy, task, recipe.policy.warm_start)
     policy.save(model_dir)
     problems = [task.problem("train", i) for i in range(PROMPTS)]
     return [task.prompt(p) for p in problems], [task.demonstration_text(p) for p in problems]

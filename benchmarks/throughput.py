@@ -270,7 +270,7 @@ def bench_rl_step(blocks: int, steps: int, new_tokens: int, peak: float) -> dict
         prompts, answers = warm_started_model(model_dir)
         labels = list(PATHS)
         for b in range(blocks):
-            for label in labels[b % 3:] + labels[:b % 3]:  # each path first in a third of the blocks
+            for label in labels[b % len(labels):] + labels[:b % len(labels)]:  # each path first in turn
                 update = PATHS[label]
                 if label == "trl":
                     r = trl_grpo_step_times(model_dir, trl_prompts(model_dir, prompts), answers, 8, new_tokens,
