@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.errors import OutriderError
+from outrider.policy import onednn
 from outrider.policy.draw import draw_with_stats
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
@@ -47,7 +48,7 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, keys: list[Tensor],
                 values: list[Tensor], bias: Tensor, mask: Tensor | None, layers: list[tuple], embed: Tensor,
                 norm_w: Tensor, lm_head: Tensor, cos_table: Tensor, sin_table: Tensor, heads: int, kv_heads: int,
-                head_dim: int, eps: float, scaling: float) -> Tensor:
+                head_dim: int, eps: float, scaling: float, linear=F.linear) -> Tensor:
     """The model on `ids` [B, S] at `positions`, writing their keys/values at slots `t` of the buffers `keys`/
     `values` (per layer [B, kv, L, D]) and attending over slots [0, end): the written part when eager, the whole
     buffer when compiled. Returns the last position's logits [B, V].
@@ -55,13 +56,14 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
     Prefill (S > 1) attends under `mask` with the SDPA kernel. A single query attends through two batched
     matmuls under the additive `bias` (faster on CPU than SDPA at one query; grouped-query heads share their
     keys by broadcasting). RoPE comes from tables and is applied to q and k together. Free of Python state, so
-    `torch.compile` takes it as is: with whole buffers every shape is fixed, and one graph serves every step."""
+    `torch.compile` takes it as is: with whole buffers every shape is fixed, and one graph serves every step.
+    `linear(x, w, b)` computes every projection (the eager decoder passes oneDNN's, on weights it packed)."""
     B, S = ids.shape
     h = F.embedding(ids, embed)
     q_size, kv_size, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
     cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
     for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(layers):
-        qkv = F.linear(_rms(h, w_in, eps), w_qkv, b_qkv)
+        qkv = linear(_rms(h, w_in, eps), w_qkv, b_qkv)
         qk = qkv[..., :q_size + kv_size].view(B, S, heads + kv_heads, head_dim)
         # rotate_half(x)·sin == (x with its halves swapped) · (the table's sin, first half negated)
         qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
@@ -82,10 +84,10 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
             grouped = q.reshape(B, kv_heads, heads // kv_heads, head_dim)
             scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scaling).add_(bias[:, :, :, :end])
             att = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(B, heads, 1, head_dim)
-        h = h + F.linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
-        gate, up = F.linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, w_down)
-    return F.linear(_rms(h[:, -1], norm_w, eps), lm_head)
+        h = h + linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
+        gate, up = linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
+        h = h + linear(F.silu(gate) * up, w_down)
+    return linear(_rms(h[:, -1], norm_w, eps), lm_head)
 
 
 def _decode_and_draw(*args, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -135,6 +137,15 @@ class FastDecoder:
                                 layer.post_attention_layernorm.weight,
                                 torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
         dtype, device = self.embed.dtype, self.embed.device
+        # eager steps multiply through oneDNN on weights packed once per call (see onednn.py); the compiled step
+        # keeps F.linear, which inductor lowers itself
+        self.linear = F.linear
+        if not compiled and device.type == "cpu" and onednn.available(dtype):
+            self.linear = onednn.linear
+            self.layers = [(w_in, onednn.pack(w_qkv, batch), b_qkv, onednn.pack(w_o, batch), b_o, w_post,
+                            onednn.pack(w_gu, batch), onednn.pack(w_down, batch))
+                           for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers]
+            self.lm_head = onednn.pack(self.lm_head, batch)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         # eager steps read only written slots ([:length]); the compiled step reads the whole buffer under a
         # mask, and a masked NaN of uninitialised memory would still poison its weighted sum: zeros there
@@ -153,7 +164,8 @@ class FastDecoder:
         """Eager: the model on `ids` at the next slots, attending over the buffer written so far."""
         start, end = self.length, self.length + ids.shape[1]
         self.length = end
-        return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, self.bias, mask, *self._weights())
+        return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, self.bias, mask, *self._weights(),
+                           linear=self.linear)
 
     def _weights(self) -> tuple:
         return (self.layers, self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads,

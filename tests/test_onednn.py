@@ -1,0 +1,63 @@
+"""oneDNN's packed fp32 linear (the lean decoder's matmul on x86): the same numbers as `F.linear`, any number of
+rows, and a fallback where it is missing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from outrider.policy import fast_decode, onednn
+from outrider.policy.model import Policy
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 64, 1088])
+def test_packed_linear_equals_f_linear_for_any_row_count(rows):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    packed = onednn.pack(w, batch=64)  # the hint need not match the rows
+    x = torch.randn(rows, 32, generator=g)
+    torch.testing.assert_close(onednn.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, rows, 32, generator=g)[:, :, :]  # [..., in] inputs, as the decoder passes them
+    torch.testing.assert_close(onednn.linear(x3, packed), F.linear(x3, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packing_copies_the_weight():
+    w = torch.randn(8, 4)
+    packed = onednn.pack(w, batch=2)
+    x = torch.randn(3, 4)
+    before = onednn.linear(x, packed)
+    w.mul_(2)
+    torch.testing.assert_close(onednn.linear(x, packed), before)
+
+
+def test_only_float32_takes_the_onednn_path():
+    assert not onednn.available(torch.bfloat16)
+    assert not onednn.available(torch.float16)
+
+
+def test_the_decoder_uses_onednn_eagerly_and_f_linear_compiled_or_without_it(monkeypatch):
+    model = Policy.tiny(hidden=32, layers=1, heads=4, seed=0).model.eval()
+    assert fast_decode.FastDecoder(model, 4, 8, compiled=True).linear is F.linear
+    expected = onednn.linear if onednn.available() else F.linear
+    assert fast_decode.FastDecoder(model, 4, 8).linear is expected
+    monkeypatch.setattr(onednn, "available", lambda dtype=torch.float32: False)
+    assert fast_decode.FastDecoder(model, 4, 8).linear is F.linear
+
+
+def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch):
+    from outrider.policy.sampler import SamplingParams, sample
+
+    policy = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).eval()
+    prompts = [[2, 40, 41], [2, 50, 51, 52, 53], [2, 60]]
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, backend="fast")
+    with_onednn = sample(policy, prompts, params, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(onednn, "available", lambda dtype=torch.float32: False)
+    without = sample(policy, prompts, params, torch.Generator().manual_seed(0))
+    for a, b in zip(with_onednn, without):
+        assert a.ids == b.ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
