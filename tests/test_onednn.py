@@ -35,6 +35,23 @@ def test_packing_copies_the_weight():
     torch.testing.assert_close(onednn.linear(x, packed), before)
 
 
+def test_plain_weights_take_f_linear():
+    w, x = torch.randn(6, 4), torch.randn(3, 4)
+    torch.testing.assert_close(onednn.linear(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
+@needs_onednn
+def test_only_calls_that_multiply_enough_rows_pack_their_weights():
+    """Packing costs about 0.25 ms a weight: a short call (few rows, few tokens) keeps plain weights."""
+    model = Policy.tiny(hidden=128, layers=1, heads=4, seed=0).model.eval()
+    long_call = fast_decode.FastDecoder(model, batch=64, max_len=48)
+    short_call = fast_decode.FastDecoder(model, batch=4, max_len=24)
+    assert long_call.layers[0][1].is_mkldnn and long_call.layers[0][6].is_mkldnn  # q/k/v and gate/up
+    assert not any(w.is_mkldnn for w in (short_call.layers[0][1], short_call.layers[0][6], short_call.lm_head))
+    assert onednn.pays(torch.empty(384, 128), rows=64 * 48)
+    assert not onednn.pays(torch.empty(384, 128), rows=8 * 16)
+
+
 def test_only_float32_takes_the_onednn_path():
     assert not onednn.available(torch.bfloat16)
     assert not onednn.available(torch.float16)

@@ -137,15 +137,19 @@ class FastDecoder:
                                 layer.post_attention_layernorm.weight,
                                 torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
         dtype, device = self.embed.dtype, self.embed.device
-        # eager steps multiply through oneDNN on weights packed once per call (see onednn.py); the compiled step
-        # keeps F.linear, which inductor lowers itself
+        # eager steps multiply through oneDNN on weights packed once per call, where the call multiplies enough
+        # rows (at most batch × max_len) to repay the packing (see onednn.py); the compiled step keeps F.linear,
+        # which inductor lowers itself
         self.linear = F.linear
         if not compiled and device.type == "cpu" and onednn.available(dtype):
             self.linear = onednn.linear
-            self.layers = [(w_in, onednn.pack(w_qkv, batch), b_qkv, onednn.pack(w_o, batch), b_o, w_post,
-                            onednn.pack(w_gu, batch), onednn.pack(w_down, batch))
+
+            def pack(w: Tensor) -> Tensor:
+                return onednn.pack(w, batch) if onednn.pays(w, batch * max_len) else w
+
+            self.layers = [(w_in, pack(w_qkv), b_qkv, pack(w_o), b_o, w_post, pack(w_gu), pack(w_down))
                            for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers]
-            self.lm_head = onednn.pack(self.lm_head, batch)
+            self.lm_head = pack(self.lm_head)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         # eager steps read only written slots ([:length]); the compiled step reads the whole buffer under a
         # mask, and a masked NaN of uninitialised memory would still poison its weighted sum: zeros there

@@ -39,6 +39,22 @@ def pack(weight: Tensor, batch: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
 
 
-def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`x @ W.T + bias` with `packed` = `pack(W, ...)`; `x` [..., in]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def pays(weight: Tensor, rows: int) -> bool:
+    """Whether packing `weight` pays for itself over `rows` input rows in all (summed over the calls). Packing
+    costs about 0.25 ms per weight whatever its size (measured here for 128×128 to 2048×256); the packed kernel
+    saves about a third of the BLAS time, which is proportional to the multiply-adds."""
+    return rows * weight.numel() >= PACK_MIN_MACS
+
+
+# multiply-adds from which packing pays: a third of their BLAS time at ~120 GFLOP/s has to exceed the 0.25 ms a
+# pack costs (64 rows × 48 positions × a 128×384 weight is 1.5e8 and pays; 8 rows × 16 positions × 128×384 is
+# 6e6 and does not)
+PACK_MIN_MACS = 5e7
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`x @ W.T + bias` for `weight` = `pack(W, ...)` through oneDNN, or for a plain `W` through `F.linear`;
+    `x` [..., in]."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
