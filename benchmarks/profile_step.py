@@ -24,7 +24,8 @@ from rl_task import warm_started_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_step.json"
 KINDS = {  # aten op name fragments -> kind; first match wins
-    "matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "matmul (mm, addmm, bmm, oneDNN linear)": ("aten::mm", "aten::addmm", "aten::bmm", "_linear_pointwise"),
+    "oneDNN weight packing": ("_reorder_linear_weight",),
     "attention kernels": ("scaled_dot_product", "flash_attention"),
     "optimizer": ("adamw", "_foreach", "lerp", "addcdiv"),
     "elementwise and reductions": ("aten::mul", "aten::add", "aten::div", "aten::sub", "aten::silu", "aten::neg",
