@@ -78,3 +78,24 @@ def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch):
     for a, b in zip(with_onednn, without):
         assert a.ids == b.ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_not_taken_off_x86(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    onednn.available.cache_clear()
+    try:
+        assert not onednn.available()
+    finally:
+        monkeypatch.undo()
+        onednn.available.cache_clear()
+
+
+def test_the_availability_check_leaves_the_global_rng_alone():
+    onednn.available.cache_clear()
+    torch.manual_seed(0)
+    onednn.available()
+    after_check = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after_check, torch.rand(3), rtol=0, atol=0)
