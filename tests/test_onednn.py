@@ -72,7 +72,12 @@ def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch):
     policy = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).eval()
     prompts = [[2, 40, 41], [2, 50, 51, 52, 53], [2, 60]]
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, backend="fast")
+    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)  # this small a call would not pack otherwise
+    packed = []
+    original_pack = onednn.pack
+    monkeypatch.setattr(onednn, "pack", lambda w, batch: (packed.append(w.shape), original_pack(w, batch))[1])
     with_onednn = sample(policy, prompts, params, torch.Generator().manual_seed(0))
+    assert len(packed) == (9 if onednn.available() else 0)  # 4 per layer and the LM head
     monkeypatch.setattr(onednn, "available", lambda dtype=torch.float32: False)
     without = sample(policy, prompts, params, torch.Generator().manual_seed(0))
     for a, b in zip(with_onednn, without):
@@ -84,16 +89,24 @@ def test_not_taken_off_x86(monkeypatch):
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    onednn.available.cache_clear()
+    onednn._runs.cache_clear()
     try:
         assert not onednn.available()
     finally:
         monkeypatch.undo()
-        onednn.available.cache_clear()
+        onednn._runs.cache_clear()
+
+
+@needs_onednn
+def test_switching_onednn_off_in_torch_is_honoured():
+    model = Policy.tiny(hidden=128, layers=1, heads=4, seed=0).model.eval()
+    with torch.backends.mkldnn.flags(enabled=False):
+        decoder = fast_decode.FastDecoder(model, batch=64, max_len=48)
+    assert decoder.linear is F.linear and not decoder.layers[0][6].is_mkldnn
 
 
 def test_the_availability_check_leaves_the_global_rng_alone():
-    onednn.available.cache_clear()
+    onednn._runs.cache_clear()
     torch.manual_seed(0)
     onednn.available()
     after_check = torch.rand(3)

@@ -2,13 +2,13 @@
 
 PyTorch sends an fp32 `F.linear` on CPU to its BLAS (MKL in the x86 wheels). On the small-batch shapes of a tiny
 model's decoding step (64 rows, hidden 128–256) oneDNN's kernel is 1.2–1.7× faster on this project's AMD EPYC
-machine, and more again when the weight is first reordered into oneDNN's blocked layout (`pack`), which is what
-inductor's CPU freezing pass does for inference graphs. Same fp32 arithmetic: results differ from BLAS only by
-summation order (a few ulp).
+machine, and more again when the weight is first reordered into oneDNN's blocked layout (`pack`). Same fp32
+arithmetic: results differ from BLAS only by summation order (a few ulp).
 
 Both ops are PyTorch's own (`torch.ops.mkldnn`, present in builds with oneDNN); `available()` tries them once,
-and every caller falls back to `F.linear` where they are missing or refuse the dtype. Only on x86-64: Arm builds
-back these ops with other kernels, which were not measured.
+and every caller falls back to `F.linear` where they are missing or refuse the dtype, or where oneDNN is switched
+off (`torch.backends.mkldnn.flags(enabled=False)`). Only on x86-64: Arm builds back these ops with other kernels,
+which were not measured.
 """
 
 from __future__ import annotations
@@ -21,19 +21,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-@lru_cache(maxsize=None)
 def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether oneDNN's packed linear runs here for `dtype` and agrees with `F.linear`."""
-    if dtype != torch.float32 or platform.machine().lower() not in {"x86_64", "amd64"} \
-            or not torch.backends.mkldnn.is_available():
+    """Whether oneDNN's packed linear runs here for `dtype`, agrees with `F.linear`, and is switched on."""
+    return _runs(dtype) and torch.backends.mkldnn.enabled
+
+
+@lru_cache(maxsize=None)
+def _runs(dtype: torch.dtype) -> bool:
+    if dtype != torch.float32 or platform.machine().lower() not in {"x86_64", "amd64"}:
         return False
     try:
+        if not torch.backends.mkldnn.is_available():
+            return False
         # fixed values, not torch.randn: the check must not move the global RNG
-        x = torch.linspace(-1, 1, 24).view(3, 8)
-        w, b = torch.linspace(-2, 2, 128).view(16, 8).flip(0), torch.linspace(0, 1, 16)
+        x = torch.linspace(-1, 1, 24, dtype=torch.float32).view(3, 8)
+        w = torch.linspace(-2, 2, 128, dtype=torch.float32).view(16, 8).flip(0)
+        b = torch.linspace(0, 1, 16, dtype=torch.float32)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 4)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-    except (RuntimeError, AttributeError, NotImplementedError):
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError):
         return False
     return bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
 
@@ -46,8 +52,9 @@ def pack(weight: Tensor, batch: int) -> Tensor:
 
 def pays(weight: Tensor, rows: int) -> bool:
     """Whether packing `weight` pays for itself over `rows` input rows in all (summed over the calls). Packing
-    costs about 0.25 ms per weight whatever its size (measured here for 128×128 to 2048×256); the packed kernel
-    saves about a third of the BLAS time, which is proportional to the multiply-adds."""
+    costs about 0.25 ms per weight across the tiny models' sizes (measured here for 128×128 to 2048×256; more for
+    larger weights, whose products gain more too); the packed kernel saves about a third of the BLAS time, which
+    is proportional to the multiply-adds."""
     return rows * weight.numel() >= PACK_MIN_MACS
 
 
