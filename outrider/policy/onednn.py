@@ -23,7 +23,7 @@ from torch import Tensor
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN's packed linear runs here for `dtype`, agrees with `F.linear`, and is switched on."""
-    return _runs(dtype) and torch.backends.mkldnn.enabled
+    return _runs(dtype) and bool(getattr(torch.backends.mkldnn, "enabled", True))
 
 
 @lru_cache(maxsize=None)
