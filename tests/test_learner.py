@@ -142,3 +142,18 @@ def test_fast_decoder_refuses_mlp_biases():
     assert fast_decode.supports(LlamaForCausalLM(cfg))
     cfg.mlp_bias = True
     assert not fast_decode.supports(LlamaForCausalLM(cfg))
+
+
+def test_the_trainer_steps_with_fused_adamw_at_the_recipe_settings(tmp_path):
+    """PyTorch's CPU default for AdamW is a per-tensor loop (about 5× slower on the tiny models); the trainer
+    asks for the fused kernel, with the recipe's lr, betas and weight decay."""
+    from conftest import write_recipe
+    from outrider.recipe import load_recipe
+    from outrider.trainer import Trainer
+
+    recipe = write_recipe(tmp_path, update={"lr": 3.0e-4, "betas": [0.8, 0.95], "weight_decay": 0.01},
+                          policy={"warm_start": {"steps": 0}})
+    trainer = Trainer(load_recipe(recipe), tmp_path / "run", quiet=True)
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and group["fused"] is True
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (3.0e-4, (0.8, 0.95), 0.01)
