@@ -33,7 +33,7 @@ def build(**options) -> EPO:
 def test_first_call_is_the_plain_trajectory_bonus_and_records_history():
     reg = build()
     out = reg(ctx())
-    assert float(out.term) == pytest.approx(-0.001 * 9.5 / 6)
+    assert float(out.term.detach()) == pytest.approx(-0.001 * 9.5 / 6)
     assert float(out.metrics["out_of_band_frac"]) == 0.0  # no history yet: nothing is smoothed
     assert reg.sums == pytest.approx([1.375, 2.0]) and reg.counts == [1, 1] and reg.calls == 1
 

@@ -98,6 +98,7 @@ def test_not_taken_off_x86(monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own, from flags()
 def test_switching_onednn_off_in_torch_is_honoured():
     model = Policy.tiny(hidden=128, layers=1, heads=4, seed=0).model.eval()
     with torch.backends.mkldnn.flags(enabled=False):
