@@ -47,7 +47,7 @@ def test_second_call_penalises_tokens_outside_the_band():
     # turn 1 band (1.6, 2.4): 1 and 3 are out (|dev| 1 each) -> P = .1·[.375, .625, 0, 0, 1, 1], mean .05
     assert float(out.metrics["penalty"]) == pytest.approx(0.05)
     assert float(out.metrics["out_of_band_frac"]) == pytest.approx(4 / 6)
-    assert float(out.term) == pytest.approx(-(9.5 / 6 - 0.05))
+    assert float(out.term.detach()) == pytest.approx(-(9.5 / 6 - 0.05))
     out.term.backward()
     g = c.entropy.grad
     # d term / d H_t = −1/6 + .1·sign(H_t − H̄)/6 out of band, −1/6 inside, 0 off the mask
