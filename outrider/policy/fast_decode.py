@@ -144,12 +144,13 @@ class FastDecoder:
         if not compiled and device.type == "cpu" and onednn.available(dtype):
             self.linear = onednn.linear
 
-            def pack(w: Tensor) -> Tensor:
+            def packed_if_it_pays(w: Tensor) -> Tensor:
                 return onednn.pack(w, batch) if onednn.pays(w, batch * max_len) else w
 
-            self.layers = [(w_in, pack(w_qkv), b_qkv, pack(w_o), b_o, w_post, pack(w_gu), pack(w_down))
+            self.layers = [(w_in, packed_if_it_pays(w_qkv), b_qkv, packed_if_it_pays(w_o), b_o, w_post,
+                            packed_if_it_pays(w_gu), packed_if_it_pays(w_down))
                            for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers]
-            self.lm_head = pack(self.lm_head)
+            self.lm_head = packed_if_it_pays(self.lm_head)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         # eager steps read only written slots ([:length]); the compiled step reads the whole buffer under a
         # mask, and a masked NaN of uninitialised memory would still poison its weighted sum: zeros there
