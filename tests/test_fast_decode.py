@@ -18,8 +18,9 @@ def _scaled(policy: Policy) -> Policy:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, w in policy.model.named_parameters():
-            if "norm" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+            # norm weights too, away from 1: the lean decoder folds them into the projections that follow
+            w.copy_(1 + 0.2 * torch.randn(w.shape, generator=g) if "norm" in name
+                    else torch.randn(w.shape, generator=g) * 0.3)
     return policy.eval()
 
 

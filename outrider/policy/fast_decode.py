@@ -37,10 +37,12 @@ def supports(model: nn.Module) -> bool:
     return rope.get("rope_type", rope.get("type", "default")) != "dynamic"
 
 
-def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # the HF formula (float32 statistics, weight applied after the cast back); fp32 takes the fused kernel
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+def _rms(x: Tensor, weight: Tensor | None, eps: float | Tensor) -> Tensor:
+    """RMSNorm. With `weight` None (fp32: the decoder folded weight·√H into the next projection) the unit form
+    x / sqrt(‖x‖² + H·ε) = x·rsqrt(mean(x²) + ε)/√H, with `eps` the tensor sqrt(H·ε): three cheap ops where the
+    fused CPU kernel runs five. Else the HF formula (float32 statistics, weight applied after the cast back)."""
+    if weight is None:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps)
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -82,7 +84,10 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         else:
             grouped = q.reshape(B, kv_heads, heads // kv_heads, head_dim)
-            scores = torch.matmul(grouped, k.transpose(-1, -2)).mul_(scaling).add_(bias[:, :, :, :end])
+            scores = torch.matmul(grouped, k.transpose(-1, -2))
+            if scaling != 1.0:
+                scores.mul_(scaling)
+            scores.add_(bias[:, :, :, :end])
             att = torch.matmul(torch.softmax(scores, dim=-1), v).reshape(B, heads, 1, head_dim)
         h = h + linear(att.transpose(1, 2).reshape(B, S, q_size), w_o, b_o)
         gate, up = linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
@@ -137,6 +142,8 @@ class FastDecoder:
                                 layer.post_attention_layernorm.weight,
                                 torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
         dtype, device = self.embed.dtype, self.embed.device
+        if dtype == torch.float32:
+            self._fold_norms_and_scale(cfg.hidden_size)
         # eager steps multiply through oneDNN on weights packed once per call, where the call multiplies enough
         # rows (at most batch × max_len) to repay the packing (see onednn.py); the compiled step keeps F.linear,
         # which inductor lowers itself
@@ -164,6 +171,24 @@ class FastDecoder:
         cos, sin = core.rotary_emb(self.embed[:1][None], positions)
         half = self.head_dim // 2
         self.cos_table, self.sin_table = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+
+    def _fold_norms_and_scale(self, hidden: int) -> None:
+        """Fold each RMSNorm's weight (and √H) into the projection that follows it, and the attention scale
+        1/√D into the query rows of W_qkv (and their bias): linear(w ⊙ n, W) = linear(n, W·diag(w)), and RoPE is
+        linear, so scaling q before it is scaling the scores. Saves the weight multiply of every norm and the scores'
+        scaling per layer; same math up to rounding."""
+        root_h, q_size = hidden ** 0.5, self.heads * self.head_dim
+        folded = []
+        for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers:
+            w_qkv = w_qkv * (w_in * root_h)[None]
+            w_qkv[:q_size] *= self.scaling
+            if b_qkv is not None:
+                b_qkv = torch.cat([b_qkv[:q_size] * self.scaling, b_qkv[q_size:]])
+            folded.append((None, w_qkv, b_qkv, w_o, b_o, None, w_gu * (w_post * root_h)[None], w_down))
+        self.layers = folded
+        self.lm_head = self.lm_head * (self.norm_w * root_h)[None]
+        self.norm_w, self.scaling = None, 1.0
+        self.eps = torch.tensor((hidden * self.eps) ** 0.5, dtype=self.embed.dtype, device=self.embed.device)
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
         """Eager: the model on `ids` at the next slots, attending over the buffer written so far."""
