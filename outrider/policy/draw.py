@@ -15,16 +15,16 @@ from torch import Tensor
 def inverse_cdf(probs: Tensor, uniform: Tensor) -> Tensor:
     """`probs` [B, V] (unnormalised is fine), `uniform` [B, 1] in [0, 1): one token id per row [B]."""
     cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = torch.minimum(uniform * total, total * (1 - 1e-6))
+    # u·(1 − 1e-6) < 1, so the product with the total stays strictly below it despite rounding
+    u = uniform.mul(1 - 1e-6).mul_(cdf[:, -1:])
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def draw_with_stats(logits: Tensor, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Token, its log-prob and the distribution's entropy, all at `temperature` (no top-k/top-p)."""
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    log_p = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     probs = log_p.exp()
     token = inverse_cdf(probs, uniform)
     logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-    entropy = -(probs * log_p).nan_to_num().sum(-1)
-    return token, logprob, entropy
+    return token, logprob, torch.special.entr(probs).sum(-1)  # entr(p) = −p·ln p, and 0 at p = 0
