@@ -138,26 +138,28 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, n_new, device=device)
     out_h = torch.zeros(B, n_new, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    # per step, whether a row was still generating and whether it stopped there (one write each per step;
+    # lengths and finish reasons are read off them at the end)
+    out_live = torch.zeros(B, n_new, dtype=torch.bool, device=device)
+    out_stop = torch.zeros(B, n_new, dtype=torch.bool, device=device)
     texts = [""] * B
     # the stepper's rows: all B at first (a slice: cheaper writes); once most have finished, the finished ones
     # are dropped and `rows_of` becomes the index of the remaining ones
     rows_of: slice | Tensor = slice(None)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    live = ~done
     # a compiled lean decoder fuses the plain draw into its step; its uniforms come from the same generator calls
     fused_draw = use_fast and params.compile and params.temperature > 0 and not (params.top_k or params.top_p < 1)
     drawn = None
     logits = stepper.prefill(input_ids, attention, rows)
     for t in range(n_new):
         token, logprob, entropy = drawn if drawn is not None else _draw_step(logits, params, generator)
-        live = ~done
         token = token.masked_fill(done, policy.pad_id)
         out_ids[rows_of, t] = token
         out_lp[rows_of, t] = logprob
         # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
         out_h[rows_of, t] = entropy
-        lengths[rows_of] += live.long()
+        out_live[rows_of, t] = live
         hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
@@ -165,25 +167,27 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
                 texts[row] += policy.decode([int(token[i])])
                 if any(s in texts[row] for s in params.stop):
                     hit_eos[i] = True
-        stopped[rows_of] |= hit_eos
+        out_stop[rows_of, t] = hit_eos
         done |= hit_eos
-        n_live = int((~done).sum())
+        live = ~done
+        n_live = int(live.sum())
         if t + 1 == n_new or n_live == 0:
             break
         if not params.compile and len(done) >= COMPACT_MIN_ROWS and n_live <= COMPACT_AT * len(done):
             keep = (~done).nonzero().flatten()
             stepper.keep(keep)
             rows_of = keep if isinstance(rows_of, slice) else rows_of[keep]
-            done, token = done[keep], token[keep]
+            done, live, token = done[keep], live[keep], token[keep]
         if fused_draw:
             uniform = torch.rand((len(done), 1), generator=generator, device=device)
-            drawn = stepper.step(token, ~done, draw=(params.temperature, uniform))
+            drawn = stepper.step(token, live, draw=(params.temperature, uniform))
         else:
-            logits = stepper.step(token, ~done)
+            logits = stepper.step(token, live)
     if was_training:
         model.train()
     samples = []
-    ids_rows, lp_rows, h_rows, lengths = out_ids.tolist(), out_lp.tolist(), out_h.tolist(), lengths.tolist()
+    ids_rows, lp_rows, h_rows = out_ids.tolist(), out_lp.tolist(), out_h.tolist()
+    lengths, stopped = out_live.sum(1).tolist(), out_stop.any(1).tolist()
     for i in range(B):
         n = lengths[i]
         ids = ids_rows[i][:n]
@@ -192,5 +196,5 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
             cut = min((text.find(s) + len(s) for s in params.stop if s in text), default=len(text))
             text = text[:cut]
         samples.append(Sample(ids=ids, logprobs=lp_rows[i][:n], text=text, entropies=h_rows[i][:n],
-                              finish_reason="stop" if bool(stopped[i]) else "length"))
+                              finish_reason="stop" if stopped[i] else "length"))
     return samples
