@@ -98,6 +98,11 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
             values[i].index_copy_(2, t, new_v)
         q = qk[:, :, :heads].transpose(1, 2)
         k, v = keys[i][:, :, :end], values[i][:, :, :end]
+        if S > 1 and i == len(layers) - 1:
+            # past the last layer's keys and values only the last position's output is read: a prefill runs
+            # the rest of that layer (attention, o, MLP) for one query per row
+            q, h, S = q[:, :, -1:], h[:, -1:], 1
+            mask = mask[:, :, -1:] if mask is not None else None
         if B * heads * S * end <= DENSE_ATTENTION_MAX:
             att = _attend(q, k, v, mask, scaling)
         else:
