@@ -136,8 +136,9 @@ class ScienceWorldEnv(ReplaySnapshot):
         self.admissible = [a for a in valid if a != "reset task"] if self.task.cfg.admissible else []
 
     def state_key(self) -> Hashable:
-        """The room's description and the score."""
-        return self._look, self._score
+        """The room's description (its lines sorted: the simulator lists a room's objects in no fixed order, so
+        the same state can read differently after a restore) and the score."""
+        return "\n".join(sorted(self._look.splitlines())), self._score
 
 
 @ENVS.register("scienceworld", config=ScienceWorldConfig)
