@@ -199,3 +199,17 @@ def test_finished_rows_dropped_mid_batch_leave_the_others_unchanged(backend, mon
                 assert s.ids == sample(policy, [prompt], params, torch.Generator().manual_seed(0))[0].ids
     assert kept  # compaction happened
     assert len({len(s.ids) for s in out}) > 2
+
+
+def test_the_kv_storage_is_kept_between_calls_and_never_shared():
+    policy = llama()
+    first = fast_decode.FastDecoder(policy.model, batch=4, max_len=16)
+    ptr = first.k[0].data_ptr()
+    second = fast_decode.FastDecoder(policy.model, batch=4, max_len=16)  # the first still holds it
+    assert second.k[0].data_ptr() != ptr
+    del first, second
+    third = fast_decode.FastDecoder(policy.model, batch=2, max_len=8)  # smaller: a view of the kept storage
+    assert third.k[0].data_ptr() == ptr
+    outs = [sample(policy, PROMPTS, SamplingParams(temperature=0, max_new_tokens=12, backend="fast"),
+                   torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert [s.ids for s in outs[0]] == [s.ids for s in outs[1]]
