@@ -112,9 +112,10 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
             if kv_heads != heads:
                 k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
-        h = h + linear(att.reshape(B, S, q_size), w_o, b_o)
+        # in place where the operand is this call's own: fewer fresh multi-MB buffers in a prefill
+        h += linear(att.reshape(B, S, q_size), w_o, b_o)
         gate, up = linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
-        h = h + linear(F.silu(gate) * up, w_down)
+        h += linear(F.silu(gate, inplace=True).mul_(up), w_down)
     return linear(_rms(h[:, -1], norm_w, eps), lm_head)
 
 
