@@ -229,7 +229,9 @@ class FastDecoder:
             views = flat.view(2 * len(self.layers), *shape).unbind(0)
             self.k, self.v = list(views[:len(self.layers)]), list(views[len(self.layers):])
         # additive attention bias over the buffer: 0 where a key is real, -inf for padding and unwritten slots
-        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+        # (eager steps read only written slots, so there every slot past the prompts is 0 from the start)
+        self.bias = torch.full((batch, 1, 1, max_len), float("-inf") if compiled else 0.0, dtype=dtype,
+                               device=device)
         self.length = 0
         positions = torch.arange(max_len, device=device)[None]
         cos, sin = core.rotary_emb(self.embed[:1][None], positions)
@@ -272,10 +274,7 @@ class FastDecoder:
         # dropped): only the prompts' padding needs a mask, and none at all when no prompt is padded
         self.padded = not bool(attention.bool().all())
         if rows is None:
-            logits = self._prefill(input_ids, attention)
-            if not self.compiled:
-                self.bias[..., input_ids.shape[1]:] = 0.0
-            return logits
+            return self._prefill(input_ids, attention)
         U, W = input_ids.shape
         full_k, full_v, full_bias = self.k, self.v, self.bias
         self.k = [torch.zeros(U, k.shape[1], W, k.shape[3], dtype=k.dtype, device=k.device) for k in full_k]
@@ -286,8 +285,6 @@ class FastDecoder:
             full_k[i][:, :, :W] = self.k[i][rows]
             full_v[i][:, :, :W] = self.v[i][rows]
         full_bias[..., :W] = self.bias[rows]
-        if not self.compiled:
-            full_bias[..., W:] = 0.0
         self.k, self.v, self.bias = full_k, full_v, full_bias
         self._next_position = self._next_position[rows]
         return logits[rows]
@@ -295,7 +292,7 @@ class FastDecoder:
     def _prefill(self, input_ids: Tensor, attention: Tensor) -> Tensor:
         B, W = input_ids.shape
         valid = attention.bool()
-        self.bias[:, 0, 0, :W].masked_fill_(valid, 0.0)
+        self.bias[:, 0, 0, :W] = torch.zeros_like(self.bias[:, 0, 0, :W]).masked_fill_(~valid, float("-inf"))
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(W, W, dtype=torch.bool, device=input_ids.device).tril()
         # padded queries may see themselves, so no attention row is empty (their outputs are never used)
