@@ -48,9 +48,13 @@ def test_supported(make):
 
 
 @pytest.mark.parametrize("make", [llama, qwen2_gqa])
-@pytest.mark.parametrize("case", ["ragged prompts", "unpadded prompts (no mask)", "attention through SDPA"])
+@pytest.mark.parametrize("case", ["ragged prompts", "unpadded prompts (no mask)", "ragged, PyTorch attention",
+                                  "unpadded, PyTorch attention", "attention through SDPA"])
 def test_greedy_equals_the_hf_path_token_for_token(make, case, monkeypatch):
+    """Where the C attention kernel builds (`native`), the default cases run it; the PyTorch ones switch it off."""
     prompts = [[2, 40 + i, 41, 42 + i, 43] for i in range(4)] if case.startswith("unpadded") else PROMPTS
+    if "PyTorch" in case or "SDPA" in case:
+        monkeypatch.setenv("OUTRIDER_NATIVE", "0")
     if case == "attention through SDPA":
         monkeypatch.setattr(fast_decode, "DENSE_ATTENTION_MAX", 0)
     policy = make()
@@ -72,8 +76,12 @@ def test_sampled_logprobs_equal_the_scoring_forward(make):
         assert s.logprobs == pytest.approx(scored.tolist(), abs=1e-4)
 
 
-def test_sampling_distribution_matches_the_model():
-    """Chi-square goodness of fit of 4000 fast-path draws of the 3rd new token against the model's probabilities."""
+@pytest.mark.parametrize("kernels", ["native", "PyTorch"])
+def test_sampling_distribution_matches_the_model(kernels, monkeypatch):
+    """Chi-square goodness of fit of 4000 fast-path draws of the 3rd new token against the model's probabilities,
+    with the C kernels (draw and attention) where they build, and without."""
+    if kernels == "PyTorch":
+        monkeypatch.setenv("OUTRIDER_NATIVE", "0")
     policy = llama()
     prefix = [2, 40, 41]
     first = sample(policy, [prefix], SamplingParams(temperature=0, max_new_tokens=2, backend="hf"),

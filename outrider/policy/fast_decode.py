@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.errors import OutriderError
-from outrider.policy import onednn
+from outrider.policy import native, onednn
 from outrider.policy.draw import draw_with_stats
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
@@ -68,55 +68,95 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float
 
 # above this many attention scores (B·H·S·T) a prefill takes SDPA's kernel, which never holds them all
 DENSE_ATTENTION_MAX = 2 ** 22
+# prefills of up to this many positions per row take the C kernel where it is built (longer ones: the matmuls)
+FUSED_PREFILL_MAX = 128
+
+
+def _torch_attention(qkv: Tensor, cos: Tensor, sin: Tensor, t: Tensor | slice, end: int, keys: Tensor,
+                     values: Tensor, mask: Tensor | None, first: int, heads: int, kv_heads: int, head_dim: int,
+                     scaling: float) -> Tensor:
+    """A layer's RoPE, KV write and attention in PyTorch ops: `qkv` [B, S, ·] at slots `t` of `keys`/`values`
+    [B, kv, L, D], queries `first`.. of them attending over slots [0, end) under `mask` [B, 1, S, end]; returns
+    [B, S - first, H, D]. Attention is `_attend`'s two matmuls, or SDPA's kernel for a prefill too long to
+    hold its scores."""
+    B, S = qkv.shape[:2]
+    q_size, kv_size, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
+    qk = qkv[..., :q_size + kv_size].view(B, S, heads + kv_heads, head_dim)
+    # rotate_half(x)·sin == (x with its halves swapped) · (the table's sin, first half negated)
+    qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+    new_k = qk[:, :, heads:].transpose(1, 2)
+    new_v = qkv[..., q_size + kv_size:].view(B, S, kv_heads, head_dim).transpose(1, 2)
+    if isinstance(t, slice):  # eager: a slice write is the cheaper op
+        keys[:, :, t], values[:, :, t] = new_k, new_v
+    else:  # compiled: the slot is a tensor, so the graph does not depend on the step
+        keys.index_copy_(2, t, new_k)
+        values.index_copy_(2, t, new_v)
+    q = qk[:, first:, :heads].transpose(1, 2)
+    k, v = keys[:, :, :end], values[:, :, :end]
+    if mask is not None and first:
+        mask = mask[:, :, first:]
+    if B * heads * (S - first) * end <= DENSE_ATTENTION_MAX:
+        return _attend(q, k, v, mask, scaling)
+    if kv_heads != heads:
+        k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+
+def _add_rms(h: Tensor, y: Tensor | None, weight: Tensor | None, eps: float | Tensor, kernels) -> Tensor:
+    """`h += y` in place (h is the forward's own residual stream; y None: no add), then `_rms(h)`; through the
+    C kernel where `kernels` is given (float32, folded norms: `eps` is then the float sqrt(H·ε))."""
+    if kernels is not None:
+        return native.add_rms(kernels, h, y, eps * eps)
+    if y is not None:
+        h += y
+    return _rms(h, weight, eps)
+
+
+def _silu_mul(gate_up: Tensor, kernels) -> Tensor:
+    if kernels is not None:
+        return native.silu_mul(kernels, gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate, inplace=True).mul_(up)
 
 
 def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, keys: list[Tensor],
                 values: list[Tensor], mask: Tensor | None, layers: list[tuple], embed: Tensor,
                 norm_w: Tensor, lm_head: Tensor, cos_table: Tensor, sin_table: Tensor, heads: int, kv_heads: int,
-                head_dim: int, eps: float, scaling: float, linear=F.linear) -> Tensor:
+                head_dim: int, eps: float | Tensor, scaling: float, linear=F.linear, kernels=None) -> Tensor:
     """The model on `ids` [B, S] at `positions`, writing their keys/values at slots `t` of the buffers `keys`/
     `values` (per layer [B, kv, L, D]) and attending over slots [0, end) under the additive `mask` [B, 1, S, end]
     (None: every slot is visible): the written part when eager, the whole buffer when compiled. Returns the
     last position's logits [B, V].
 
-    Attention is `_attend`'s two matmuls, or SDPA's kernel for a prefill too long to hold its scores. RoPE
-    comes from tables and is applied to q and k together. Free of Python state, so
-    `torch.compile` takes it as is: with whole buffers every shape is fixed, and one graph serves every step.
-    `linear(x, w, b)` computes every projection (the eager decoder passes oneDNN's, on weights it packed)."""
+    RoPE comes from tables and is applied to q and k together. Free of Python state, so `torch.compile` takes it
+    as is: with whole buffers every shape is fixed, and one graph serves every step. `linear(x, w, b)` computes
+    every projection (the eager decoder passes oneDNN's, on weights it packed). With `kernels`
+    (`native.kernels()`; eager float32 CPU steps with folded norms, slots a slice) the glue between the matmuls
+    runs as C kernels: attention (causal, so `mask` is then the additive key bias [B, L] or None), residual
+    add + norm, and silu·up."""
     B, S = ids.shape
+    if kernels is None:
+        cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
     h = F.embedding(ids, embed)
-    q_size, kv_size, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
-    cos, sin = cos_table[positions].unsqueeze(2), sin_table[positions].unsqueeze(2)
-    for i, (w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(layers):
-        qkv = linear(_rms(h, w_in, eps), w_qkv, b_qkv)
-        qk = qkv[..., :q_size + kv_size].view(B, S, heads + kv_heads, head_dim)
-        # rotate_half(x)·sin == (x with its halves swapped) · (the table's sin, first half negated)
-        qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
-        new_k = qk[:, :, heads:].transpose(1, 2)
-        new_v = qkv[..., q_size + kv_size:].view(B, S, kv_heads, head_dim).transpose(1, 2)
-        if isinstance(t, slice):  # eager: a slice write is the cheaper op
-            keys[i][:, :, t], values[i][:, :, t] = new_k, new_v
-        else:  # compiled: the slot is a tensor, so the graph does not depend on the step
-            keys[i].index_copy_(2, t, new_k)
-            values[i].index_copy_(2, t, new_v)
-        q = qk[:, :, :heads].transpose(1, 2)
-        k, v = keys[i][:, :, :end], values[i][:, :, :end]
-        if S > 1 and i == len(layers) - 1:
-            # past the last layer's keys and values only the last position's output is read: a prefill runs
-            # the rest of that layer (attention, o, MLP) for one query per row
-            q, h, S = q[:, :, -1:], h[:, -1:], 1
-            mask = mask[:, :, -1:] if mask is not None else None
-        if B * heads * S * end <= DENSE_ATTENTION_MAX:
-            att = _attend(q, k, v, mask, scaling)
+    x = _add_rms(h, None, layers[0][0], eps, kernels)
+    for i, (_, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down) in enumerate(layers):
+        qkv = linear(x, w_qkv, b_qkv)
+        # past the last layer's keys and values only the last position's output is read: a prefill runs the
+        # rest of that layer (attention, o, MLP) for one query per row
+        first = S - 1 if S > 1 and i == len(layers) - 1 else 0
+        if kernels is not None:
+            att = native.attention(kernels, qkv, cos_table, sin_table, positions, keys[i], values[i], mask,
+                                   t.start, first, heads, scaling)
         else:
-            if kv_heads != heads:
-                k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+            att = _torch_attention(qkv, cos, sin, t, end, keys[i], values[i], mask, first, heads, kv_heads,
+                                   head_dim, scaling)
+        if first:
+            h, S = h[:, -1:].contiguous(), 1
         # in place where the operand is this call's own: fewer fresh multi-MB buffers in a prefill
-        h += linear(att.reshape(B, S, q_size), w_o, b_o)
-        gate, up = linear(_rms(h, w_post, eps), w_gu).chunk(2, dim=-1)
-        h += linear(F.silu(gate, inplace=True).mul_(up), w_down)
-    return linear(_rms(h[:, -1], norm_w, eps), lm_head)
+        x = _add_rms(h, linear(att.reshape(B, S, heads * head_dim), w_o, b_o), w_post, eps, kernels)
+        y = linear(_silu_mul(linear(x, w_gu), kernels), w_down)
+        x = _add_rms(h, y, layers[i + 1][0] if i + 1 < len(layers) else norm_w, eps, kernels)
+    return linear(x[:, -1], lm_head)
 
 
 def _decode_and_draw(*args, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,6 +256,8 @@ class FastDecoder:
                             packed_if_it_pays(w_gu), packed_if_it_pays(w_down))
                            for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers]
             self.lm_head = packed_if_it_pays(self.lm_head)
+        # eager float32 steps on CPU run the glue between the matmuls as C kernels, where they build
+        self._native = None if compiled or device.type != "cpu" or dtype != torch.float32 else native.kernels()
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         # eager steps read only written slots ([:length]); the compiled step reads the whole buffer under a
         # mask, and a masked NaN of uninitialised memory would still poison its weighted sum: zeros there
@@ -254,14 +296,23 @@ class FastDecoder:
         self.layers = folded
         self.lm_head = self.lm_head * (self.norm_w * root_h)[None]
         self.norm_w, self.scaling = None, 1.0
-        self.eps = torch.tensor((hidden * self.eps) ** 0.5, dtype=self.embed.dtype, device=self.embed.device)
+        self.root_h_eps = (hidden * self.eps) ** 0.5
+        self.eps = torch.tensor(self.root_h_eps, dtype=self.embed.dtype, device=self.embed.device)
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        """Eager: the model on `ids` at the next slots, attending over the buffer written so far."""
+        """Eager: the model on `ids` at the next slots, attending over the buffer written so far (under `mask`,
+        or, through the C kernels, under the key bias of padded prompts)."""
         start, end = self.length, self.length + ids.shape[1]
         self.length = end
-        return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, mask, *self._weights(),
-                           linear=self.linear)
+        weights, kernels = self._weights(), self._native if self._uses_kernels(ids.shape[1]) else None
+        if kernels is not None:
+            mask = self.bias.view(self.bias.shape[0], -1) if self.padded else None
+            weights = weights[:-2] + (self.root_h_eps, self.scaling)  # the kernels take ε as a float
+        return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, mask, *weights,
+                           linear=self.linear, kernels=kernels)
+
+    def _uses_kernels(self, positions_per_row: int) -> bool:
+        return self._native is not None and positions_per_row <= FUSED_PREFILL_MAX
 
     def _weights(self) -> tuple:
         return (self.layers, self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads,
@@ -294,12 +345,14 @@ class FastDecoder:
         valid = attention.bool()
         self.bias[:, 0, 0, :W] = torch.zeros_like(self.bias[:, 0, 0, :W]).masked_fill_(~valid, float("-inf"))
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        self._next_position = positions[:, -1:] + 1
+        if self._uses_kernels(W):  # the attention kernel is causal and reads self.bias
+            return self._forward(input_ids, positions, None)
         causal = torch.ones(W, W, dtype=torch.bool, device=input_ids.device).tril()
         # padded queries may see themselves, so no attention row is empty (their outputs are never used)
         allowed = (causal & valid[:, None, None, :]) | torch.eye(W, dtype=torch.bool, device=input_ids.device)
         mask = torch.zeros(allowed.shape, dtype=self.bias.dtype, device=input_ids.device)
         mask.masked_fill_(~allowed, float("-inf"))
-        self._next_position = positions[:, -1:] + 1
         return self._forward(input_ids, positions, mask)
 
     def keep(self, rows: Tensor) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from outrider.policy import fast_decode
+from outrider.policy import fast_decode, native
 from outrider.policy.draw import draw_with_stats, inverse_cdf
 from outrider.policy.model import Policy
 from outrider.policy.shared_prefix import cache_argument
@@ -59,12 +59,16 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generator,
+               kernels=None) -> tuple[Tensor, Tensor, Tensor]:
     """Token, behaviour log-prob and entropy per row from the next-token logits [B, V]: greedy at temperature 0,
-    else `draw.inverse_cdf` (after top-k/top-p); the log-prob and entropy are the unfiltered distribution's."""
+    else `draw.inverse_cdf` (after top-k/top-p); the log-prob and entropy are the unfiltered distribution's.
+    `kernels` (`native.kernels()`, for float32 CPU logits) runs the plain draw as one C call."""
     uniform = None if params.temperature <= 0 else torch.rand((logits.shape[0], 1), generator=generator,
                                                               device=logits.device)
     if uniform is not None and not (params.top_k or params.top_p < 1.0):
+        if kernels is not None:
+            return native.draw(kernels, logits, params.temperature, uniform)
         return draw_with_stats(logits, params.temperature, uniform)
     log_p = torch.log_softmax(logits.float() / max(params.temperature, 1e-6), dim=-1)
     probs = log_p.exp()
@@ -152,8 +156,9 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     fused_draw = use_fast and params.compile and params.temperature > 0 and not (params.top_k or params.top_p < 1)
     drawn = None
     logits = stepper.prefill(input_ids, attention, rows)
+    kernels = native.kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
     for t in range(n_new):
-        token, logprob, entropy = drawn if drawn is not None else _draw_step(logits, params, generator)
+        token, logprob, entropy = drawn if drawn is not None else _draw_step(logits, params, generator, kernels)
         token = token.masked_fill(done, policy.pad_id)
         out_ids[rows_of, t] = token
         out_lp[rows_of, t] = logprob
