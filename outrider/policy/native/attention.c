@@ -36,27 +36,47 @@ static inline void prefetch_row(const float *x, int D) {
     for (int d = 0; d < D; d += 16) __builtin_prefetch(x + d, 0, 1);
 }
 
-/* softmax(q k_j + bias_j) over j < T, then the weighted sum of the v_j into dst[D] */
-static void attend_one(const float *q, const float *k, const float *v, const float *bias, int T, int D,
-                       float *scores, float *dst, const float *k_next, const float *v_next) {
-    float top = -INFINITY;
+/* softmax(q k_j + bias_j) over j < T, then the weighted sum of the v_j into dst[D]. Always inlined, so that each
+ * call site of `attention` with a constant head size gets a copy whose loops the compiler unrolls and keeps in
+ * registers; keys are taken four at a time (four independent dot products). */
+static inline __attribute__((always_inline)) void attend_one(const float *q, const float *k, const float *v,
+                                                             const float *bias, int T, int D, float *scores,
+                                                             float *dst, const float *k_next, const float *v_next) {
     const int ahead = PREFETCH_ROWS;
-    for (int j = 0; j < T; j++) {
+    int j = 0;
+    for (; j + 4 <= T; j += 4) {
+        const float *k0 = k + (int64_t)j * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        for (int r = 0; r < 4; r++)
+            prefetch_row(j + r + ahead < T ? k + (int64_t)(j + r + ahead) * D
+                                           : k_next + (int64_t)(j + r + ahead - T) * D, D);
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int d = 0; d < D; d++) {
+            s0 += q[d] * k0[d];
+            s1 += q[d] * k1[d];
+            s2 += q[d] * k2[d];
+            s3 += q[d] * k3[d];
+        }
+        scores[j] = s0, scores[j + 1] = s1, scores[j + 2] = s2, scores[j + 3] = s3;
+    }
+    for (; j < T; j++) {
         const float *kj = k + (int64_t)j * D;
-        prefetch_row(j + ahead < T ? k + (int64_t)(j + ahead) * D : k_next + (int64_t)(j + ahead - T) * D, D);
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int d = 0; d < D; d++) s += q[d] * kj[d];
-        if (bias) s += bias[j];
         scores[j] = s;
-        if (s > top) top = s;
+    }
+    float top = -INFINITY;
+    for (j = 0; j < T; j++) {
+        if (bias) scores[j] += bias[j];
+        if (scores[j] > top) top = scores[j];
     }
     for (int d = 0; d < D; d++) dst[d] = 0.0f;
     if (top == -INFINITY) return;
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-    for (int j = 0; j < T; j++) total += (scores[j] = expf(scores[j] - top));
-    for (int j = 0; j < T; j++) {
+    for (j = 0; j < T; j++) total += (scores[j] = expf(scores[j] - top));
+    for (j = 0; j < T; j++) {
         const float p = scores[j];
         if (p == 0.0f) continue;  /* a masked slot: its key and value are never read into the sum */
         const float *vj = v + (int64_t)j * D;
@@ -96,8 +116,14 @@ int attention(const float *qkv, const float *cos_table, const float *sin_table, 
             const int64_t pos = positions[(int64_t)b * S + s];
             for (int h = g * group; h < (g + 1) * group; h++) {
                 rope(x + h * D, cos_table + pos * D, sin_table + pos * D, D, scale, q);
-                attend_one(q, k, v, row_bias, start + s + 1, D, scores,
-                           out + ((int64_t)b * n_out + (s - first)) * H * D + h * D, k_next, v_next);
+                float *dst = out + ((int64_t)b * n_out + (s - first)) * H * D + h * D;
+                const int T = start + s + 1;
+                switch (D) {  /* the common head sizes, specialised */
+                    case 32: attend_one(q, k, v, row_bias, T, 32, scores, dst, k_next, v_next); break;
+                    case 64: attend_one(q, k, v, row_bias, T, 64, scores, dst, k_next, v_next); break;
+                    case 128: attend_one(q, k, v, row_bias, T, 128, scores, dst, k_next, v_next); break;
+                    default: attend_one(q, k, v, row_bias, T, D, scores, dst, k_next, v_next);
+                }
             }
         }
         free(scores);
