@@ -186,3 +186,13 @@ def test_ignore_eos_generates_exactly_max_new_tokens(policy):
     assert all(s.finish_reason == "length" for s in out)
     assert policy.eos_id in out[0].ids + out[1].ids
     assert len(plain[0].ids) < 12 and plain[0].finish_reason == "stop"
+
+
+def test_decode_batch_equals_decode_one_by_one(policy, monkeypatch):
+    """The backend's batch decode (special tokens dropped), and the per-sequence path when the tokenizer cleans up
+    spaces, which the backend would not."""
+    seqs = [[policy.bos_id] + policy.encode("ab c") + [policy.eos_id, policy.pad_id], [], policy.encode(" x  y ")]
+    one_by_one = [policy.decode(s) for s in seqs]
+    assert policy.decode_batch(seqs) == one_by_one == ["ab c", "", " x  y "]
+    monkeypatch.setattr(policy.tokenizer, "clean_up_tokenization_spaces", True)
+    assert policy.decode_batch(seqs) == [policy.decode(s) for s in seqs]

@@ -193,10 +193,10 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     samples = []
     ids_rows, lp_rows, h_rows = out_ids.tolist(), out_lp.tolist(), out_h.tolist()
     lengths, stopped = out_live.sum(1).tolist(), out_stop.any(1).tolist()
+    decoded = policy.decode_batch([ids_rows[i][:lengths[i]] for i in range(B)])
     for i in range(B):
         n = lengths[i]
-        ids = ids_rows[i][:n]
-        text = policy.decode(ids)
+        ids, text = ids_rows[i][:n], decoded[i]
         if params.stop:
             cut = min((text.find(s) + len(s) for s in params.stop if s in text), default=len(text))
             text = text[:cut]
