@@ -112,8 +112,11 @@ def bench_sampler(reps: int, batch: int, prompt_len: int, new_tokens: int, peak:
             fn(policy, prompts, new_tokens)
         tok_s: dict[str, list[float]] = {k: [] for k in SAMPLER_PATHS}
         ceilings = []
-        for _ in range(reps):
-            for label, fn in SAMPLER_PATHS.items():
+        paths = list(SAMPLER_PATHS.items())
+        for rep in range(reps):
+            # each repetition starts the round one path later, so that no path always runs after the same one
+            # (a path inherits its predecessor's cache and allocator state)
+            for label, fn in paths[rep % len(paths):] + paths[:rep % len(paths)]:
                 secs, toks = fn(policy, prompts, new_tokens)
                 tok_s[label].append(toks / secs)
             ceilings.append(matmul_ceiling(policy, batch, prompt_len, new_tokens))

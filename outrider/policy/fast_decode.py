@@ -1,6 +1,8 @@
 """A lean decoding step for Llama-family HF models (llama, qwen2, mistral): the same math as the HF forward with
 the per-token overhead removed — fused q/k/v and gate/up projections, a preallocated static KV buffer written in
-place, one attention call per layer, and no cache objects or mask builders in the loop.
+place, one attention call per layer, and no cache objects or mask builders in the loop. On x86 CPUs in float32
+the glue between the matmuls (RoPE, KV write and attention; residual add and RMSNorm; silu·up) runs as small C
+kernels (`outrider.policy.native`), where the machine's compiler builds them.
 
 It reads the HF model's own weights (rebuilt per sampling call, so it always sees the current policy) and uses the
 model's own rotary-embedding module, so RoPE variants the config selects are honoured. Anything else (other
@@ -103,8 +105,9 @@ def _torch_attention(qkv: Tensor, cos: Tensor, sin: Tensor, t: Tensor | slice, e
 
 
 def _add_rms(h: Tensor, y: Tensor | None, weight: Tensor | None, eps: float | Tensor, kernels) -> Tensor:
-    """`h += y` in place (h is the forward's own residual stream; y None: no add), then `_rms(h)`; through the
-    C kernel where `kernels` is given (float32, folded norms: `eps` is then the float sqrt(H·ε))."""
+    """`h += y` in place (h is the forward's own residual stream, so no fresh multi-MB buffer in a prefill; y None:
+    no add), then `_rms(h)`; through the C kernel where `kernels` is given (float32, folded norms: `eps` is then
+    the float sqrt(H·ε))."""
     if kernels is not None:
         return native.add_rms(kernels, h, y, eps * eps)
     if y is not None:
@@ -152,7 +155,6 @@ def _run_layers(ids: Tensor, positions: Tensor, t: Tensor | slice, end: int, key
                                    head_dim, scaling)
         if first:
             h, S = h[:, -1:].contiguous(), 1
-        # in place where the operand is this call's own: fewer fresh multi-MB buffers in a prefill
         x = _add_rms(h, linear(att.reshape(B, S, heads * head_dim), w_o, b_o), w_post, eps, kernels)
         y = linear(_silu_mul(linear(x, w_gu), kernels), w_down)
         x = _add_rms(h, y, layers[i + 1][0] if i + 1 < len(layers) else norm_w, eps, kernels)

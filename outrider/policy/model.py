@@ -170,12 +170,14 @@ class Policy(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def decode_batch(self, seqs: list[list[int]]) -> list[str]:
-        """`decode` of each sequence: one call into a fast tokenizer's Rust backend where the wrapper would add
-        nothing (no clean-up of spaces), which saves the wrapper's per-call Python work (about 9 µs a sequence)."""
+        """`decode` of each sequence, straight through a fast tokenizer's Rust backend where the wrapper would
+        add nothing (no clean-up of spaces): a quarter of the wrapper's per-call Python cost. One sequence per
+        call, not the backend's `decode_batch`, whose thread pool fights PyTorch's busy threads (2 ms for 128
+        short sequences in a GRPO step, against 0.1 ms)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
             return [self.decode(s) for s in seqs]
-        return backend.decode_batch(seqs, skip_special_tokens=True)
+        return [backend.decode(s, skip_special_tokens=True) for s in seqs]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,9 +2,10 @@
 through ctypes.
 
 Built once per machine (about a second) into ``$XDG_CACHE_HOME/outrider/native`` (default ``~/.cache``), under a
-name that hashes the source, the compiler's version and the flags, so an edit or another CPU rebuilds. OpenMP
-regions run on the OpenMP runtime PyTorch has already loaded (its wheels bundle libgomp under the same soname),
-so the kernels share PyTorch's threads instead of starting their own.
+name that hashes the sources, the compiler's version, the flags and the CPU's features, so an edit, another
+compiler or another CPU rebuilds. OpenMP regions run on the OpenMP runtime PyTorch has already loaded (its Linux
+wheels bundle libgomp under the system's soname), so the kernels share PyTorch's threads instead of starting
+their own.
 
 Everything here is optional: with no compiler, a failed build, a non-x86 machine or ``OUTRIDER_NATIVE=0``,
 `kernels()` returns None and callers keep their PyTorch path. Set ``OUTRIDER_NATIVE=1`` to have a failed build
@@ -54,11 +55,21 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "outrider" / "native"
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), part of the build's name: the library is built for this CPU
+    (-march=native), and a cache directory shared with an older CPU must not hand it over."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build(cc: str) -> Path:
     here = Path(__file__).parent
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256()
-    for part in [version, platform.machine(), *FLAGS, *(here / s for s in SOURCES + HEADERS)]:
+    for part in [version, platform.machine(), _cpu_flags(), *FLAGS, *(here / s for s in SOURCES + HEADERS)]:
         digest.update(part.read_bytes() if isinstance(part, Path) else part.encode())
     target = _cache_dir() / f"outrider_kernels_{digest.hexdigest()[:16]}.so"
     if target.exists():
