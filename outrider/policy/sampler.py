@@ -126,11 +126,13 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     model.eval()
     B, n_new = len(prompts), params.max_new_tokens
     width = max(len(p) for p in prompts)
+    # read once: each read goes through the HF tokenizer's attribute lookup (tens of µs)
+    pad_id, eos_id = policy.pad_id, policy.eos_id
     # a group's rows share their prompt: prefill each distinct prompt once
     distinct: dict[tuple[int, ...], int] = {}
     prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     rows = torch.tensor(prompt_of_row, device=device) if len(distinct) < B else None
-    input_ids = torch.full((len(distinct), width), policy.pad_id, dtype=torch.long, device=device)
+    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long, device=device)
     attention = torch.zeros(len(distinct), width, dtype=torch.long, device=device)
     for i, p in enumerate(distinct):
         input_ids[i, width - len(p):] = torch.tensor(p, device=device)
@@ -139,7 +141,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     stepper = (fast_decode.FastDecoder(model, B, width + n_new, compiled=params.compile) if use_fast
                else _HFStepper(model, B, width, n_new, device))
 
-    out_ids = torch.full((B, n_new), policy.pad_id, dtype=torch.long, device=device)
+    out_ids = torch.full((B, n_new), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, n_new, device=device)
     out_h = torch.zeros(B, n_new, device=device)
     # per step, whether a row was still generating and whether it stopped there (one write each per step;
@@ -159,13 +161,13 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     kernels = native.kernels() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
     for t in range(n_new):
         token, logprob, entropy = drawn if drawn is not None else _draw_step(logits, params, generator, kernels)
-        token = token.masked_fill(done, policy.pad_id)
+        token = token.masked_fill(done, pad_id)
         out_ids[rows_of, t] = token
         out_lp[rows_of, t] = logprob
         # behaviour entropy costs one more vocab-sized reduction; entropy regulators and diagnostics read it
         out_h[rows_of, t] = entropy
         out_live[rows_of, t] = live
-        hit_eos = live & (token == policy.eos_id) if not params.ignore_eos else torch.zeros_like(live)
+        hit_eos = live & (token == eos_id) if not params.ignore_eos else torch.zeros_like(live)
         if params.stop:
             for i in live.nonzero().flatten().tolist():
                 row = i if isinstance(rows_of, slice) else int(rows_of[i])
