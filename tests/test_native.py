@@ -70,11 +70,21 @@ def test_kernel_equals_the_pytorch_ops(S, start, first, padded):
 
 
 @needs_kernel
-def test_kernel_refuses_strided_operands():
+def test_kernels_refuse_operands_they_cannot_read():
+    """Strided or non-float32 operands get a clear error, never a wrong read of their memory."""
     ops = operands()
     with pytest.raises(ValueError, match="contiguous"):
         native.attention(lib, ops["qkv"][:, ::2], ops["cos"], ops["sin"], ops["positions"][:, ::2], ops["keys"],
                          ops["values"], None, 0, 0, heads=4, scale=1.0)
+    with pytest.raises(ValueError, match="float32"):
+        native.attention(lib, ops["qkv"].double(), ops["cos"], ops["sin"], ops["positions"], ops["keys"],
+                         ops["values"], None, 0, 0, heads=4, scale=1.0)
+    with pytest.raises(ValueError, match="float32"):
+        native.draw(lib, torch.randn(2, 5, dtype=torch.float64), 1.0, torch.rand(2, 1))
+    with pytest.raises(ValueError, match="float32"):
+        native.add_rms(lib, torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64), 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.silu_mul(lib, torch.randn(4, 6).t())
 
 
 def test_switched_off_or_without_a_compiler_the_callers_keep_pytorch(monkeypatch, caplog):

@@ -126,7 +126,7 @@ def sample(policy: Policy, prompts: list[list[int]], params: SamplingParams, gen
     model.eval()
     B, n_new = len(prompts), params.max_new_tokens
     width = max(len(p) for p in prompts)
-    # read once: each read goes through the HF tokenizer's attribute lookup (tens of µs)
+    # read once: each read is a lookup in the HF tokenizer
     pad_id, eos_id = policy.pad_id, policy.eos_id
     # a group's rows share their prompt: prefill each distinct prompt once
     distinct: dict[tuple[int, ...], int] = {}

@@ -126,7 +126,6 @@ def kernels() -> ctypes.CDLL | None:
         return _loaded["lib"]
 
 
-
 def attention(lib: ctypes.CDLL, qkv: Tensor, cos_table: Tensor, sin_table: Tensor, positions: Tensor,
               keys: Tensor, values: Tensor, bias: Tensor | None, start: int, first: int, heads: int,
               scale: float) -> Tensor:
@@ -135,9 +134,12 @@ def attention(lib: ctypes.CDLL, qkv: Tensor, cos_table: Tensor, sin_table: Tenso
     [B, S - first, heads·D]. Every operand must be float32 and C-contiguous (`bias` [B, L] rows: batch stride L)."""
     B, S = qkv.shape[:2]
     kv_heads, L, D = keys.shape[1:]
-    if not (all(x.is_contiguous() for x in (qkv, cos_table, sin_table, positions, keys, values))
-            and (bias is None or bias.stride() == (L, 1)) and positions.dtype == torch.int64):
-        raise ValueError("native.attention: operands must be contiguous (bias: [B, L] rows), positions int64")
+    floats = (qkv, cos_table, sin_table, keys, values) + (() if bias is None else (bias,))
+    if not (all(x.is_contiguous() for x in floats[:5] + (positions,)) and positions.dtype == torch.int64
+            and all(x.dtype == torch.float32 and x.is_cpu for x in floats)
+            and (bias is None or bias.stride() == (L, 1))):
+        raise ValueError("native.attention: operands must be float32 CPU tensors, contiguous (bias: [B, L] rows), "
+                         "positions int64")
     out = torch.empty(B, S - first, heads * D, dtype=qkv.dtype, device=qkv.device)
     failed = lib.attention(qkv.data_ptr(), cos_table.data_ptr(), sin_table.data_ptr(), positions.data_ptr(),
                            keys.data_ptr(), values.data_ptr(), 0 if bias is None else bias.data_ptr(),
@@ -152,8 +154,9 @@ def draw(lib: ctypes.CDLL, logits: Tensor, temperature: float, uniform: Tensor) 
     """`draw.c`'s fused draw: token [B] (int64), its log-prob and the entropy [B] at `temperature` > 0, from
     float32 `logits` [B, V] (rows contiguous) and `uniform` [B, 1] in [0, 1)."""
     B, V = logits.shape
-    if logits.dtype != torch.float32 or logits.stride(1) != 1 or not uniform.is_contiguous():
-        raise ValueError("native.draw: logits must be float32 with contiguous rows, uniform contiguous")
+    if not (logits.dtype == uniform.dtype == torch.float32 and logits.is_cpu and uniform.is_cpu
+            and logits.stride(1) == 1 and uniform.is_contiguous()):
+        raise ValueError("native.draw: logits and uniform must be float32 CPU tensors, logits with contiguous rows")
     token = torch.empty(B, dtype=torch.int64)
     logprob, entropy = torch.empty(B), torch.empty(B)
     lib.draw(logits.data_ptr(), logits.stride(0), B, V, temperature, uniform.data_ptr(), token.data_ptr(),
@@ -164,8 +167,9 @@ def draw(lib: ctypes.CDLL, logits: Tensor, temperature: float, uniform: Tensor) 
 def add_rms(lib: ctypes.CDLL, h: Tensor, y: Tensor | None, eps2: float) -> Tensor:
     """`h += y` in place (y None: no add), then h / sqrt(Σh² + eps2) per row: the unit RMSNorm of a decoder
     that folded the norm's weight and √H into the next projection (eps2 = H·ε). `h`, `y` [..., H] contiguous."""
-    if not (h.is_contiguous() and (y is None or (y.is_contiguous() and y.shape == h.shape))):
-        raise ValueError("native.add_rms: h and y must be contiguous and of one shape")
+    if not (h.is_contiguous() and h.dtype == torch.float32 and h.is_cpu
+            and (y is None or (y.is_contiguous() and y.shape == h.shape and y.dtype == h.dtype))):
+        raise ValueError("native.add_rms: h and y must be contiguous float32 CPU tensors of one shape")
     out = torch.empty_like(h)
     lib.add_rms(h.data_ptr(), 0 if y is None else y.data_ptr(), out.data_ptr(), h.numel() // h.shape[-1],
                 h.shape[-1], eps2, torch.get_num_threads())
@@ -174,8 +178,8 @@ def add_rms(lib: ctypes.CDLL, h: Tensor, y: Tensor | None, eps2: float) -> Tenso
 
 def silu_mul(lib: ctypes.CDLL, gate_up: Tensor) -> Tensor:
     """silu(gate) · up for `gate_up` = [gate | up] along the last axis (contiguous): [..., I]."""
-    if not gate_up.is_contiguous():
-        raise ValueError("native.silu_mul: gate_up must be contiguous")
+    if not (gate_up.is_contiguous() and gate_up.dtype == torch.float32 and gate_up.is_cpu):
+        raise ValueError("native.silu_mul: gate_up must be a contiguous float32 CPU tensor")
     inner = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inner)
     lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], inner,
