@@ -1,4 +1,4 @@
-"""The C attention kernel (outrider/policy/native) against the PyTorch ops it replaces, and its fallbacks."""
+"""The C kernels (outrider/policy/native) against the PyTorch ops they replace, and their fallbacks."""
 
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def operands(B=3, S=5, heads=4, kv=2, D=8, L=12, start=4, seed=0):
 @needs_kernel
 @pytest.mark.parametrize("S, start, first", [(1, 7, 0), (5, 0, 0), (5, 0, 4), (3, 4, 1)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_kernel_equals_the_pytorch_ops(S, start, first, padded):
+@pytest.mark.parametrize("D", [8, 32, 64, 128])
+def test_kernel_equals_the_pytorch_ops(S, start, first, padded, D):
     """Decoding steps (S = 1) and prefills (start 0, and the last-layer case first = S - 1), grouped-query heads,
     a scale, and left padding as an additive -inf bias (row 1 fully padded up to slot 2: its first queries see
-    no key at all)."""
-    ops = operands(S=S, start=start)
+    no key at all); the head sizes the kernel specialises (32, 64, 128) and a generic one, with key counts that
+    leave a remainder after its blocks of four."""
+    ops = operands(S=S, start=start, D=D)
     bias = None
     if padded:
         bias = torch.zeros(3, 12)
@@ -63,7 +65,7 @@ def test_kernel_equals_the_pytorch_ops(S, start, first, padded):
                          heads=4, scale=0.5)
     got = native.attention(lib, ops["qkv"], ops["cos"], ops["sin"], ops["positions"], ops["keys"], ops["values"],
                            bias, start, first, heads=4, scale=0.5)
-    assert got.shape == (3, S - first, 32)
+    assert got.shape == (3, S - first, 4 * D)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ops["keys"], k_ref, atol=1e-6, rtol=1e-6)  # the new slots, and nothing else
     torch.testing.assert_close(ops["values"], v_ref, atol=0, rtol=0)
