@@ -306,19 +306,20 @@ class FastDecoder:
         or, through the C kernels, under the key bias of padded prompts)."""
         start, end = self.length, self.length + ids.shape[1]
         self.length = end
-        weights, kernels = self._weights(), self._native if self._uses_kernels(ids.shape[1]) else None
+        kernels = self._native if self._uses_kernels(ids.shape[1]) else None
         if kernels is not None:
             mask = self.bias.view(self.bias.shape[0], -1) if self.padded else None
-            weights = weights[:-2] + (self.root_h_eps, self.scaling)  # the kernels take ε as a float
+        # the kernels take ε as a float
+        weights = self._weights(eps=self.root_h_eps if kernels is not None else self.eps)
         return _run_layers(ids, positions, slice(start, end), end, self.k, self.v, mask, *weights,
                            linear=self.linear, kernels=kernels)
 
     def _uses_kernels(self, positions_per_row: int) -> bool:
         return self._native is not None and positions_per_row <= FUSED_PREFILL_MAX
 
-    def _weights(self) -> tuple:
+    def _weights(self, eps: float | Tensor | None = None) -> tuple:
         return (self.layers, self.embed, self.norm_w, self.lm_head, self.cos_table, self.sin_table, self.heads,
-                self.kv_heads, self.head_dim, self.eps, self.scaling)
+                self.kv_heads, self.head_dim, self.eps if eps is None else eps, self.scaling)
 
     def prefill(self, input_ids: Tensor, attention: Tensor, rows: Tensor | None = None) -> Tensor:
         """`input_ids` [U, W] left-padded, `attention` [U, W]; returns the last position's logits [B, V].
