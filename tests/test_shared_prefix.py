@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_cli_many, tiny_qwen2, write_recipe
-from outrider.policy import shared_prefix
+from outrider.policy import shared_prefix, unpadded
 from outrider.policy.model import Policy
 
 
@@ -37,29 +37,44 @@ def ragged_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, mask, torch.tensor(groups)
 
 
-@pytest.mark.parametrize("layout", ["packed", "cache"])
+@pytest.mark.parametrize("layout", ["unpadded", "packed", "cache"])
 @pytest.mark.parametrize("make", [llama, qwen2])
 def test_scores_and_gradients_equal_the_plain_forward(make, layout, monkeypatch):
     if layout == "cache":
         monkeypatch.setattr(shared_prefix, "PACKED_MAX_LEN", 0)
-    packed_calls = []
-    original = shared_prefix._forward_packed
+    if layout != "unpadded":
+        monkeypatch.setattr(unpadded, "available", lambda model: False)
+    packed_calls, unpadded_calls = [], []
+    original, original_unpadded = shared_prefix._forward_packed, unpadded.forward
     monkeypatch.setattr(shared_prefix, "_forward_packed", lambda *a: (packed_calls.append(1), original(*a))[1])
+    monkeypatch.setattr(unpadded, "forward", lambda *a: (unpadded_calls.append(1), original_unpadded(*a))[1])
     policy = make()
     with torch.no_grad():
         policy.value_head.weight.copy_(torch.randn(policy.value_head.weight.shape,
                                                    generator=torch.Generator().manual_seed(1)) * 0.5)
     ids, mask, groups = ragged_batch()
     assert shared_prefix.plan(ids, mask, groups) is not None
-    results = []
-    for g in (None, groups):
+    plain = score_and_gradients(policy, ids, mask, None, padded=True)
+    shared = score_and_gradients(policy, ids, mask, groups)
+    assert len(packed_calls) == (layout != "cache") and len(unpadded_calls) == (layout == "unpadded")
+    assert_same_scores_and_gradients(plain, shared, mask)
+
+
+def score_and_gradients(policy, ids, mask, groups, padded=False):
+    """Scores and parameter gradients of one scoring forward; `padded`: the plain padded HF forward, not the
+    unpadded one."""
+    with pytest.MonkeyPatch.context() as m:
+        if padded:
+            m.setattr(unpadded, "MIN_PADDING_SHARE", 1.0)
         policy.zero_grad()
-        s = policy.score(ids, mask, 0.7, entropy=True, values=True, hidden=True, logits=True, groups=g)
-        m = mask.float()
-        (s.logprobs * m).sum().add((s.entropy * m).sum()).add((s.values * m).sum()).backward()
-        results.append((s, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
-    assert len(packed_calls) == (layout == "packed")
-    (plain, plain_grad), (shared, shared_grad) = results
+        s = policy.score(ids, mask, 0.7, entropy=True, values=True, hidden=True, logits=True, groups=groups)
+        w = mask.float()
+        (s.logprobs * w).sum().add((s.entropy * w).sum()).add((s.values * w).sum()).backward()
+    return s, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+
+def assert_same_scores_and_gradients(a, b, mask):
+    (plain, plain_grad), (shared, shared_grad) = a, b
     real = mask.bool()
     for field in ("logprobs", "entropy", "values"):
         assert torch.allclose(getattr(plain, field)[real], getattr(shared, field)[real], atol=1e-5), field
@@ -104,6 +119,44 @@ def test_plan_splits_each_group_at_its_common_prefix():
     flat_prefix = 2 * 3
     assert int(p.gather[0, 4]) == flat_prefix + 0 * 3 + 1
     assert int(p.gather[4, 1]) == 0 * 3 + 1
+
+
+@pytest.mark.parametrize("make", [llama, qwen2])
+def test_unpadded_plain_forward_equals_the_padded_one(make):
+    """Without groups, a padded batch's forward runs on its real tokens (one sequence) and gives the padded
+    forward's scores and gradients."""
+    policy = make()
+    ids, mask, _ = ragged_batch()
+    assert unpadded.rows_forward(policy.model, ids, mask, False) is not None
+    padded = score_and_gradients(policy, ids, mask, None, padded=True)
+    assert_same_scores_and_gradients(padded, score_and_gradients(policy, ids, mask, None), mask)
+    # no padding: the plain padded forward, as is
+    assert unpadded.rows_forward(policy.model, ids[:, :3], mask[:, :3], False) is None
+
+
+def test_unpadded_forward_runs_the_real_tokens_only_and_falls_back_when_kwargs_do_not_reach_attention(monkeypatch):
+    """The model sees one sequence of the packed groups' real tokens; a model whose forward drops the extra
+    keyword argument is detected on its first call, and the padded packed forward then runs (same scores)."""
+    policy = llama()
+    ids, mask, groups = ragged_batch()
+    seen = []
+    forward = policy.model.forward
+    monkeypatch.setattr(policy.model, "forward", lambda **kw: (seen.append(kw["input_ids"].shape), forward(**kw))[1])
+    with torch.no_grad():
+        expected = policy.score(ids, mask, groups=groups).logprobs
+    p = shared_prefix.plan(ids, mask, groups)
+    layout = shared_prefix.packed_layout(p, torch.float32)
+    assert seen == [(1, int(layout.real.sum()))] and int(layout.real.sum()) < layout.real.numel()
+
+    monkeypatch.setattr(unpadded, "_models_without_kwargs", set())
+    monkeypatch.setattr(policy.model, "forward",
+                        lambda **kw: (seen.append(kw["input_ids"].shape),
+                                      forward(**{k: v for k, v in kw.items() if k != "outrider_grid"}))[1])
+    with torch.no_grad():
+        got = policy.score(ids, mask, groups=groups).logprobs
+    assert seen[1:] == [(1, int(layout.real.sum())), tuple(layout.ids.shape)]  # tried, then the padded layout
+    assert not unpadded.available(policy.model)
+    assert torch.allclose(got[mask.bool()], expected[mask.bool()], atol=1e-5)
 
 
 def test_plan_declines_when_little_is_shared():

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from outrider.errors import OutriderError
-from outrider.policy import shared_prefix
+from outrider.policy import shared_prefix, unpadded
 from outrider.policy.tokenizer import build_char_tokenizer
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -189,6 +189,9 @@ class Policy(nn.Module):
             out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
             if out is not None:
                 return out
+        unpadded_out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
+        if unpadded_out is not None:
+            return unpadded_out
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
         return out.logits, (out.hidden_states[-1] if need_hidden else None)

@@ -12,7 +12,8 @@ Two layouts compute it:
 - **packed** (Llama-family models, `fast_decode.supports`, when each group fits in ``PACKED_MAX_LEN`` tokens): each
   group becomes one sequence, its prefix followed by every row's suffix, under a tree mask (a suffix token sees
   the prefix and the earlier tokens of its own suffix) with each token at its original position id. One model
-  call, and no padding between a group's suffixes.
+  call, and no padding between a group's suffixes; where `unpadded` applies, the padding after short groups is
+  not computed either (only attention sees the [G, L] grid).
 - **cache**: the prefix runs once, its KV cache is index_select'ed to the group's rows, and the suffixes (padded to
   the longest) run against it. Any HF causal LM whose cache is a plain per-layer key/value cache qualifies.
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from outrider.policy import fast_decode
+from outrider.policy import fast_decode, unpadded
 
 # below this share of saved tokens the second model call costs more than it saves
 MIN_SAVED_SHARE = 0.1
@@ -107,6 +108,7 @@ class PackedLayout:
     positions: Tensor  # [G, L] each token's position id in its own sequence
     mask: Tensor  # [G, 1, L, L] additive: 0 where a query may attend to a key, the dtype's minimum elsewhere
     gather: Tensor  # [B, T] index of each (row, position) into the flattened [G·L] outputs
+    real: Tensor  # [G, L] bool: the slot holds a token (not padding)
 
 
 def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None) -> PackedLayout | None:
@@ -145,7 +147,7 @@ def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None)
     t = torch.minimum(torch.arange(T)[None], (per_row + suffix_len - 1)[:, None])  # padding: the row's last token
     base = p.row_group[:, None] * L
     gather = torch.where(t < per_row[:, None], base + t, base + start[:, None] + t - per_row[:, None])
-    return PackedLayout(ids, positions, mask, gather)
+    return PackedLayout(ids, positions, mask, gather, segment >= 0)
 
 
 def _lay_out(outputs: Tensor, index: Tensor) -> Tensor:
@@ -155,6 +157,12 @@ def _lay_out(outputs: Tensor, index: Tensor) -> Tensor:
 
 def _forward_packed(model: nn.Module, layout: PackedLayout, hidden: bool) -> tuple[Tensor, Tensor | None]:
     device = next(model.parameters()).device
+    if unpadded.available(model):  # the per-token work on the real tokens only, not the groups' padding
+        out = unpadded.forward(model, layout.ids, layout.positions, layout.mask, layout.real, hidden)
+        if out is not None:
+            logits, states, row_of_slot = out
+            index = row_of_slot[layout.gather.to(device)]
+            return _lay_out(logits, index), (_lay_out(states, index) if hidden else None)
     out = model(input_ids=layout.ids.to(device), attention_mask=layout.mask.to(device),
                 position_ids=layout.positions.to(device), use_cache=False, output_hidden_states=hidden)
     index = layout.gather.to(device)
