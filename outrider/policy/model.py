@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from outrider.errors import OutriderError
 from outrider.policy import shared_prefix, unpadded
+from outrider.policy.outputs import RowOutputs
 from outrider.policy.tokenizer import build_char_tokenizer
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -183,18 +184,18 @@ class Policy(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, need_hidden: bool,
-                 groups: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                 groups: Tensor | None) -> RowOutputs:
         if groups is not None:
             p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
             out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
             if out is not None:
                 return out
-        unpadded_out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
-        if unpadded_out is not None:
-            return unpadded_out
+        out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
+        if out is not None:
+            return out
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
-        return out.logits, (out.hidden_states[-1] if need_hidden else None)
+        return RowOutputs.dense(out.logits, out.hidden_states[-1] if need_hidden else None)
 
     # --- the scoring forward --------------------------------------------------------------------------------
     def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
@@ -204,28 +205,37 @@ class Policy(nn.Module):
         the entropy of that distribution, value-head predictions and hidden states.
 
         With `groups` (an id per row, e.g. the GRPO group), rows of a group that start with the same tokens share
-        one forward of that prefix (`shared_prefix`); the results are the same up to float rounding."""
+        one forward of that prefix (`shared_prefix`); the results are the same up to float rounding. The
+        vocab-sized work (log-normaliser, entropy) runs once per position the forward computed (`RowOutputs`),
+        and each (sequence, position) then reads its row."""
+        B, T = input_ids.shape
         need_hidden = values or hidden
-        model_logits, last_hidden = self._forward(input_ids, attention_mask, need_hidden, groups)
-        scaled = model_logits[:, :-1].float() / temperature
+        out = self._forward(input_ids, attention_mask, need_hidden, groups)
+        scaled = out.logits.float()
+        if temperature != 1.0:
+            scaled = scaled / temperature
+        vocab = scaled.shape[-1]
+        # position t is predicted by the outputs at t - 1
+        before = out.index[:, :-1].reshape(-1)
+
+        def per_token(x: Tensor) -> Tensor:  # [M, ...] rows -> [B, T, ...], shifted right (position 0: zeros)
+            return _shift_right(x.index_select(0, before).view(B, T - 1, *x.shape[1:]))
+
         log_norm = torch.logsumexp(scaled, dim=-1)
-        target = input_ids[:, 1:].unsqueeze(-1)
-        token_lp = scaled.gather(-1, target).squeeze(-1) - log_norm
-        logprobs = _shift_right(token_lp)
-        result = Scores(logprobs=logprobs)
+        # index_select on flat indices, not advanced indexing: its backward sums in a fixed order on 2+ threads
+        picked = scaled.reshape(-1).index_select(0, before * vocab + input_ids[:, 1:].reshape(-1))
+        token_lp = picked.view(B, T - 1) - log_norm.index_select(0, before).view(B, T - 1)
+        result = Scores(logprobs=_shift_right(token_lp))
         if entropy:
-            probs = torch.softmax(scaled, dim=-1)
-            result.entropy = _shift_right(log_norm - (probs * scaled).sum(-1))
+            result.entropy = per_token(log_norm - (torch.softmax(scaled, dim=-1) * scaled).sum(-1))
         if logits:
-            result.logits = _shift_right(scaled)
-        if need_hidden:
-            h = last_hidden[:, :-1]
-            if hidden:
-                result.hidden = torch.cat([torch.zeros_like(h[:, :1]), h], dim=1)
-            if values:
-                if self.value_head is None:
-                    raise RuntimeError("values requested from a policy without a value head")
-                result.values = _shift_right(self.value_head(h).squeeze(-1))
+            result.logits = per_token(scaled)
+        if hidden:
+            result.hidden = per_token(out.hidden)
+        if values:
+            if self.value_head is None:
+                raise RuntimeError("values requested from a policy without a value head")
+            result.values = per_token(self.value_head(out.hidden).squeeze(-1))
         return result
 
 

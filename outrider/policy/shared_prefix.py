@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from outrider.policy import fast_decode, unpadded
+from outrider.policy.outputs import RowOutputs
 
 # below this share of saved tokens the second model call costs more than it saves
 MIN_SAVED_SHARE = 0.1
@@ -150,23 +151,17 @@ def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None)
     return PackedLayout(ids, positions, mask, gather, segment >= 0)
 
 
-def _lay_out(outputs: Tensor, index: Tensor) -> Tensor:
-    flat = outputs.reshape(-1, outputs.shape[-1])
-    return flat.index_select(0, index.flatten()).view(*index.shape, flat.shape[-1])
-
-
-def _forward_packed(model: nn.Module, layout: PackedLayout, hidden: bool) -> tuple[Tensor, Tensor | None]:
+def _forward_packed(model: nn.Module, layout: PackedLayout, hidden: bool) -> RowOutputs:
     device = next(model.parameters()).device
     if unpadded.available(model):  # the per-token work on the real tokens only, not the groups' padding
         out = unpadded.forward(model, layout.ids, layout.positions, layout.mask, layout.real, hidden)
         if out is not None:
             logits, states, row_of_slot = out
-            index = row_of_slot[layout.gather.to(device)]
-            return _lay_out(logits, index), (_lay_out(states, index) if hidden else None)
+            return RowOutputs(logits, states, row_of_slot[layout.gather.to(device)])
     out = model(input_ids=layout.ids.to(device), attention_mask=layout.mask.to(device),
                 position_ids=layout.positions.to(device), use_cache=False, output_hidden_states=hidden)
-    index = layout.gather.to(device)
-    return _lay_out(out.logits, index), (_lay_out(out.hidden_states[-1], index) if hidden else None)
+    flat = RowOutputs.dense(out.logits, out.hidden_states[-1] if hidden else None)
+    return RowOutputs(flat.logits, flat.hidden, layout.gather.to(device))
 
 
 def _plain_cache(cache: object) -> bool:
@@ -190,9 +185,10 @@ def _expand(cache: object, rows: Tensor) -> None:
             cache.value_cache[i] = cache.value_cache[i].index_select(0, rows)
 
 
-def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tensor | None] | None:
-    """Logits [B, T, V] (and last-layer hidden states [B, T, H] if `hidden`) as the plain forward lays them out;
-    None when the model's cache is not a plain key/value cache. Packed layout where it applies, else the cache."""
+def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> RowOutputs | None:
+    """Logits (and last-layer hidden states if `hidden`) of the plan's computed positions, indexed by (row,
+    position) of the plain layout; None when the model's cache is not a plain key/value cache. Packed layout where
+    it applies, else the cache."""
     if fast_decode.supports(model) and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
         layout = packed_layout(p, next(model.parameters()).dtype)
         if layout is not None:
@@ -209,11 +205,9 @@ def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> tuple[Tensor, Tens
     mask = torch.cat([p.prefix_mask[p.row_group], p.suffix_mask], dim=1).to(device)
     second = model(input_ids=p.suffix_ids.to(device), attention_mask=mask, position_ids=p.suffix_positions.to(device),
                    use_cache=True, output_hidden_states=hidden, **{arg: cache})
-    index = p.gather.to(device)
 
-    def lay_out(a: Tensor, b: Tensor) -> Tensor:
-        return _lay_out(torch.cat([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])]), index)
+    def rows(a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])])
 
-    logits = lay_out(first.logits, second.logits)
-    states = lay_out(first.hidden_states[-1], second.hidden_states[-1]) if hidden else None
-    return logits, states
+    states = rows(first.hidden_states[-1], second.hidden_states[-1]) if hidden else None
+    return RowOutputs(rows(first.logits, second.logits), states, p.gather.to(device))

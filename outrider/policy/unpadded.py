@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.policy import fast_decode
+from outrider.policy.outputs import RowOutputs
 
 ATTENTION = "outrider_unpadded"
 # below this share of padding a plain batch runs padded: the gathers would cost more than the padding
@@ -113,12 +114,11 @@ def forward(model: nn.Module, ids: Tensor, positions: Tensor, mask: Tensor, real
     return out.logits[0], (out.hidden_states[-1][0] if hidden else None), grid.token_of_slot
 
 
-def rows_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                 hidden: bool) -> tuple[Tensor, Tensor | None] | None:
+def rows_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, hidden: bool) -> RowOutputs | None:
     """The plain forward of a padded batch ``[B, T]`` (each row causal over its own real tokens, position ids
-    ``0..T-1`` as the plain forward gives them) on its real tokens only: logits ``[B, T, V]`` and the last hidden
-    states ``[B, T, H]`` if `hidden`, the padding positions holding another position's outputs. None when it does
-    not apply: too little padding (`MIN_PADDING_SHARE`), a mask over `MASK_BUDGET`, or `available` says no."""
+    ``0..T-1`` as the plain forward gives them) on its real tokens only; padding positions read another
+    position's outputs. None when it does not apply: too little padding (`MIN_PADDING_SHARE`), a mask over
+    `MASK_BUDGET`, or `available` says no."""
     B, T = attention_mask.shape
     real = attention_mask.bool().cpu()
     n_real = int(real.sum())
@@ -131,6 +131,4 @@ def rows_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     if out is None:
         return None
     logits, states, row_of_slot = out
-    index = row_of_slot.to(logits.device)
-    return (logits.index_select(0, index).view(B, T, -1),
-            states.index_select(0, index).view(B, T, -1) if hidden else None)
+    return RowOutputs(logits, states, row_of_slot.to(logits.device).view(B, T))
