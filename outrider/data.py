@@ -181,6 +181,7 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         behaviour_lp.append(lps if len(lps) == n else [0.0] * n)  # demonstrations and hand-made episodes carry none
         behaviour_h.append(hs if len(hs) == n else [0.0] * n)
         rewards.append(_action_rewards(episode, n))
+    state_ids, action_ids = turn_ids(episodes)
     return Batch(
         input_ids=torch.from_numpy(grid([ids for ids, _, _ in seqs], pad_id, np.int64)),
         attention_mask=torch.from_numpy(real.astype(np.int64)),
@@ -191,7 +192,8 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         sample_weight=torch.tensor([e.weight for e in episodes], dtype=torch.float),
         behaviour_logprobs=torch.from_numpy(grid(behaviour_lp, 0.0, np.float32, action)),
         behaviour_entropy=torch.from_numpy(grid(behaviour_h, 0.0, np.float32, action)),
-        **dict(zip(("turn_state_ids", "turn_action_ids"), turn_ids(episodes))),
+        turn_state_ids=state_ids,
+        turn_action_ids=action_ids,
     )
 
 

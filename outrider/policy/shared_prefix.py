@@ -9,11 +9,11 @@ the plain forward). Training FLOPs fall by the saved share ``Σ_g (n_g − 1)·P
 
 Two layouts compute it:
 
-- **packed** (Llama-family models, `fast_decode.supports`, when each group fits in ``PACKED_MAX_LEN`` tokens): each
-  group becomes one sequence, its prefix followed by every row's suffix, under a tree mask (a suffix token sees
-  the prefix and the earlier tokens of its own suffix) with each token at its original position id. One model
-  call, and no padding between a group's suffixes; where `unpadded` applies, the padding after short groups is
-  not computed either (only attention sees the [G, L] grid).
+- **packed** (Llama-family models on SDPA or eager attention, `unpadded.masks_apply`, when each group fits in
+  ``PACKED_MAX_LEN`` tokens): each group becomes one sequence, its prefix followed by every row's suffix, under a
+  tree mask (a suffix token sees the prefix and the earlier tokens of its own suffix) with each token at its
+  original position id. One model call, and no padding between a group's suffixes; where `unpadded` applies, the
+  padding after short groups is not computed either (only attention sees the [G, L] grid).
 - **cache**: the prefix runs once, its KV cache is index_select'ed to the group's rows, and the suffixes (padded to
   the longest) run against it. Any HF causal LM whose cache is a plain per-layer key/value cache qualifies.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from outrider.policy import fast_decode, unpadded
+from outrider.policy import unpadded
 from outrider.policy.outputs import RowOutputs
 
 # below this share of saved tokens the second model call costs more than it saves
@@ -154,10 +154,9 @@ def packed_layout(p: PrefixPlan, dtype: torch.dtype, max_len: int | None = None)
 def _forward_packed(model: nn.Module, layout: PackedLayout, hidden: bool) -> RowOutputs:
     device = next(model.parameters()).device
     if unpadded.available(model):  # the per-token work on the real tokens only, not the groups' padding
-        out = unpadded.forward(model, layout.ids, layout.positions, layout.mask, layout.real, hidden)
+        out = unpadded.forward(model, layout.ids, layout.positions, layout.mask, layout.real, layout.gather, hidden)
         if out is not None:
-            logits, states, row_of_slot = out
-            return RowOutputs(logits, states, row_of_slot[layout.gather.to(device)])
+            return out
     out = model(input_ids=layout.ids.to(device), attention_mask=layout.mask.to(device),
                 position_ids=layout.positions.to(device), use_cache=False, output_hidden_states=hidden)
     flat = RowOutputs.dense(out.logits, out.hidden_states[-1] if hidden else None)
@@ -189,7 +188,7 @@ def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> RowOutputs | None:
     """Logits (and last-layer hidden states if `hidden`) of the plan's computed positions, indexed by (row,
     position) of the plain layout; None when the model's cache is not a plain key/value cache. Packed layout where
     it applies, else the cache."""
-    if fast_decode.supports(model) and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"):
+    if unpadded.masks_apply(model):
         layout = packed_layout(p, next(model.parameters()).dtype)
         if layout is not None:
             return _forward_packed(model, layout, hidden)

@@ -81,19 +81,24 @@ def _register() -> bool:
     return _registered
 
 
+def masks_apply(model: nn.Module) -> bool:
+    """A Llama-family model (`fast_decode.supports`) on SDPA or eager attention: a ``[G, 1, L, L]`` additive mask
+    and per-token position ids are honoured as given (the packed and unpadded layouts rely on both)."""
+    return fast_decode.supports(model) and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
 def available(model: nn.Module) -> bool:
-    """Whether `forward` can run this model: a Llama-family model (`fast_decode.supports`) on the SDPA or eager
-    attention, the HF interface exists, and the model was not found to drop the grid on its way to attention."""
-    return (fast_decode.supports(model) and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
-            and type(model) not in _models_without_kwargs and _register())
+    """Whether `forward` can run this model: `masks_apply`, the HF interface exists, and the model was not found
+    to drop the grid on its way to attention."""
+    return masks_apply(model) and type(model) not in _models_without_kwargs and _register()
 
 
-def forward(model: nn.Module, ids: Tensor, positions: Tensor, mask: Tensor, real: Tensor,
-            hidden: bool) -> tuple[Tensor, Tensor | None, Tensor] | None:
+def forward(model: nn.Module, ids: Tensor, positions: Tensor, mask: Tensor, real: Tensor, gather: Tensor,
+            hidden: bool) -> RowOutputs | None:
     """The model on the real slots of a grid: `ids`, `positions` ``[G, L]``, `mask` ``[G, 1, L, L]`` additive,
-    `real` ``[G, L]`` bool. Returns logits ``[N, V]``, the last hidden states ``[N, H]`` if `hidden`, and the
-    index ``[G·L]`` of each slot's row in them (padding slots read a real token's); None when the model did not
-    pass the grid to its attention (it is then not tried again)."""
+    `real` ``[G, L]`` bool; `gather` ``[B, T]`` names the slot each (sequence, position) reads. Returns the real
+    tokens' outputs (logits ``[N, V]``, last hidden states if `hidden`) indexed by `gather` (padding slots read
+    a real token's); None when the model did not pass the grid to its attention (it is then not tried again)."""
     device = next(model.parameters()).device
     slot_of_token = real.reshape(-1).nonzero().squeeze(-1)
     token_of_slot = torch.zeros(real.numel(), dtype=torch.long)
@@ -111,7 +116,8 @@ def forward(model: nn.Module, ids: Tensor, positions: Tensor, mask: Tensor, real
         return None
     finally:
         config._attn_implementation = before
-    return out.logits[0], (out.hidden_states[-1][0] if hidden else None), grid.token_of_slot
+    return RowOutputs(out.logits[0], out.hidden_states[-1][0] if hidden else None,
+                      grid.token_of_slot[gather.to(device)])
 
 
 def rows_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, hidden: bool) -> RowOutputs | None:
@@ -127,8 +133,5 @@ def rows_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, hi
     allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] & real[:, None, :] | torch.eye(T, dtype=torch.bool)
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    out = forward(model, input_ids.cpu(), torch.arange(T).expand(B, T), mask, real, hidden)
-    if out is None:
-        return None
-    logits, states, row_of_slot = out
-    return RowOutputs(logits, states, row_of_slot.to(logits.device).view(B, T))
+    return forward(model, input_ids.cpu(), torch.arange(T).expand(B, T), mask, real,
+                   torch.arange(B * T).view(B, T), hidden)
