@@ -49,7 +49,8 @@ def test_supported(make):
 
 @pytest.mark.parametrize("make", [llama, qwen2_gqa])
 @pytest.mark.parametrize("case", ["ragged prompts", "unpadded prompts (no mask)", "ragged, PyTorch attention",
-                                  "unpadded, PyTorch attention", "attention through SDPA"])
+                                  "unpadded, PyTorch attention", "attention through SDPA",
+                                  "prefill one row at a time", "prefill one row at a time, PyTorch attention"])
 def test_greedy_equals_the_hf_path_token_for_token(make, case, monkeypatch):
     """Where the C attention kernel builds (`native`), the default cases run it; the PyTorch ones switch it off."""
     prompts = [[2, 40 + i, 41, 42 + i, 43] for i in range(4)] if case.startswith("unpadded") else PROMPTS
@@ -57,6 +58,8 @@ def test_greedy_equals_the_hf_path_token_for_token(make, case, monkeypatch):
         monkeypatch.setenv("OUTRIDER_NATIVE", "0")
     if case == "attention through SDPA":
         monkeypatch.setattr(fast_decode, "DENSE_ATTENTION_MAX", 0)
+    if case.startswith("prefill one row"):  # a block of one row: every prompt prefilled alone
+        monkeypatch.setattr(fast_decode, "PREFILL_BLOCK_BYTES", 1)
     policy = make()
     outs = {be: sample(policy, prompts, SamplingParams(temperature=0, max_new_tokens=24, backend=be),
                        torch.Generator().manual_seed(0)) for be in ("hf", "fast")}
