@@ -40,6 +40,7 @@ def pack_every_weight(monkeypatch):
     """These models and calls are too small for oneDNN packing to pay (`onednn.pays`): pack anyway, so every
     lean-decoder test runs the packed path where oneDNN is available (tests/test_onednn.py covers the plain one)."""
     monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
+    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)
 
 
 @pytest.mark.parametrize("make", [llama, qwen2_gqa])

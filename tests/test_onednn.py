@@ -42,14 +42,19 @@ def test_plain_weights_take_f_linear():
 
 @needs_onednn
 def test_only_calls_that_multiply_enough_rows_pack_their_weights():
-    """Packing costs about 0.25 ms a weight: a short call (few rows, few tokens) keeps plain weights."""
+    """Packing costs about 0.2 ms a weight: a short call (few rows, few tokens) keeps plain weights, and so do
+    weights too small for the packed kernel to beat BLAS (`PACK_MIN_NUMEL`), however many rows they multiply."""
     model = Policy.tiny(hidden=128, layers=1, heads=4, seed=0).model.eval()
     long_call = fast_decode.FastDecoder(model, batch=64, max_len=48)
     short_call = fast_decode.FastDecoder(model, batch=4, max_len=24)
-    assert long_call.layers[0][1].is_mkldnn and long_call.layers[0][6].is_mkldnn  # q/k/v and gate/up
+    assert long_call.layers[0][6].is_mkldnn  # gate/up: 1024 × 128
+    assert not any(w.is_mkldnn for w in (long_call.layers[0][1], long_call.layers[0][3], long_call.layers[0][7],
+                                         long_call.lm_head))  # q/k/v 384 × 128, o, down 128 × 512, LM head
     assert not any(w.is_mkldnn for w in (short_call.layers[0][1], short_call.layers[0][6], short_call.lm_head))
-    assert onednn.pays(torch.empty(384, 128), rows=64 * 48)
-    assert not onednn.pays(torch.empty(384, 128), rows=8 * 16)
+    assert onednn.pays(torch.empty(768, 256), rows=64 * 48)
+    assert not onednn.pays(torch.empty(1024, 128), rows=8 * 16)
+    assert not onednn.pays(torch.empty(384, 128), rows=64 * 48)  # under PACK_MIN_NUMEL
+    assert onednn.pays(torch.empty(1024, 128), rows=64 * 48)
 
 
 def test_only_float32_takes_the_onednn_path():
@@ -72,7 +77,9 @@ def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch):
     policy = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).eval()
     prompts = [[2, 40, 41], [2, 50, 51, 52, 53], [2, 60]]
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, backend="fast")
-    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)  # this small a call would not pack otherwise
+    # this small a call and model would not pack otherwise
+    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
+    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)
     packed = []
     original_pack = onednn.pack
     monkeypatch.setattr(onednn, "pack", lambda w, batch: (packed.append(w.shape), original_pack(w, batch))[1])

@@ -52,16 +52,24 @@ def pack(weight: Tensor, batch: int) -> Tensor:
 
 def pays(weight: Tensor, rows: int) -> bool:
     """Whether packing `weight` pays for itself over `rows` input rows in all (summed over the calls). Packing
-    costs about 0.25 ms per weight across the tiny models' sizes (measured here for 128×128 to 2048×256; more for
-    larger weights, whose products gain more too); the packed kernel saves about a third of the BLAS time, which
-    is proportional to the multiply-adds."""
-    return rows * weight.numel() >= PACK_MIN_MACS
+    costs about 0.2 ms per weight whatever its size (a fixed cost: 128×128 and 128×1024 alike); the packed kernel
+    saves a share of the BLAS time that grows with the weight. Below `PACK_MIN_NUMEL` elements it saves nothing
+    (BLAS is as fast or faster, per row: its per-call overhead is smaller), so those weights are never packed;
+    from there on, the multiply-adds have to reach `PACK_MIN_MACS`."""
+    return weight.numel() >= PACK_MIN_NUMEL and rows * weight.numel() >= PACK_MIN_MACS
 
 
-# multiply-adds from which packing pays: a third of their BLAS time at ~120 GFLOP/s has to exceed the 0.25 ms a
-# pack costs (64 rows × 48 positions × a 128×384 weight is 1.5e8 and pays; 8 rows × 16 positions × 128×384 is
-# 6e6 and does not)
+# multiply-adds from which packing pays: a third of their BLAS time at ~120 GFLOP/s has to exceed the 0.2 ms a
+# pack costs (64 rows × 48 positions × a 256×768 weight is 6e8 and pays; 8 rows × 16 positions × 128×1024 is
+# 1.7e7 and does not)
 PACK_MIN_MACS = 5e7
+# the smallest weight worth packing (128×1024). Per-row time saved by the packed kernel over BLAS on this
+# project's AMD EPYC machine, 2 threads, 64 and 1,088 rows (2026-12-03): 128×64, 128×128, 128×384, 512×128 and
+# 256×256 weights -0.22 to +0.17 µs a row (BLAS ahead at 64 rows); 128×1024 0.10-0.57, 256×768 0.32-0.74,
+# 1024×256 0.92-1.30, 256×2048 2.6-2.8. Packing only the weights from this size on: the GRPO step's 128-row
+# sampling calls 1.09-1.13× (interleaved A/Bs of 25 calls), the benchmark's 64-row sampler 1.03× on the 0.54M
+# model and 1.00× on the 4.2M one (12 each), against packing every weight whose multiply-adds pay.
+PACK_MIN_NUMEL = 2 ** 17
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
