@@ -146,3 +146,14 @@ def tiny_qwen2(value_head: bool = False):
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     return Policy(Qwen2ForCausalLM(cfg), tok, value_head=value_head)
+
+
+@pytest.fixture
+def pack_every_weight(monkeypatch):
+    """Pack every weight of the lean decoder into oneDNN's layout, however small the model and the call: the
+    tests' models are far below the sizes where packing pays (`onednn.pays`), and would otherwise never run the
+    packed path."""
+    from outrider.policy import onednn
+
+    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
+    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_qwen2
 from outrider.errors import OutriderError
-from outrider.policy import fast_decode, onednn
+from outrider.policy import fast_decode
 from outrider.policy.model import Policy
 from outrider.policy import sampler as sampler_module
 from outrider.policy.sampler import SamplingParams, sample
@@ -35,12 +35,8 @@ def qwen2_gqa() -> Policy:
 PROMPTS = [[2, 40, 41], [2, 50, 51, 52, 53, 54, 55], [2, 60], [2, 70, 71, 72, 73]]  # ragged: left padding
 
 
-@pytest.fixture(autouse=True)
-def pack_every_weight(monkeypatch):
-    """These models and calls are too small for oneDNN packing to pay (`onednn.pays`): pack anyway, so every
-    lean-decoder test runs the packed path where oneDNN is available (tests/test_onednn.py covers the plain one)."""
-    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
-    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)
+# every lean-decoder test runs the packed path where oneDNN is available (tests/test_onednn.py covers the plain one)
+pytestmark = pytest.mark.usefixtures("pack_every_weight")
 
 
 @pytest.mark.parametrize("make", [llama, qwen2_gqa])

@@ -71,15 +71,12 @@ def test_the_decoder_uses_onednn_eagerly_and_f_linear_compiled_or_without_it(mon
     assert fast_decode.FastDecoder(model, 4, 8).linear is F.linear
 
 
-def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch):
+def test_greedy_decoding_is_the_same_with_and_without_onednn(monkeypatch, pack_every_weight):
     from outrider.policy.sampler import SamplingParams, sample
 
     policy = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).eval()
     prompts = [[2, 40, 41], [2, 50, 51, 52, 53], [2, 60]]
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True, backend="fast")
-    # this small a call and model would not pack otherwise
-    monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
-    monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)
     packed = []
     original_pack = onednn.pack
     monkeypatch.setattr(onednn, "pack", lambda w, batch: (packed.append(w.shape), original_pack(w, batch))[1])
