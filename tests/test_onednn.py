@@ -117,3 +117,39 @@ def test_the_availability_check_leaves_the_global_rng_alone():
     after_check = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after_check, torch.rand(3), rtol=0, atol=0)
+
+
+@needs_onednn
+def test_a_finished_calls_packs_are_kept_and_freed_one_per_new_pack(pack_every_weight):
+    model = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).model.eval()
+    recycler = onednn.RECYCLER
+    decoder = fast_decode.FastDecoder(model, batch=4, max_len=8)
+    packs = [w for layer in decoder.layers for w in (layer[1], layer[3], layer[6], layer[7])] + [decoder.lm_head]
+    assert all(w.is_mkldnn for w in packs)
+    del decoder
+    assert [id(w) for w in recycler._kept] == [id(w) for w in packs]  # in packing order
+    recycler.pack(torch.ones(8, 8), batch=4)
+    assert len(recycler._kept) == len(packs) - 1 and recycler._kept[0] is packs[1]
+    recycler.keep([torch.empty(recycler.MAX_BYTES // 4 + 1)])  # a set too big to keep
+    assert not recycler._kept
+
+
+@needs_onednn
+def test_recycled_packs_hold_the_current_weights_and_the_model_is_never_written(pack_every_weight):
+    """The next call's packs reuse the last call's memory, never its values; the fold works on the decoder's
+    own fused copies, not on the model's parameters."""
+    from outrider.policy.sampler import SamplingParams, sample
+
+    policy = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).eval()
+    prompts = [[2, 40, 41], [2, 50, 51, 52, 53]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, backend="fast")
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    sample(policy, prompts, params, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, before[k]) for k, v in policy.model.state_dict().items())
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.mul_(-1.5)  # in place, as an optimiser step is
+    for prompt, s in zip(prompts, sample(policy, prompts, params, torch.Generator().manual_seed(0))):
+        ids = torch.tensor([prompt + s.ids])
+        scored = policy.score(ids, torch.ones_like(ids)).logprobs[0, len(prompt):]
+        assert s.logprobs == pytest.approx(scored.tolist(), abs=1e-4)

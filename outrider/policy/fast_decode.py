@@ -232,35 +232,46 @@ class FastDecoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
-        self.layers = []
+        dtype, device = self.embed.dtype, self.embed.device
+        # eager steps multiply through oneDNN on weights packed once per call, where the call multiplies enough
+        # rows (at most batch × max_len) to repay the packing (see onednn.py); the compiled step keeps F.linear,
+        # which inductor lowers itself
+        packs = not compiled and device.type == "cpu" and onednn.available(dtype)
+        self.linear = onednn.linear if packs else F.linear
+        packed: list[Tensor] = []
+
+        def prepared(w: Tensor) -> Tensor:
+            if packs and onednn.pays(w, batch * max_len):
+                packed.append(onednn.RECYCLER.pack(w, batch))
+                return packed[-1]
+            return w
+
+        fold = dtype == torch.float32
+        self.layers, self.widest = [], 0
         for layer in core.layers:
             att, mlp = layer.self_attn, layer.mlp
             projections = (att.q_proj, att.k_proj, att.v_proj)
+            # torch.cat copies: the fused weights are the decoder's own, and the fold below works on them in place
             w_qkv = torch.cat([p.weight for p in projections])
             b_qkv = (torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=w_qkv.dtype,
                                                                                device=w_qkv.device)
                                 for p in projections]) if any(p.bias is not None for p in projections) else None)
-            self.layers.append((layer.input_layernorm.weight, w_qkv, b_qkv, att.o_proj.weight, att.o_proj.bias,
-                                layer.post_attention_layernorm.weight,
-                                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
-        self.widest = max(max(layer[1].shape[0], layer[6].shape[0]) for layer in self.layers)
-        dtype, device = self.embed.dtype, self.embed.device
-        if dtype == torch.float32:
-            self._fold_norms_and_scale(cfg.hidden_size)
-        # eager steps multiply through oneDNN on weights packed once per call, where the call multiplies enough
-        # rows (at most batch × max_len) to repay the packing (see onednn.py); the compiled step keeps F.linear,
-        # which inductor lowers itself
-        self.linear = F.linear
-        if not compiled and device.type == "cpu" and onednn.available(dtype):
-            self.linear = onednn.linear
-
-            def packed_if_it_pays(w: Tensor) -> Tensor:
-                return onednn.pack(w, batch) if onednn.pays(w, batch * max_len) else w
-
-            self.layers = [(w_in, packed_if_it_pays(w_qkv), b_qkv, packed_if_it_pays(w_o), b_o, w_post,
-                            packed_if_it_pays(w_gu), packed_if_it_pays(w_down))
-                           for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers]
-            self.lm_head = packed_if_it_pays(self.lm_head)
+            w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            if fold:
+                self._fold_into(w_qkv, b_qkv, w_in, w_gu, w_post, cfg.hidden_size)
+                w_in = w_post = None
+            self.widest = max(self.widest, w_qkv.shape[0], w_gu.shape[0])
+            # packed layer by layer, as they are fused: each fused copy is freed before the next layer's is made,
+            # so they reuse one another's memory instead of faulting in new pages (11 MB of them on the 4.2M model)
+            self.layers.append((w_in, prepared(w_qkv), b_qkv, prepared(att.o_proj.weight), att.o_proj.bias, w_post,
+                                prepared(w_gu), prepared(mlp.down_proj.weight)))
+            del w_qkv, w_gu
+        if fold:
+            self._fold_final_norm_and_scale(cfg.hidden_size)
+        self.lm_head = prepared(self.lm_head)
+        if packed:  # their memory goes to the next decoder's packs (onednn.PackRecycler)
+            weakref.finalize(self, onednn.RECYCLER.keep, packed)
         # eager float32 steps on CPU run the glue between the matmuls as C kernels, where they build
         self._native = None if compiled or device.type != "cpu" or dtype != torch.float32 else native.kernels()
         shape = (batch, self.kv_heads, max_len, self.head_dim)
@@ -285,21 +296,23 @@ class FastDecoder:
         half = self.head_dim // 2
         self.cos_table, self.sin_table = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
-    def _fold_norms_and_scale(self, hidden: int) -> None:
-        """Fold each RMSNorm's weight (and √H) into the projection that follows it, and the attention scale
-        1/√D into the query rows of W_qkv (and their bias): linear(w ⊙ n, W) = linear(n, W·diag(w)), and RoPE is
-        linear, so scaling q before it is scaling the scores. Saves the weight multiply of every norm and the scores'
-        scaling per layer; same math up to rounding."""
+    def _fold_into(self, w_qkv: Tensor, b_qkv: Tensor | None, w_in: Tensor, w_gu: Tensor, w_post: Tensor,
+                   hidden: int) -> None:
+        """Fold a layer's RMSNorm weights (and √H) into the fused projections after them, and the attention scale
+        1/√D into the query rows of W_qkv (and their bias), in place: linear(w ⊙ n, W) = linear(n, W·diag(w)), and
+        RoPE is linear, so scaling q before it is scaling the scores. Saves the weight multiply of every norm and
+        the scores' scaling per layer; same math up to rounding."""
         root_h, q_size = hidden ** 0.5, self.heads * self.head_dim
-        folded = []
-        for w_in, w_qkv, b_qkv, w_o, b_o, w_post, w_gu, w_down in self.layers:
-            w_qkv = w_qkv * (w_in * root_h)[None]
-            w_qkv[:q_size] *= self.scaling
-            if b_qkv is not None:
-                b_qkv = torch.cat([b_qkv[:q_size] * self.scaling, b_qkv[q_size:]])
-            folded.append((None, w_qkv, b_qkv, w_o, b_o, None, w_gu * (w_post * root_h)[None], w_down))
-        self.layers = folded
-        self.lm_head = self.lm_head * (self.norm_w * root_h)[None]
+        w_qkv.mul_((w_in * root_h)[None])
+        w_qkv[:q_size] *= self.scaling
+        if b_qkv is not None:
+            b_qkv[:q_size] *= self.scaling
+        w_gu.mul_((w_post * root_h)[None])
+
+    def _fold_final_norm_and_scale(self, hidden: int) -> None:
+        """The final norm's weight into the LM head (a new tensor: the model's own is never written); the norms
+        are then the unit x / hypot(‖x‖, √(Hε)) and the attention unscaled."""
+        self.lm_head = self.lm_head * (self.norm_w * hidden ** 0.5)[None]
         self.norm_w, self.scaling = None, 1.0
         self.root_h_eps = (hidden * self.eps) ** 0.5
         self.eps = torch.tensor(self.root_h_eps, dtype=self.embed.dtype, device=self.embed.device)
