@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from outrider.policy import fast_decode, onednn
+from outrider.policy import fast_decode, kept_memory, onednn
 from outrider.policy.model import Policy
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
@@ -122,7 +122,7 @@ def test_the_availability_check_leaves_the_global_rng_alone():
 @needs_onednn
 def test_a_finished_calls_packs_are_kept_and_freed_one_per_new_pack(pack_every_weight):
     model = Policy.tiny(hidden=32, layers=2, heads=4, seed=0).model.eval()
-    recycler = onednn.RECYCLER
+    recycler = kept_memory.PACKS
     decoder = fast_decode.FastDecoder(model, batch=4, max_len=8)
     packs = [w for layer in decoder.layers for w in (layer[1], layer[3], layer[6], layer[7])] + [decoder.lm_head]
     assert all(w.is_mkldnn for w in packs)
@@ -130,7 +130,7 @@ def test_a_finished_calls_packs_are_kept_and_freed_one_per_new_pack(pack_every_w
     assert [id(w) for w in recycler._kept] == [id(w) for w in packs]  # in packing order
     recycler.pack(torch.ones(8, 8), batch=4)
     assert len(recycler._kept) == len(packs) - 1 and recycler._kept[0] is packs[1]
-    recycler.keep([torch.empty(recycler.MAX_BYTES // 4 + 1)])  # a set too big to keep
+    recycler.keep([torch.empty(kept_memory.MAX_BYTES // 4 + 1)])  # a set too big to keep
     assert not recycler._kept
 
 

@@ -11,7 +11,6 @@ architectures, sliding windows, non-SiLU MLPs) falls back to the HF path.
 
 from __future__ import annotations
 
-import threading
 import weakref
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from outrider.errors import OutriderError
 from outrider.policy import native, onednn
+from outrider.policy.kept_memory import KV_STORAGE, PACKS
 from outrider.policy.draw import draw_with_stats
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
@@ -172,40 +172,6 @@ def _decode_and_draw(*args, temperature: float, uniform: Tensor) -> tuple[Tensor
 _COMPILED: dict[str, object] = {}
 
 
-class _KVStorage:
-    """Storage for an eager decoder's KV buffers, kept from one sampling call to the next. A fresh buffer of a
-    few MB comes from the OS as new pages, and writing them page-faults (on the benchmark, about 3,100 faults a
-    call on the 0.54M model and 8,000 on the 4.2M one, where `generate`, reusing its allocator's memory, takes
-    none). One decoder holds it at a time; another meanwhile gets fresh memory. Buffers above `MAX_BYTES` are
-    never kept."""
-
-    MAX_BYTES = 64 * 2 ** 20
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._storage: Tensor | None = None
-        self._busy = False
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """`numel` elements: the kept storage if free and big enough (else new memory, kept if not too big)."""
-        with self._lock:
-            if self._busy or numel * dtype.itemsize > self.MAX_BYTES:
-                return torch.empty(numel, dtype=dtype, device=device)
-            kept = self._storage
-            if kept is None or kept.numel() < numel or kept.dtype != dtype or kept.device != device:
-                kept = self._storage = torch.empty(numel, dtype=dtype, device=device)
-            self._busy = True
-            return kept[:numel]
-
-    def give_back(self, flat: Tensor) -> None:
-        with self._lock:
-            if self._storage is not None and flat.data_ptr() == self._storage.data_ptr():
-                self._busy = False
-
-
-KV_STORAGE = _KVStorage()
-
-
 def _compiled_step(fused_draw: bool = False):
     name = "decode_and_draw" if fused_draw else "decode"
     if name not in _COMPILED:
@@ -242,7 +208,7 @@ class FastDecoder:
 
         def prepared(w: Tensor) -> Tensor:
             if packs and onednn.pays(w, batch * max_len):
-                packed.append(onednn.RECYCLER.pack(w, batch))
+                packed.append(PACKS.pack(w, batch))
                 return packed[-1]
             return w
 
@@ -270,8 +236,8 @@ class FastDecoder:
         if fold:
             self._fold_final_norm_and_scale(cfg.hidden_size)
         self.lm_head = prepared(self.lm_head)
-        if packed:  # their memory goes to the next decoder's packs (onednn.PackRecycler)
-            weakref.finalize(self, onednn.RECYCLER.keep, packed)
+        if packed:  # their memory goes to the next decoder's packs (kept_memory.PackRecycler)
+            weakref.finalize(self, PACKS.keep, packed)
         # eager float32 steps on CPU run the glue between the matmuls as C kernels, where they build
         self._native = None if compiled or device.type != "cpu" or dtype != torch.float32 else native.kernels()
         shape = (batch, self.kv_heads, max_len, self.head_dim)

@@ -14,8 +14,6 @@ which were not measured.
 from __future__ import annotations
 
 import platform
-import threading
-from collections import deque
 from functools import lru_cache
 
 import torch
@@ -80,35 +78,3 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-class PackRecycler:
-    """Keeps the last sampling call's packed weights until the next call packs, to hand it their memory.
-
-    Each pack is fresh memory (up to a few MB). Freed together at the end of a call, it went back to the OS, and
-    the next call's packs page-faulted on new pages: about 4,000 faults and 3–5 ms a call on the 4.2M benchmark
-    model. Freeing the kept weights one at a time, each right before the next pack (calls pack in the same order),
-    lets malloc hand the same memory straight back. Only memory is reused, never values: every pack reads the
-    current weights. Sets above `MAX_BYTES` are not kept."""
-
-    MAX_BYTES = 64 * 2 ** 20
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._kept: deque[Tensor] = deque()
-
-    def pack(self, weight: Tensor, batch: int) -> Tensor:
-        """`pack(weight, batch)`, after freeing the oldest kept weight."""
-        with self._lock:
-            if self._kept:
-                self._kept.popleft()
-        return pack(weight, batch)
-
-    def keep(self, packed: list[Tensor]) -> None:
-        """Keep `packed` (a finished call's packs, in packing order) in place of what was kept."""
-        small_enough = sum(w.numel() * w.element_size() for w in packed) <= self.MAX_BYTES
-        with self._lock:
-            self._kept = deque(packed if small_enough else ())
-
-
-RECYCLER = PackRecycler()
