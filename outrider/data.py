@@ -8,6 +8,7 @@ with ``action_mask == 1`` are trained; observation tokens never are.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from itertools import chain
 from typing import Any, Hashable, Literal
@@ -239,3 +240,17 @@ def turn_ids(episodes: list[Episode]) -> tuple[Tensor, Tensor]:
             actions[i][k] = action_ids.setdefault(turn.action, len(action_ids))
     shape = (len(episodes), K)
     return _tensor(states, np.int64).view(shape), _tensor(actions, np.int64).view(shape)
+
+
+def groups_of(episodes: list[Episode]) -> dict[int, list[Episode]]:
+    """Episodes by `group_id`, in order of first appearance."""
+    out: dict[int, list[Episode]] = defaultdict(list)
+    for e in episodes:
+        out[e.group_id].append(e)
+    return out
+
+
+def has_reward_variance(group: list[Episode], tol: float = 1e-8) -> bool:
+    """True when the group's total rewards are not all equal (its group-relative advantage is not all zero)."""
+    rewards = [e.total_reward() for e in group]
+    return max(rewards) - min(rewards) > tol

@@ -15,7 +15,7 @@ import yaml
 
 from outrider.checkpoint import list_checkpoints, load_state, save_checkpoint
 from outrider.credit import CREDIT
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.data import Episode, pack
 from outrider.envs import ENVS
 from outrider.errors import OutriderError

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from outrider.credit import CREDIT, CreditOutput
-from outrider.credit.stats import group_mean_std, masked_mean, masked_whiten
+from outrider.stats import group_mean_std, masked_mean, masked_whiten
 from outrider.data import Batch
 from outrider.errors import OutriderError
 

@@ -85,7 +85,7 @@ def test_run_logs_diagnostics_against_its_start(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("q", [0.0, 0.2, 0.5, 0.8, 0.95, 1.0])
 def test_sort_quantile_equals_torch_quantile(q):
-    from outrider.credit.stats import quantile
+    from outrider.stats import quantile
 
     x = torch.randn(7, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(quantile(x, q), torch.quantile(x.flatten(), q))

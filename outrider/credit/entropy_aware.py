@@ -15,7 +15,7 @@ from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, episode_scores
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.data import Batch
 from outrider.errors import OutriderError
 

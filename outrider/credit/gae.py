@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
-from outrider.credit.stats import masked_whiten
+from outrider.stats import masked_whiten
 from outrider.data import Batch
 
 

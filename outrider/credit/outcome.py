@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
-from outrider.credit.stats import group_mean_std, group_sum_count, masked_whiten
+from outrider.stats import group_mean_std, group_sum_count, masked_whiten
 from outrider.data import Batch
 
 

@@ -47,9 +47,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
 
-EVAL_OFFSET = 2**31  # eval seed s → internal seed 2^31 + s; train seeds are drawn from [0, 2^31)
 
 
 class BanditConfig(TaskConfig):

@@ -13,6 +13,10 @@ from outrider.registry import PieceConfig, Registry
 
 Split = Literal["train", "eval"]
 
+# Envs that derive a problem or layout from a seed: train seeds are drawn from [0, 2^31) and eval seed s maps to
+# 2^31 + s, so the two splits never share a seed.
+EVAL_OFFSET = 2**31
+
 
 @runtime_checkable
 class Env(Protocol):

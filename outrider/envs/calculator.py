@@ -44,10 +44,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
 from outrider.errors import OutriderError
 
-EVAL_OFFSET = 2**31
 MAX_EXPR_CHARS = 120   # bounds literal size and nesting depth before parsing
 MAX_EXPONENT = 64      # |b| in a ** b
 MAX_RESULT_DIGITS = 60  # |intermediate value| < 10^60 (numerator and denominator)

@@ -9,8 +9,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from outrider.answers import numeric_equal
 from outrider.envs.base import ENVS, Split
-from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask, numeric_equal
+from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask
 from outrider.errors import OutriderError
 
 

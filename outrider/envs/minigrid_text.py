@@ -45,11 +45,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from outrider.envs.base import ENVS, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
 from outrider.envs.minigrid_expert import DIR_VEC, PlanError, plan
 from outrider.errors import OutriderError
 
-EVAL_OFFSET = 2**31  # eval seed s -> env seed 2^31 + s; train seeds live in [0, 2^31)
 LAYOUT_STRIDE = 7_919  # a seed whose layout belongs to the other split moves on by this much
 MAX_REDRAWS = 2_000
 ACTION_IDS = {"left": 0, "right": 1, "forward": 2, "pickup": 3, "drop": 4, "toggle": 5, "done": 6}

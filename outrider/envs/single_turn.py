@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from abc import abstractmethod
 from typing import Any, Literal
@@ -95,11 +94,3 @@ class SingleTurnEnv:
         info["canonical"] = None if answer is None else self.task.canonical(self._problem, answer)
         return "", reward, True, info
 
-
-def numeric_equal(a: str, b: str, rel_tol: float = 1e-6) -> bool:
-    """True when both parse as numbers within `rel_tol` (commas and surrounding spaces ignored)."""
-    try:
-        x, y = float(a.replace(",", "").strip()), float(b.replace(",", "").strip())
-    except ValueError:
-        return False
-    return math.isclose(x, y, rel_tol=rel_tol, abs_tol=rel_tol)

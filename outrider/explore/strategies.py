@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from pydantic import Field
 
-from outrider.data import Episode
+from outrider.data import Episode, groups_of, has_reward_variance
 from outrider.explore import EXPLORE, ExploreConfig, ExploreContext
-
-
-def groups_of(episodes: list[Episode]) -> dict[int, list[Episode]]:
-    out: dict[int, list[Episode]] = defaultdict(list)
-    for e in episodes:
-        out[e.group_id].append(e)
-    return out
-
-
-def has_reward_variance(group: list[Episode], tol: float = 1e-8) -> bool:
-    rewards = [e.total_reward() for e in group]
-    return max(rewards) - min(rewards) > tol
 
 
 @EXPLORE.register("group", config=ExploreConfig)

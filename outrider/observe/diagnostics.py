@@ -16,7 +16,7 @@ from typing import Hashable, Sequence
 import torch
 from torch import Tensor
 
-from outrider.credit.stats import quantile
+from outrider.stats import quantile
 
 FORKING_THRESHOLD = 0.672  # nats; [168] reports 0.672 as the 80th percentile of token entropy of Qwen3 on math
 

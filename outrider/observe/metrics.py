@@ -8,8 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from outrider.data import Episode
-from outrider.explore.strategies import groups_of, has_reward_variance
+from outrider.data import Episode, groups_of, has_reward_variance
 
 
 class MetricsWriter:

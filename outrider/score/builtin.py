@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from outrider.data import Episode
-from outrider.envs.single_turn import numeric_equal
+from outrider.answers import numeric_equal
 from outrider.score import SCORE, ComponentConfig, Level
 
 

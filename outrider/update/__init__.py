@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.registry import PieceConfig, Registry
 
 AggregateFn = Callable[[Tensor, Tensor], Tensor]

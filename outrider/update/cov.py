@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.registry import PieceConfig
 from outrider.update import LOSSES, TokenContext
 from outrider.update.losses import clip_metrics, clipped_surrogate, log_ratio

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean, quantile
+from outrider.stats import masked_mean, quantile
 from outrider.registry import PieceConfig
 from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
 from outrider.update.aggregate import aggregate

@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.data import Batch
 from outrider.policy.model import Policy
 from outrider.registry import Entry, PieceConfig

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from outrider.credit.stats import masked_mean
+from outrider.stats import masked_mean
 from outrider.registry import PieceConfig
 from outrider.update import LOSSES, ZERO_AT_ZERO_ADVANTAGE, TokenContext
 from outrider.update.kl import LOG_RATIO_CLAMP

@@ -1,4 +1,4 @@
-"""Masked and grouped statistics shared by the credit pieces (and by anything else that normalises advantages).
+"""Masked and grouped tensor statistics, shared by every stage (credit normalisation, loss metrics, diagnostics).
 
 Every helper here is safe on degenerate input: an all-zero mask gives 0 (never NaN), and a group of one episode
 gets the verl convention ``mean = 0, std = 1``.
