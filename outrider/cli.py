@@ -151,10 +151,11 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     from outrider.credit import CREDIT
     from outrider.envs import ENVS
     from outrider.explore import EXPLORE
+    from outrider.loops import LOOPS
     from outrider.score import SCORE
-    from outrider.update import ENTROPY, LOSSES
+    from outrider.update import ENTROPY, LOSSES, TERMS
 
-    families = {r.family: r for r in (ENVS, EXPLORE, SCORE, CREDIT, LOSSES, ENTROPY)}
+    families = {r.family: r for r in (ENVS, EXPLORE, SCORE, CREDIT, LOSSES, ENTROPY, TERMS, LOOPS)}
     pieces = {fam: {e.name: {"doc": e.doc, "options": {
         n: {"default": None if f.is_required() else f.get_default(call_default_factory=True),
             "description": f.description or ""} for n, f in e.config.model_fields.items()}}

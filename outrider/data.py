@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-Origin = Literal["on_policy", "replay", "retry", "guided", "restart"]
+# Who made an episode, set by the piece that makes it: the current policy from a reset (on_policy), from a
+# restored state (restart) or after a failed attempt (retry); a replay buffer (replay); the policy under extra
+# context, or a teacher (guided); stored data no policy of this run sampled (offline).
+Origin = Literal["on_policy", "replay", "retry", "guided", "restart", "offline"]
+ORIGINS: tuple[str, ...] = ("on_policy", "replay", "retry", "guided", "restart", "offline")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Turn:
     reward: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = ""  # "stop" (EOS / stop string), "length" (token limit)
+    snapshot: Any = None  # the env's `snapshot()` before this turn's action, when the rollout was asked to keep it
 
     @property
     def state_key(self) -> Hashable | None:
@@ -42,10 +47,18 @@ class Turn:
 
 @dataclass
 class Episode:
-    """A trajectory of turns from one env reset. Episodes from the same prompt/seed share `group_id`.
+    """A trajectory of turns from one env reset. Episodes of one group (a prompt/seed, or a retried parent and its
+    retries) share `group_id`; groups may differ in size.
 
     `rewards` keeps every component separately at every level: ``rewards["trajectory"][name] = float``,
     ``rewards["step"][name] = [per-turn floats]``, ``rewards["token"][name] = [per-action-token floats]``.
+
+    ``prefix_tokens``: the episode's first so many action tokens (over its turns, in order) were given, not sampled
+    (the turns replayed to reach a restored state, a response prefix to continue): the model sees them, but they
+    are never trained (`pack` leaves them out of ``action_mask``). ``off_policy``: the turns' behaviour log-probs
+    are not the current policy's on the trained sequence (a replayed episode, or one sampled with context that
+    training removes), so the learner takes them as the ratio's old log-probs (`update.off_policy`).
+    ``preference``: the episode's side in a pairwise comparison within its group (pairwise learner terms).
     """
 
     group_id: int
@@ -59,6 +72,9 @@ class Episode:
     done: bool = False
     success: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    prefix_tokens: int = 0
+    off_policy: bool = False
+    preference: Literal["chosen", "rejected"] | None = None
 
     @property
     def response(self) -> str:
@@ -81,6 +97,49 @@ class Episode:
         return float(total)
 
 
+ContextPlace = Literal["before_observation", "after_observation", "after_prefix"]
+
+
+@dataclass
+class Start:
+    """Where a rollout begins: a seed, or a seed plus the turns that led to a state (and the env's snapshot of it),
+    and/or action ids the next turn starts with; optionally with context text only the sampler sees.
+
+    - ``prefix``: earlier turns, in the episode as given and never trained. The env reaches their end state by
+      ``restore(snapshot)`` when ``snapshot`` is set, else by replaying their actions after ``reset(seed)``.
+    - ``action_prefix``: token ids the next action starts with (a single-turn response prefix to continue); in the
+      episode, never trained.
+    - ``context`` (a hint, a reflection, feedback) is inserted at ``context_at``: into the current observation's
+      text (before or after it) or after ``action_prefix``. With ``keep_context`` false the trained sequence leaves
+      it out, so the episode is off-policy (its behaviour log-probs were taken under the context); with true it
+      stays, as untrained tokens, and the episode is on-policy.
+    - ``group_id``: from `GroupIds` (a new group) or an existing episode's (a retry joins its parent's group).
+    """
+
+    seed: int
+    group_id: int
+    prefix: list[Turn] = field(default_factory=list)
+    snapshot: Any = None
+    action_prefix: list[int] = field(default_factory=list)
+    context: str | None = None
+    context_at: ContextPlace = "after_observation"
+    keep_context: bool = False
+    origin: Origin = "on_policy"
+    weight: float = 1.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class GroupIds:
+    """Hands out group ids for one batch: ``new()`` opens a group. Ids are batch-local; equal id ⇔ same group."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def new(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+
 @dataclass
 class Batch:
     """Padded tensors built once per step from a list of episodes (right padding)."""
@@ -92,11 +151,15 @@ class Batch:
     step_index: Tensor  # [B, T] long, which turn each token belongs to (-1 for padding)
     group_index: Tensor  # [B] long, episodes of one prompt/seed share it
     sample_weight: Tensor  # [B] float
+    origin: Tensor | None = None  # [B] long, the index of each episode's origin in `ORIGINS`
+    off_policy: Tensor | None = None  # [B] bool, the row's behaviour log-probs serve as its old log-probs
+    preference: Tensor | None = None  # [B] long, 1 chosen, -1 rejected, 0 neither (pairwise terms)
     behaviour_logprobs: Tensor | None = None  # [B, T] log-probs the sampler drew the action tokens with (0 elsewhere)
     behaviour_entropy: Tensor | None = None  # [B, T] entropy of the sampling distribution at action tokens
     old_logprobs: Tensor | None = None  # [B, T] behaviour (or recomputed old-policy) log-probs
     ref_logprobs: Tensor | None = None  # [B, T] frozen reference log-probs, when KL is on
     values: Tensor | None = None  # [B, T] value-head predictions, when a credit piece needs them
+    hidden: Tensor | None = None  # [B, T, H] last hidden state before each token, when a piece needs it
     advantages: Tensor | None = None  # [B, T]
     returns: Tensor | None = None  # [B, T] value targets, when the credit piece produces them
     # Per-turn structure for step-level credit (GiGPO, SALT): [B, K] with K the most turns of any episode; ids are
@@ -107,6 +170,23 @@ class Batch:
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """The pairwise view: row indices ``(chosen, rejected)`` of every chosen × rejected pair within a group
+        (``preference`` 1 and −1), groups in order of first appearance. Empty when the batch has no preferences."""
+        empty = torch.zeros(0, dtype=torch.long, device=self.group_index.device)
+        if self.preference is None:
+            return empty, empty
+        chosen, rejected = [], []
+        pref, groups = self.preference.tolist(), self.group_index.tolist()
+        for g in dict.fromkeys(groups):
+            rows = [i for i, x in enumerate(groups) if x == g]
+            for c in (i for i in rows if pref[i] > 0):
+                for r in (i for i in rows if pref[i] < 0):
+                    chosen.append(c)
+                    rejected.append(r)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.group_index.device)  # noqa: E731
+        return (as_tensor(chosen), as_tensor(rejected)) if chosen else (empty, empty)
 
     def select(self, rows: Tensor) -> "Batch":
         """The sub-batch of the given row indices (minibatching, filtering)."""
@@ -134,7 +214,7 @@ class Batch:
 
 # the `Batch` fields laid out per token position, [B, T]
 TOKEN_FIELDS = ("input_ids", "attention_mask", "action_mask", "token_rewards", "step_index", "behaviour_logprobs",
-                "behaviour_entropy", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+                "behaviour_entropy", "old_logprobs", "ref_logprobs", "values", "hidden", "advantages", "returns")
 
 
 def sequence_ids(episode: Episode, bos_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
@@ -157,6 +237,9 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
 
     Token rewards: every trajectory-level component lands on the episode's last action token; step-level
     rewards on the last action token of their turn; token-level rewards on the action tokens in order.
+    ``action_mask`` is 1 on the action tokens that are trained: every action token but an episode's first
+    ``prefix_tokens`` (given, not sampled). A reward that lands on a given token (a replayed turn's step reward)
+    is therefore outside the mask, which every credit piece ignores: it was earned before the episode's start.
     """
     seqs = [sequence_ids(e, bos_id) for e in episodes]
     lengths = np.array([len(ids) for ids, _, _ in seqs])
@@ -173,6 +256,9 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
 
     action_mask = grid([flags for _, flags, _ in seqs], 0, np.float32)
     action = action_mask > 0
+    prefix = np.array([e.prefix_tokens for e in episodes])
+    if prefix.any():  # the first `prefix_tokens` action tokens of a row are given: never trained
+        action_mask[action & (np.cumsum(action, axis=1) <= prefix[:, None])] = 0.0
     # per action token, episode after episode (the row-major order of `action`)
     rewards, behaviour_lp, behaviour_h = [], [], []
     for episode in episodes:
@@ -191,6 +277,10 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         step_index=torch.from_numpy(grid([step for _, _, step in seqs], -1, np.int64)),
         group_index=torch.tensor([e.group_id for e in episodes], dtype=torch.long),
         sample_weight=torch.tensor([e.weight for e in episodes], dtype=torch.float),
+        origin=torch.tensor([ORIGINS.index(e.origin) for e in episodes], dtype=torch.long),
+        off_policy=torch.tensor([e.off_policy for e in episodes], dtype=torch.bool),
+        preference=torch.tensor([{"chosen": 1, "rejected": -1}.get(e.preference or "", 0) for e in episodes],
+                                dtype=torch.long),
         behaviour_logprobs=torch.from_numpy(grid(behaviour_lp, 0.0, np.float32, action)),
         behaviour_entropy=torch.from_numpy(grid(behaviour_h, 0.0, np.float32, action)),
         turn_state_ids=state_ids,
@@ -228,7 +318,7 @@ def _tensor(rows: list[list], dtype: type) -> Tensor:
 def turn_ids(episodes: list[Episode]) -> tuple[Tensor, Tensor]:
     """``[B, K]`` batch-local integer ids of each turn's state key and action text (-1: no turn / no key)."""
     K = max(max((len(e.turns) for e in episodes), default=0), 1)
-    # built as lists, one tensor per field at the end (per-element tensor writes cost ~5 µs each)
+    # built as lists, one tensor per field at the end (per-element tensor writes are slow)
     states = [[-1] * K for _ in episodes]
     actions = [[-1] * K for _ in episodes]
     state_ids: dict = {}

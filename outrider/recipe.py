@@ -1,13 +1,16 @@
 """Recipes: one YAML file per experiment, validated by pydantic before anything runs.
 
-Sections that name a registered piece (`task`, `explore`, `score[*]`, `credit`, `update.loss`, `update.entropy`)
-are ``{name: X, **options}``; the options are checked against the piece's own config model. `resolve` returns the
-recipe with every default filled in, which is what a run directory records.
+Sections that name a registered piece (`task`, `explore`, `score[*]`, `credit`, `update.loss`, `update.entropy`,
+`update.terms[*]`, `loop`) are ``{name: X, **options}``; the options are checked against the piece's own config
+model. `plugins` lists modules imported before anything is checked, so a recipe can use pieces its own code
+registers. `resolve` returns the recipe with every default filled in, which is what a run directory records.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,11 @@ from outrider.credit import CREDIT
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
+from outrider.loops import LOOPS
 from outrider.policy.sft import WarmStartConfig
 from outrider.registry import format_validation_error
 from outrider.score import SCORE
-from outrider.update import ENTROPY, LOSSES
+from outrider.update import ENTROPY, LOSSES, TERMS
 from outrider.update.learner import UpdateConfig
 
 
@@ -88,6 +92,10 @@ class TrainConfig(Strict):
 
 
 class Recipe(Strict):
+    plugins: list[str] = Field(default_factory=list, description="Python modules to import first (e.g. my_pieces), "
+                                                                 "so the recipe can name pieces they register; "
+                                                                 "importable names, or files in the working "
+                                                                 "directory.")
     task: dict[str, Any] = Field(..., description="The task: {name: reasoning_gym|jsonl, ...options}.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The model and its warm start.")
     explore: dict[str, Any] = Field(default_factory=lambda: {"name": "group"},
@@ -98,8 +106,11 @@ class Recipe(Strict):
     update: UpdateConfig = Field(default_factory=UpdateConfig, description="Loss, KL, entropy and optimiser.")
     observe: ObserveConfig = Field(default_factory=ObserveConfig, description="Evaluation, logging, checkpoints.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Steps, seed, device.")
+    loop: dict[str, Any] = Field(default_factory=lambda: {"name": "rl"},
+                                 description="What one step is: {name: rl|pairs, ...options} (rl: sample, score, "
+                                             "credit, update; pairs: learner terms on stored pairs, no sampling).")
 
-    @field_validator("explore", "credit", mode="before")
+    @field_validator("explore", "credit", "loop", mode="before")
     @classmethod
     def _name_shorthand(cls, v: object) -> object:
         return {"name": v} if isinstance(v, str) else v
@@ -111,6 +122,9 @@ class Recipe(Strict):
         CREDIT.build(self.credit, "credit")
         LOSSES.build(self.update.loss, "update.loss")
         ENTROPY.build(self.update.entropy, "update.entropy")
+        for i, term in enumerate(self.update.terms):
+            TERMS.build(term, f"update.terms[{i}]")
+        LOOPS.build(self.loop, "loop")
         for i, comp in enumerate(self.score):
             SCORE.build({k: v for k, v in comp.items() if k != "weight"}, f"score[{i}]")
             if not isinstance(comp.get("weight", 1.0), (int, float)):
@@ -165,11 +179,12 @@ def _piece_defaults() -> dict[str, str]:
     return {"explore": Recipe.model_fields["explore"].default_factory()["name"],
             "credit": Recipe.model_fields["credit"].default_factory()["name"],
             "update.loss": UpdateConfig.model_fields["loss"].default_factory()["name"],
-            "update.entropy": UpdateConfig.model_fields["entropy"].default_factory()["name"]}
+            "update.entropy": UpdateConfig.model_fields["entropy"].default_factory()["name"],
+            "loop": Recipe.model_fields["loop"].default_factory()["name"]}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: 1e-4, true, [1, 2], {a: 1})."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``{a: 1}``)."""
     if not isinstance(data, dict):
         return data  # not a recipe at all: parse_recipe says so
     for item in overrides:
@@ -192,9 +207,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def import_plugins(modules: Any) -> None:
+    """Import the recipe's `plugins` (their registrations run on import); the working directory is searched too."""
+    if not modules:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise OutriderError(f"plugins: expected a list of module names (got {modules!r})")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001  (the user's module: any failure is theirs to read, in one line)
+            raise OutriderError(f"plugins: cannot import '{name}' ({type(e).__name__}: {e})") from None
+
+
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise OutriderError(f"{source}: expected a mapping of sections (task, policy, explore, ...)")
+    import_plugins(data.get("plugins"))
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
@@ -241,6 +272,8 @@ def resolve(recipe: Recipe) -> dict[str, Any]:
     out["credit"] = piece(CREDIT, recipe.credit, "credit")
     out["update"]["loss"] = piece(LOSSES, recipe.update.loss, "update.loss")
     out["update"]["entropy"] = piece(ENTROPY, recipe.update.entropy, "update.entropy")
+    out["update"]["terms"] = [piece(TERMS, t, f"update.terms[{i}]") for i, t in enumerate(recipe.update.terms)]
+    out["loop"] = piece(LOOPS, recipe.loop, "loop")
     out["score"] = [{**piece(SCORE, {k: v for k, v in c.items() if k != "weight"}, f"score[{i}]"),
                      "weight": float(c.get("weight", 1.0))} for i, c in enumerate(recipe.score)]
     return out

@@ -1,20 +1,39 @@
-"""Registries of small pieces: a name maps to a callable (or class) plus the pydantic model of its options.
+"""Registries of small pieces, and the one lifecycle every piece has.
 
-Every family (`envs`, `explore`, `score`, `credit`, `update.loss`, `update.entropy`) owns one `Registry`. A recipe
-section ``{name: X, **options}`` resolves to ``(piece, validated options)``; unknown names and options fail at
-load time with the list of valid ones.
+Every family (`task`, `explore`, `score`, `credit`, `update.loss`, `update.entropy`, `update.terms`, `loop`) owns
+one `Registry`. A recipe section ``{name: X, **options}`` resolves to ``(entry, validated options)``
+(`Registry.build`, used by recipe validation), and a run turns it into a `Piece` (`Registry.create`):
+
+- **built once** from its options and a `BuildContext` (task, policy, device, seed, its recipe path);
+- **called every step** with its family's arguments (a credit piece: the batch; a score piece: the episodes);
+- **stateful if it needs to be**: `state_dict` / `load_state_dict`, which every checkpoint carries for every piece
+  (the trainer never names a family or a piece when it saves them), so ``--resume`` continues it exactly;
+- **declaring its needs** in one typed place, the `Needs` given at registration.
+
+A piece is a function ``fn(*args, cfg)`` (stateless: the registry wraps it in a `FunctionPiece`) or a `Piece`
+subclass, constructed as ``cls(cfg, build)``. Unknown names and options fail at load time with the valid ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+import importlib
+import pkgutil
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from outrider.errors import OutriderError
 
+if TYPE_CHECKING:
+    from outrider.envs.base import Task
+    from outrider.policy.model import Policy
+
 F = TypeVar("F", bound=Callable[..., Any])
+Level = Literal["trajectory", "step", "token"]
 
 
 class PieceConfig(BaseModel):
@@ -28,31 +47,123 @@ class NoOptions(PieceConfig):
 
 
 @dataclass(frozen=True)
+class Needs:
+    """What a piece asks of the run, and what it promises about its output, declared once where it is registered.
+
+    The run reads these and nothing else: it computes what some piece needs, and only then.
+    """
+
+    values: bool = False  # a value head on the policy; `batch.values` filled before credit
+    hidden: bool = False  # last-layer hidden states of the preparing forward in `batch.hidden` ([B, T, H])
+    logits: bool = False  # the full temperature-scaled logits [B, T, V] in the learner's forward
+    old_logprobs: bool = False  # π_old recomputed by a forward before the update (else the current, detached)
+    ref_logprobs: bool = False  # a frozen copy of the warm-started policy and its log-probs (`batch.ref_logprobs`)
+    pairs: bool = False  # a pairwise view of the batch (chosen and rejected rows of each group)
+    # score pieces: called on the packed batch after the preparing forward, returning [B, T] token rewards,
+    # instead of on the episodes (which is what lets a reward read hidden states or log-probs)
+    packed: bool = False
+    level: Level = "trajectory"  # score pieces on episodes: one float per episode, a list per turn or per token
+    # a promise (losses, entropy regulators, learner terms): a row whose advantages are 0 on every action token
+    # contributes exactly 0 to the loss and its gradient, and does not change what other rows contribute
+    zero_at_zero_advantage: bool = False
+
+    def __or__(self, other: "Needs") -> "Needs":
+        """What a set of pieces needs together (each request is or-ed; promises are not combined)."""
+        return Needs(**{f: getattr(self, f) or getattr(other, f) for f in
+                        ("values", "hidden", "logits", "old_logprobs", "ref_logprobs", "pairs")})
+
+
+@dataclass
+class BuildContext:
+    """What a piece may use when it is built: the run's task, policy and device, the run's seed and the piece's
+    place in the recipe (``where``, e.g. ``score[1]``). Any may be None where a piece is built outside a run.
+    The policy is the one being trained: a piece that needs a model of its own (a reward model) copies it or
+    builds one; it never trains the policy's parameters itself."""
+
+    task: "Task | None" = None
+    policy: "Policy | None" = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    where: str = ""
+    recipe: Any = None  # the whole validated recipe, for pieces that coordinate others (a run loop)
+
+    def generator(self) -> torch.Generator:
+        """A torch generator of the piece's own, seeded from the run's seed and the piece's place in the recipe:
+        a piece that draws from it (and keeps its state in `state_dict`) resumes exactly."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(self.where.encode()))
+
+
+class Piece:
+    """A piece as a run holds it. Subclasses implement ``__call__`` (with their family's arguments); stateful ones
+    override `state_dict` / `load_state_dict` (tensors, numbers, lists and dicts of them: `torch.save` stores it)."""
+
+    entry: "Entry"  # set by `Entry.create`: the piece's name and its `Needs`
+
+    def __init__(self, cfg: PieceConfig, build: BuildContext | None = None):
+        self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def needs(self) -> Needs:
+        return self.entry.needs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FunctionPiece(Piece):
+    """A stateless piece registered as a function ``fn(*args, cfg)``: calling it calls ``fn(*args, self.cfg)``."""
+
+    def __init__(self, fn: Callable[..., Any], cfg: PieceConfig):
+        super().__init__(cfg)
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args, self.cfg)
+
+
+@dataclass(frozen=True)
 class Entry:
     name: str
-    fn: Any
+    fn: Any  # a function fn(*args, cfg) or a Piece subclass
     config: type[PieceConfig]
-    # properties a caller may rely on, declared where the piece is registered (see each family's docs)
-    traits: frozenset[str] = frozenset()
+    needs: Needs = Needs()
 
     @property
     def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
+        """The first sentence of the piece's docstring (its first paragraph when no sentence ends in it)."""
+        paragraph = " ".join((getattr(self.fn, "__doc__", None) or "").strip().split("\n\n")[0].split())
+        end = re.search(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bal)(?<!\bvs)\.(\s|$)", paragraph)
+        return paragraph[: end.start() + 1] if end else paragraph
+
+    def create(self, cfg: PieceConfig, build: BuildContext | None = None) -> Piece:
+        """The piece, built once from validated options."""
+        if isinstance(self.fn, type) and issubclass(self.fn, Piece):
+            piece = self.fn(cfg, build or BuildContext())
+        else:
+            piece = FunctionPiece(self.fn, cfg)
+        piece.entry = self
+        return piece
 
 
-class Registry(Generic[F]):
+class Registry:
     """Name → piece, for one family."""
 
     def __init__(self, family: str):
         self.family = family
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, config: type[PieceConfig] = NoOptions,
-                 traits: frozenset[str] | set[str] = frozenset()) -> Callable[[F], F]:
+    def register(self, name: str, config: type[PieceConfig] = NoOptions, needs: Needs = Needs()) -> Callable[[F], F]:
         def wrap(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.family}: '{name}' is registered twice")
-            self._entries[name] = Entry(name, fn, config, frozenset(traits))
+            self._entries[name] = Entry(name, fn, config, needs)
             return fn
 
         return wrap
@@ -63,21 +174,31 @@ class Registry(Generic[F]):
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
 
-    def get(self, name: str, where: str | None = None) -> Entry:
-        if name not in self._entries:
+    def get(self, name: Any, where: str | None = None) -> Entry:
+        if not isinstance(name, str) or name not in self._entries:
             raise OutriderError(
-                f"{where or self.family}: unknown {self.family} '{name}'; valid: {', '.join(self.names())}"
+                f"{where or self.family}: unknown {self.family} {name!r}; valid: {', '.join(self.names())}"
             )
         return self._entries[name]
 
     def build(self, section: dict[str, Any], where: str | None = None) -> tuple[Entry, PieceConfig]:
-        """Resolve ``{name: ..., **options}`` to the entry and its validated options."""
+        """Resolve ``{name: ..., **options}`` to the entry and its validated options (nothing is constructed)."""
         where = where or self.family
+        if not isinstance(section, dict):
+            raise OutriderError(f"{where}: expected {{name: ..., options}}; valid names: {', '.join(self.names())}")
         if "name" not in section:
             raise OutriderError(f"{where}: missing 'name'; valid: {', '.join(self.names())}")
         options = {k: v for k, v in section.items() if k != "name"}
         entry = self.get(section["name"], where)
         return entry, validate_options(entry, options, where)
+
+    def create(self, section: dict[str, Any], build: BuildContext | None = None, where: str | None = None) -> Piece:
+        """The piece of a recipe section, built once (see `Piece`)."""
+        where = where or self.family
+        entry, cfg = self.build(section, where)
+        if build is not None:
+            build = BuildContext(build.task, build.policy, build.device, build.seed, where, build.recipe)
+        return entry.create(cfg, build)
 
 
 def validate_options(entry: Entry, options: dict[str, Any], where: str) -> PieceConfig:
@@ -90,8 +211,15 @@ def validate_options(entry: Entry, options: dict[str, Any], where: str) -> Piece
 def format_validation_error(e: ValidationError, where: str, model: type[BaseModel]) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    field = f"{where}.{loc}" if loc else where
+    field_ = f"{where}.{loc}" if loc else where
     if err["type"] == "extra_forbidden":
         valid = ", ".join(model.model_fields) or "(none)"
-        return f"{field}: unknown option; valid: {valid}"
-    return f"{field}: {err['msg']} (got {err.get('input')!r})"
+        return f"{field_}: unknown option; valid: {valid}"
+    return f"{field_}: {err['msg']} (got {err.get('input')!r})"
+
+
+def register_package(package: str, path: list[str]) -> None:
+    """Import every module of a stage's package, so each registers its pieces: a new method is a new file, and no
+    `__init__` lists it."""
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")

@@ -73,6 +73,8 @@ def recipe_file(tmp_path: Path):
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"COLUMNS": "200", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"})
+    # recipes of the tests may list test modules (e.g. lifecycle_pieces) as plugins
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -129,6 +131,18 @@ def call_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def learner_terms(loss, cfg, regulator=None, reference: bool = False) -> list:
+    """The learner's built-in terms for `loss` (an (entry, options) pair from `LOSSES.build`) under the update
+    config `cfg`: the entropy regulator `regulator` (a built piece; default none), KL when `reference`."""
+    from outrider.update import ENTROPY
+    from outrider.update.terms import build_terms
+
+    entry, loss_cfg = loss
+    if regulator is None:
+        regulator = ENTROPY.create({"name": "none"})
+    return build_terms(cfg, entry.create(loss_cfg), regulator, values=False, reference=reference, extra=[])
 
 
 def tiny_qwen2(value_head: bool = False):

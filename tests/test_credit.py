@@ -211,8 +211,8 @@ def test_gae_whitened_advantages_returns_unwhitened():
 
 def test_gae_requires_values():
     entry, cfg = CREDIT.build({"name": "gae"})
-    assert type(cfg).requires_values is True
-    assert type(CREDIT.build({"name": "grpo"})[1]).requires_values is False
+    assert entry.needs.values is True
+    assert CREDIT.build({"name": "grpo"})[0].needs.values is False
     with pytest.raises(ValueError, match="values"):
         entry.fn(make_batch([[1.0]], [[1]], [0]), cfg)
 

@@ -292,7 +292,7 @@ def test_pear_composes_with_the_verifier():
     comps = []
     for c in ({"name": "verifier", "weight": 1.0}, {"name": "pear", "weight": 2.0, "alpha": 0.1}):
         entry, cfg = SCORE.build({k: v for k, v in c.items() if k != "weight"})
-        comps.append(Component(c["name"], entry, cfg, c["weight"]))
+        comps.append(Component(c["name"], entry.create(cfg), c["weight"]))
     compose([e], comps)
     assert e.rewards["trajectory"]["pear"] == pytest.approx(-0.4)  # 2 * (-.1 * 2)
     assert e.total_reward() == pytest.approx(0.6)

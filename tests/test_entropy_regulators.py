@@ -16,6 +16,7 @@ from outrider.update import ENTROPY, LOSSES, TokenContext
 from outrider.update.aggregate import aggregate
 from outrider.update.entropy_control import peak_mask, top_p_entropy
 from outrider.update.learner import UpdateConfig, learner_step, prepare
+from conftest import learner_terms
 
 
 def t(x) -> torch.Tensor:
@@ -24,7 +25,7 @@ def t(x) -> torch.Tensor:
 
 def build_regulator(name: str, **options):
     entry, cfg = ENTROPY.build({"name": name, **options})
-    return entry.fn(cfg)
+    return entry.create(cfg)
 
 
 def nucleus_entropy(probs: list[float]) -> float:
@@ -243,7 +244,7 @@ def siren_ctx(rows: list[list[list[float]]], mask: list[list[int]]) -> TokenCont
 
 def test_siren_anchor_term_and_state():
     reg = build_regulator("siren")
-    assert reg.needs_logits and (reg.cfg.coef, reg.cfg.mask_ratio, reg.cfg.top_p, reg.cfg.top_k) == (0.005, 0.8, 0.8, 0)
+    assert reg.needs.logits and (reg.cfg.coef, reg.cfg.mask_ratio, reg.cfg.top_p, reg.cfg.top_k) == (0.005, 0.8, 0.8, 0)
     mask = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # H^p row 0: [H_C, H_A, 0, 0, 0] → q0.8 = H_A + 0.2·(H_C − H_A) → only the H_C token; row 1: [H_A, 0, 0, 0]
     # → q0.8 = 0.4·H_A → only the H_A token (padding P_C is masked). Ĥ = (H_C + H_A) / 2
@@ -374,9 +375,9 @@ def test_pieces_run_inside_learner_step(loss, entropy):
     batch = small_batch(policy)
     prepare(batch, policy, None, cfg, 1.0, need_old=True, need_values=False)
     entry, reg_cfg = ENTROPY.build(cfg.entropy)
-    regulator = entry.fn(reg_cfg)
+    regulator = entry.create(reg_cfg)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    metrics = learner_step(policy, opt, batch, LOSSES.build(cfg.loss), regulator, cfg, 1.0,
+    metrics = learner_step(policy, opt, batch, learner_terms(LOSSES.build(cfg.loss), cfg, regulator), cfg, 1.0,
                            torch.Generator().manual_seed(0), norm_length=4)
     assert metrics and all(math.isfinite(v) for v in metrics.values()), metrics
     if entropy["name"] != "none":

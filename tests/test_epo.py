@@ -27,7 +27,7 @@ def ctx(h=H) -> TokenContext:
 
 def build(**options) -> EPO:
     entry, cfg = ENTROPY.build({"name": "epo", **options})
-    return entry.fn(cfg)
+    return entry.create(cfg)
 
 
 def test_first_call_is_the_plain_trajectory_bonus_and_records_history():

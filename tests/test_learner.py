@@ -3,16 +3,20 @@ value loss, dynamic sampling, and the fast decoder's refusal of layouts it does 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from outrider.data import Episode, Turn, pack
+from conftest import learner_terms
+from outrider.data import Episode, GroupIds, Turn, pack
 from outrider.explore import EXPLORE, ExploreContext
 from outrider.policy import fast_decode
 from outrider.policy.model import Policy
 from outrider.registry import Entry
+from outrider.score import SCORE, Component, compose_packed
 from outrider.update import ENTROPY, LOSSES
-from outrider.update.learner import UpdateConfig, kl_into_rewards, learner_step, prepare, value_loss
+from outrider.update.learner import UpdateConfig, learner_step, prepare
+from outrider.update.terms import value_loss
 
 
 def episode(group: int, prompt: str, action: str, policy: Policy, reward: float) -> Episode:
@@ -25,7 +29,7 @@ def episode(group: int, prompt: str, action: str, policy: Policy, reward: float)
 
 def no_regulator():
     entry, cfg = ENTROPY.build({"name": "none"})
-    return entry.fn(cfg)
+    return entry.create(cfg)
 
 
 def small_batch(policy: Policy):
@@ -51,7 +55,7 @@ def test_epochs_and_minibatches_keep_the_old_logprobs_of_the_batch():
         return entry.fn(ctx, c)
 
     spied = Entry(entry.name, spy, entry.config)
-    metrics = learner_step(policy, opt, batch, (spied, loss_cfg), no_regulator(), cfg, 1.0,
+    metrics = learner_step(policy, opt, batch, learner_terms((spied, loss_cfg), cfg), cfg, 1.0,
                            torch.Generator().manual_seed(0), norm_length=4)
     assert len(calls) == 6  # 3 epochs × 2 minibatches, each an optimiser step
     # every minibatch saw the old log-probs of its rows as computed before the first step
@@ -74,22 +78,24 @@ def test_prepare_and_learner_step_run_without_dropout():
     cfg = UpdateConfig(epochs=1, minibatches=1, lr=1e-12)
     prepare(batch, policy, None, cfg, 1.0, need_old=True, need_values=False)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    metrics = learner_step(policy, opt, batch, LOSSES.build({"name": "ppo"}), no_regulator(), cfg,
+    metrics = learner_step(policy, opt, batch, learner_terms(LOSSES.build({"name": "ppo"}), cfg), cfg,
                            1.0, torch.Generator().manual_seed(0), norm_length=4)
     # with dropout active the first ratio would scatter around 1; in eval mode it is exactly 1
     assert abs(metrics["loss/ratio_mean"] - 1.0) < 1e-6
 
 
-def test_kl_into_rewards_subtracts_beta_kl_on_action_tokens():
-    cfg = UpdateConfig(kl={"estimator": "k1", "coef": 0.5, "placement": "reward"})
+def test_kl_in_the_reward_subtracts_beta_kl_on_action_tokens():
+    """``update.kl: {placement: reward}`` is the packed score component `kl_penalty` with weight β."""
     batch = pack([Episode(group_id=0, seed=0, turns=[Turn("ab", [5, 6], "c", [7, 8])])], pad_id=0)
     batch.old_logprobs = torch.tensor([[0.0, 0.0, -1.0, -2.0]])
     batch.ref_logprobs = torch.tensor([[-9.0, -9.0, -1.5, -1.0]])
     before = batch.token_rewards.clone()
-    mean_kl = kl_into_rewards(batch, cfg)
+    component = Component("kl_penalty", SCORE.create({"name": "kl_penalty", "estimator": "k1"}), 0.5)
+    metrics = compose_packed(batch, [component])
     # k1 = logp − ref on the two action tokens: 0.5 and −1.0; observation tokens untouched
     assert torch.allclose(batch.token_rewards - before, torch.tensor([[0.0, 0.0, -0.25, 0.5]]))
-    assert abs(float(mean_kl) - (-0.25)) < 1e-6
+    assert abs(metrics["policy/kl_in_reward"] - (-0.25)) < 1e-6
+    assert abs(metrics["reward/kl_penalty"] - 0.25) < 1e-6  # the episode's summed reward change
 
 
 def test_value_loss_clipped_and_unclipped():
@@ -108,14 +114,15 @@ def fake_context(reward_of_seed):
     """Each seed gives a group of 2 episodes whose rewards `reward_of_seed(seed)` decides."""
     counter = iter(range(1000))
 
-    def rollout(seeds):
-        return [Episode(group_id=s, seed=s) for s in seeds for _ in range(2)]
+    def rollout(starts, snapshots=False):
+        return [Episode(group_id=s.group_id, seed=s.seed) for s in starts]
 
     def score(episodes):
         for i, e in enumerate(episodes):
             e.rewards["trajectory"]["r"] = reward_of_seed(e.seed, i % 2)
 
-    return ExploreContext(rollout=rollout, score=score, next_seeds=lambda n: [next(counter) for _ in range(n)])
+    return ExploreContext(rollout=rollout, score=score, next_seeds=lambda n: [next(counter) for _ in range(n)],
+                          groups=GroupIds(), rng=np.random.default_rng(0))
 
 
 def test_dynamic_sampling_keeps_informative_groups_and_stops_at_budget():

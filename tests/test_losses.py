@@ -11,7 +11,7 @@ import torch
 from outrider.errors import OutriderError
 from outrider.update import ENTROPY, LOSSES, TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
-from outrider.update.kl import KL_ESTIMATORS, kl_penalty
+from outrider.kl import KL_ESTIMATORS, kl_penalty
 
 
 def t(x) -> torch.Tensor:
@@ -26,7 +26,7 @@ def build_loss(name: str, **options):
 
 def build_regulator(name: str, **options):
     entry, cfg = ENTROPY.build({"name": name, **options})
-    return entry.fn(cfg)
+    return entry.create(cfg)
 
 
 def ppo_inputs(ratios, advantages, mask):
@@ -228,9 +228,9 @@ def test_entropy_regulators():
 
 
 def test_registries_list_the_builtins():
-    assert LOSSES.names() == ["clip_cov", "gspo", "kl_cov", "ppo"]
+    assert LOSSES.names() == ["clip_cov", "gspo", "kl_cov", "none", "ppo"]
     assert ENTROPY.names() == ["adaptive_entropy", "bonus", "entropy_mask", "epo", "none", "siren"]
-    with pytest.raises(OutriderError, match="valid: clip_cov, gspo, kl_cov, ppo"):
+    with pytest.raises(OutriderError, match="valid: clip_cov, gspo, kl_cov, none, ppo"):
         LOSSES.build({"name": "reinforce"})
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from outrider.credit import CREDIT
-from outrider.data import Episode, Turn, pack, sequence_ids
+from outrider.data import Episode, Start, Turn, pack, sequence_ids
 from outrider.envs.base import Demonstration
 from outrider.explore import TurnCapConfig
 from outrider.explore.rollout import rollout
@@ -15,8 +14,7 @@ from outrider.observe.metrics import agent_metrics
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import demo_episode
-from outrider.update import LOSSES, TokenContext
-from outrider.update.aggregate import aggregate
+from test_restarts import assert_untrained_positions_carry_nothing
 
 
 class CountdownEnv:
@@ -48,7 +46,7 @@ def policy() -> Policy:
 
 def play(policy: Policy, n: int = 6, max_turns: int = 5, max_new: int = 3) -> list[Episode]:
     g = torch.Generator().manual_seed(0)
-    return rollout(policy, CountdownEnv, list(range(n)), [i // 2 for i in range(n)],
+    return rollout(policy, CountdownEnv, [Start(seed=i, group_id=i // 2) for i in range(n)],
                    SamplingParams(max_new_tokens=max_new), g, max_turns)
 
 
@@ -61,30 +59,28 @@ def test_rollout_records_state_keys_before_each_action_and_stops_when_done(polic
         assert e.success == (not e.turns[-1].info.get("invalid", False))
 
 
-def test_observation_tokens_never_carry_advantage_or_loss_gradient(policy):
+@pytest.mark.parametrize("given", [False, True])
+def test_untrained_tokens_never_carry_advantage_or_loss_gradient(policy, given):
+    """Observation tokens, and (``given``) the prefix of replayed action tokens an episode started from, get
+    advantage 0 from every credit piece and gradient 0 from every loss."""
     episodes = play(policy)
-    for e in episodes:
+    for i, e in enumerate(episodes):
         e.rewards["trajectory"]["r"] = float(e.seed % 2)
         e.rewards["step"]["s"] = [0.1 * k for k in range(len(e.turns))]
+        if given:  # from none to a whole first turn and part of the second
+            e.prefix_tokens = min(i, len(e.turns[0].action_ids) + 1)
     batch = pack(episodes, policy.pad_id, policy.bos_id)
     ids = [i for e in episodes for t in e.turns for i in t.observation_ids]
-    assert (batch.action_mask.sum() == sum(e.num_action_tokens for e in episodes))
-    assert batch.attention_mask.sum() - batch.action_mask.sum() == len(ids) + len(episodes)  # + BOS per row
-    observation = (batch.attention_mask > 0) & (batch.action_mask == 0)
-    assert batch.token_rewards[observation].abs().sum() == 0
-    batch.values = torch.zeros_like(batch.token_rewards)
-    for entry in CREDIT.entries():
-        adv = entry.fn(batch, entry.config()).advantages
-        assert adv[batch.action_mask == 0].abs().sum() == 0, entry.name
-    logprobs = torch.randn(batch.input_ids.shape, requires_grad=True)
-    adv = torch.randn(batch.input_ids.shape)
-    ctx = TokenContext(logprobs, logprobs.detach(), adv, batch.action_mask)
-    per_token, _ = LOSSES.get("ppo").fn(ctx, LOSSES.get("ppo").config())
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        logprobs.grad = None
-        aggregate(per_token, batch.action_mask, mode, 16).backward(retain_graph=True)
-        assert logprobs.grad[batch.action_mask == 0].abs().sum() == 0, mode
-        assert logprobs.grad[batch.action_mask > 0].abs().sum() > 0, mode
+    prefix = sum(e.prefix_tokens for e in episodes)
+    assert given == (prefix > 0)
+    assert batch.action_mask.sum() == sum(e.num_action_tokens for e in episodes) - prefix
+    assert batch.attention_mask.sum() - batch.action_mask.sum() == len(ids) + len(episodes) + prefix  # + BOS
+    flags = torch.zeros_like(batch.action_mask)
+    for row, e in enumerate(episodes):
+        _, is_action, _ = sequence_ids(e, policy.bos_id)
+        flags[row, : len(is_action)] = torch.tensor(is_action, dtype=flags.dtype)
+    assert batch.token_rewards[flags == 0].abs().sum() == 0  # observation tokens never carry reward
+    assert_untrained_positions_carry_nothing(batch)
 
 
 def test_pack_gives_batch_local_turn_state_and_action_ids(policy):
@@ -179,7 +175,7 @@ def test_verifier_steps_keeps_each_turns_reward_on_its_turn(policy):
     from outrider.score import SCORE, Component, compose
 
     episodes = play(policy, n=2)
-    comps = [Component(n, SCORE.get(n), SCORE.get(n).config(), 1.0) for n in ("verifier", "verifier_steps")]
+    comps = [Component(n, SCORE.create({"name": n}), 1.0) for n in ("verifier", "verifier_steps")]
     compose(episodes, comps)
     for e in episodes:
         assert e.rewards["step"]["verifier_steps"] == [t.reward for t in e.turns]

@@ -20,11 +20,12 @@ from outrider.credit import CREDIT
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
+from outrider.loops import LOOPS
 from outrider.recipe import apply_overrides, load_recipe, parse_recipe, resolve
 from outrider.score import SCORE
-from outrider.update import ENTROPY, LOSSES
+from outrider.update import ENTROPY, LOSSES, TERMS
 
-REGISTRIES = {r.family: r for r in (ENVS, EXPLORE, SCORE, CREDIT, LOSSES, ENTROPY)}
+REGISTRIES = {r.family: r for r in (ENVS, EXPLORE, SCORE, CREDIT, LOSSES, ENTROPY, TERMS, LOOPS)}
 
 
 def make_existing_run(directory: Path) -> Path:
@@ -56,8 +57,8 @@ def cli(tmp_path_factory):
 
 @pytest.mark.slow  # shares the `cli` fixture: three real processes, ~25 s together
 def test_unknown_top_level_key_as_a_process(cli):
-    assert_user_error(cli["bad_key"], "bogus_section: unknown option; valid: task, policy, explore, score, credit, "
-                                      "update, observe, train")
+    assert_user_error(cli["bad_key"], "bogus_section: unknown option; valid: plugins, task, policy, explore, score, "
+                                      "credit, update, observe, train, loop")
 
 
 @pytest.mark.slow  # shares the `cli` fixture: three real processes, ~25 s together
@@ -130,8 +131,8 @@ def assert_main_error(code: int, out: str, err: str, *fragments: str) -> None:
 
 THE_FOUR = {
     "malformed_yaml": (None, ["recipe.yaml:2: not valid YAML"]),
-    "unknown_top_level_key": ({"bogus_section": 1}, ["bogus_section: unknown option; valid: task, policy, explore, "
-                                                     "score, credit, update, observe, train"]),
+    "unknown_top_level_key": ({"bogus_section": 1}, ["bogus_section: unknown option; valid: plugins, task, policy, "
+                                                     "explore, score, credit, update, observe, train, loop"]),
     "unknown_piece_option": ({"credit": {"name": "grpo", "bogus": 1}},
                              ["credit.bogus: unknown option; valid: std_normalize, epsilon"]),
     "unknown_registry_name": ({"credit": {"name": "nope"}},
@@ -177,7 +178,7 @@ def test_existing_run_is_untouched_by_refused_commands(tmp_path, monkeypatch, ca
     ({"train": {"steps": -1}}, ["train.steps: Input should be greater than or equal to 0"]),
     ({"policy": {"warm_start": {"bogus": 1}}}, ["policy.warm_start.bogus: unknown option; valid: steps, batch_size"]),
     ({"update": {"kl": {"estimator": "k9"}}}, ["update.kl.estimator", "k1", "k3"]),
-    ({"update": {"loss": "nope"}}, ["update.loss: unknown update.loss 'nope'; valid: clip_cov, gspo, kl_cov, ppo"]),
+    ({"update": {"loss": "nope"}}, ["update.loss: unknown update.loss 'nope'; valid: clip_cov, gspo, kl_cov, none, ppo"]),
     ({"explore": "nope"}, ["explore: unknown explore 'nope'; valid: dynamic, group"]),
     ({"score": [{"weight": 1.0}]}, ["score[0]: missing 'name'; valid: exact_match"]),
     ({"score": [{"name": "format"}]}, ["score[0].pattern: Field required"]),

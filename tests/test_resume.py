@@ -109,26 +109,36 @@ def kill_mid_run(proc, run: Path, timeout: float = 240.0) -> bool:
     return False
 
 
-@pytest.mark.slow  # two real processes, ~18 s
-def test_killed_run_resumes_to_identical_metrics(reference, tmp_path):
-    recipe = write_recipe(tmp_path, **RESUME_OVERRIDES)
-    run = tmp_path / "B"
-    proc = start_cli(["train", recipe, "--out", run, "--quiet"], tmp_path)
+def kill_then_resume(recipe: Path, run: Path, cwd: Path, check_first=None):
+    """`outrider train RECIPE --out RUN`, killed mid-run (see `kill_mid_run`), then `--resume`d to its end; returns
+    whether the kill landed, the first process's result and the resumed one's. `check_first(caught, first)` runs
+    between the two (the run directory as the kill left it)."""
+    proc = start_cli(["train", recipe, "--out", run, "--quiet"], cwd)
     caught = kill_mid_run(proc, run)
     first = finish(proc)
-    if caught:
-        assert first.returncode == -signal.SIGKILL
-        logged = len(read_jsonl(run / "metrics.jsonl"))
-        assert not (run / "summary.json").exists(), "killed mid-run, but the run had finished"
-    else:  # the whole run finished before a checkpoint was seen: still a valid (weaker) comparison
-        assert first.returncode == 0, first.stderr
-        logged = STEPS + 1
-        warnings.warn("the child run finished before it could be killed; resume compared on a finished run")
-    assert list_checkpoints(run), "no complete checkpoint to resume from"
-    resumed_from = list_checkpoints(run)[-1].name
+    if check_first is not None:
+        check_first(caught, first)
+    # the recipe is read back from RUN/recipe.yaml
+    return caught, first, run_cli(["train", "--resume", "--out", run, "--quiet"], cwd)
 
-    # the recipe is read back from B/recipe.yaml
-    second = run_cli(["train", "--resume", "--out", run, "--quiet"], tmp_path)
+
+@pytest.mark.slow  # two real processes, ~18 s
+def test_killed_run_resumes_to_identical_metrics(reference, tmp_path):
+    run = tmp_path / "B"
+    state = {}
+
+    def check_first(caught, first):
+        state["logged"] = len(read_jsonl(run / "metrics.jsonl")) if caught else STEPS + 1
+        state["resumed_from"] = list_checkpoints(run)[-1].name if list_checkpoints(run) else None
+        if caught:
+            assert first.returncode == -signal.SIGKILL
+            assert not (run / "summary.json").exists(), "killed mid-run, but the run had finished"
+        else:  # the whole run finished before a checkpoint was seen: still a valid (weaker) comparison
+            assert first.returncode == 0, first.stderr
+            warnings.warn("the child run finished before it could be killed; resume compared on a finished run")
+        assert state["resumed_from"], "no complete checkpoint to resume from"
+
+    caught, _, second = kill_then_resume(write_recipe(tmp_path, **RESUME_OVERRIDES), run, tmp_path, check_first)
     assert second.returncode == 0, second.stderr
     assert "Traceback" not in second.stderr
     assert_same_run(reference, run)
@@ -138,7 +148,7 @@ def test_killed_run_resumes_to_identical_metrics(reference, tmp_path):
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("reward/total")] == list(range(1, STEPS + 1))
-    print(f"killed={caught} after {logged} metric rows, resumed from {resumed_from}")
+    print(f"killed={caught} after {state['logged']} metric rows, resumed from {state['resumed_from']}")
 
 
 def test_half_written_checkpoint_is_ignored_on_resume(reference, tmp_path, monkeypatch, capsys):

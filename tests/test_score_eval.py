@@ -10,7 +10,7 @@ from outrider.data import Episode, Turn
 from outrider.errors import OutriderError
 from outrider.observe.evaluate import evaluate, pass_at_k
 from outrider.observe.metrics import episode_metrics
-from outrider.registry import Entry
+from outrider.registry import Entry, Needs
 from outrider.score import SCORE, Component, ComponentConfig, compose
 
 
@@ -99,7 +99,7 @@ def test_compose_applies_weights_per_component():
     comps = []
     for name, weight, opts in [("verifier", 2.0, {}), ("exact_match", 0.5, {}), ("length", 0.1, {"target": 2})]:
         entry, cfg = SCORE.build({"name": name, **opts})
-        comps.append(Component(name, entry, cfg, weight))
+        comps.append(Component(name, entry.create(cfg), weight))
     compose(eps, comps)
     assert eps[0].rewards["trajectory"] == pytest.approx({"verifier": 2.0, "exact_match": 0.5, "length": -1.0})
     assert eps[1].rewards["trajectory"] == pytest.approx({"verifier": 0.0, "exact_match": 0.0, "length": 0.0})
@@ -111,12 +111,6 @@ def test_compose_applies_weights_per_component():
 
 
 def test_compose_places_step_and_token_levels():
-    class StepConfig(ComponentConfig):
-        level = "step"
-
-    class TokenConfig(ComponentConfig):
-        level = "token"
-
     def per_turn(episodes, cfg):
         return [[float(k + 1) for k in range(len(e.turns))] for e in episodes]
 
@@ -124,8 +118,9 @@ def test_compose_places_step_and_token_levels():
         return [[1.0] * e.num_action_tokens for e in episodes]
 
     eps = [episode(n_tokens=2, rewards=(0.0, 0.0))]
-    compose(eps, [Component("progress", Entry("progress", per_turn, StepConfig), StepConfig(), 3.0),
-                  Component("shaping", Entry("shaping", per_token, TokenConfig), TokenConfig(), -0.5)])
+    progress = Entry("progress", per_turn, ComponentConfig, Needs(level="step")).create(ComponentConfig())
+    shaping = Entry("shaping", per_token, ComponentConfig, Needs(level="token")).create(ComponentConfig())
+    compose(eps, [Component("progress", progress, 3.0), Component("shaping", shaping, -0.5)])
     assert eps[0].rewards["step"] == {"progress": [3.0, 6.0]}
     assert eps[0].rewards["token"] == {"shaping": [-0.5, -0.5, -0.5]}
     assert eps[0].rewards["trajectory"] == {}

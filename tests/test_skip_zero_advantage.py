@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import learner_terms
 from outrider.data import Episode, Turn, pack
 from outrider.policy.model import Policy
 from outrider.registry import Entry
-from outrider.update import ENTROPY, LOSSES, ZERO_AT_ZERO_ADVANTAGE
+from outrider.update import ENTROPY, LOSSES
 from outrider.update.aggregate import AGGREGATIONS
 from outrider.update.learner import UpdateConfig, learner_step, trained_rows
 
@@ -50,9 +51,10 @@ def run(advantages_per_step: list[list[float]], skip: bool, aggregation: str = "
     metrics = []
     for advantages in advantages_per_step:
         batch = make_batch(policy, advantages)
-        metrics.append(learner_step(policy, opt, batch, (Entry(entry.name, spy, entry.config, entry.traits), loss_cfg),
-                                    reg_entry.fn(reg_cfg), cfg, 1.0, torch.Generator().manual_seed(0), norm_length=12,
-                                    regulator_traits=reg_entry.traits))
+        terms = learner_terms((Entry(entry.name, spy, entry.config, entry.needs), loss_cfg), cfg,
+                              reg_entry.create(reg_cfg))
+        metrics.append(learner_step(policy, opt, batch, terms, cfg, 1.0, torch.Generator().manual_seed(0),
+                                    norm_length=12))
     return [p.detach().clone() for p in policy.parameters()], metrics
 
 
@@ -120,15 +122,18 @@ def test_rows_are_kept_with_kl_in_the_loss():
         return entry.fn(ctx, c)
 
     reg_entry, reg_cfg = ENTROPY.build({"name": "none"})
-    learner_step(policy, torch.optim.AdamW(policy.parameters()), batch, (Entry("ppo", spy, entry.config, entry.traits), loss_cfg),
-                 reg_entry.fn(reg_cfg), cfg, 1.0, torch.Generator().manual_seed(0), 12, regulator_traits=reg_entry.traits)
+    terms = learner_terms((Entry("ppo", spy, entry.config, entry.needs), loss_cfg), cfg, reg_entry.create(reg_cfg),
+                          reference=True)
+    learner_step(policy, torch.optim.AdamW(policy.parameters()), batch, terms, cfg, 1.0,
+                 torch.Generator().manual_seed(0), 12)
     assert rows_seen == [6]
 
 
 def test_traits_of_the_builtin_pieces():
-    assert {e.name for e in LOSSES.entries() if ZERO_AT_ZERO_ADVANTAGE in e.traits} == {"ppo", "gspo"}
+    # `none` (no surrogate) is 0 everywhere
+    assert {e.name for e in LOSSES.entries() if e.needs.zero_at_zero_advantage} == {"ppo", "gspo", "none"}
     # clip_cov / kl_cov pick tokens by covariance with the batch mean; entropy_mask by a batch quantile
-    assert {e.name for e in ENTROPY.entries() if ZERO_AT_ZERO_ADVANTAGE in e.traits} == {"none"}
+    assert {e.name for e in ENTROPY.entries() if e.needs.zero_at_zero_advantage} == {"none"}
 
 
 def test_trained_rows_by_hand():

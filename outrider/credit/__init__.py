@@ -1,17 +1,19 @@
-"""credit/: rewards → per-token advantages. Every piece has one signature: ``fn(batch, cfg) -> CreditOutput``.
+"""credit/: rewards → per-token advantages. Every piece has one signature: ``piece(batch) -> CreditOutput`` (a
+function ``fn(batch, cfg)``, or a `Piece` subclass when it keeps state across steps).
 
 Pieces read what they need from the `Batch` (``token_rewards``, ``action_mask``, ``group_index``, ``step_index``,
-``values``, ``turn_state_ids``, ``behaviour_entropy``) so step-level methods (GiGPO, SALT) plug in without a new signature.
+``values``, ``turn_state_ids``, ``behaviour_entropy``) so step-level methods (GiGPO, SALT) plug in without a new
+signature. Every advantage is exactly 0 outside ``action_mask`` (observation tokens, padding, and the given
+prefix of a restarted or continued episode). A piece that needs a value head declares ``Needs(values=True)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from torch import Tensor
 
-from outrider.registry import PieceConfig, Registry
+from outrider.registry import PieceConfig, Registry, register_package
 
 
 @dataclass
@@ -24,11 +26,7 @@ class CreditOutput:
 class CreditConfig(PieceConfig):
     """Options common to credit pieces."""
 
-    requires_values: ClassVar[bool] = False  # True: the policy gets a value head and the batch carries `values`
-
 
 CREDIT: Registry = Registry("credit")
 
-from outrider.credit import gae, outcome  # noqa: E402,F401  (registers the built-ins)
-from outrider.credit import entropy_aware  # noqa: E402,F401  (canon, riskpo, ppl_position)
-from outrider.credit import step_level  # noqa: E402,F401  (gigpo, salt, empg)
+register_package(__name__, __path__)  # every module of this package registers its pieces (a new method: a new file)

@@ -218,7 +218,7 @@ class PPLPositionConfig(CreditConfig):
     @model_validator(mode="after")
     def _base_exists(self) -> "PPLPositionConfig":
         entry, base_cfg = CREDIT.build(self.base, "credit.base")  # raises OutriderError with the valid names
-        if type(base_cfg).requires_values:
+        if entry.needs.values:
             raise OutriderError(f"credit.base: '{entry.name}' needs a value head, which ppl_position does not "
                                 "request; use a critic-free base (grpo, dr_grpo, rloo, ...)")
         return self
@@ -279,7 +279,7 @@ def ppl_position(batch: Batch, cfg: PPLPositionConfig) -> CreditOutput:
     """
     entry, base_cfg = CREDIT.build(cfg.base, "credit.base")
     m = batch.action_mask
-    adv = entry.fn(batch, base_cfg).advantages.clone()
+    adv = entry.create(base_cfg)(batch).advantages.clone()
     if cfg.position_alpha > 0:
         adv = position_bonus(adv, m, cfg.position_alpha)
     if cfg.ppl_alpha > 0 or cfg.iqr_mask:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -11,12 +9,11 @@ from torch import Tensor
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.stats import masked_whiten
 from outrider.data import Batch
+from outrider.registry import Needs
 
 
 class GAEConfig(CreditConfig):
     """Options of `gae`; the policy gets a value head and the batch carries ``values``."""
-
-    requires_values: ClassVar[bool] = True
 
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount per action token (observations do not count).")
     lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE λ: 0 gives one-step TD, 1 gives Monte-Carlo − V.")
@@ -48,7 +45,7 @@ def gae_advantages(
     return adv, returns
 
 
-@CREDIT.register("gae", config=GAEConfig)
+@CREDIT.register("gae", config=GAEConfig, needs=Needs(values=True))
 def gae(batch: Batch, cfg: GAEConfig) -> CreditOutput:
     """GAE(γ, λ) advantages and value targets (Schulman et al. 2016, arXiv:1506.02438; PPO, arXiv:1707.06347).
 

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, StepInfo, Task, TaskConfig
 
 
 
@@ -99,8 +99,13 @@ class BanditEnv:
         self.rewards: list[int] = []
         self.counts: list[int] = []
         self.successes: list[int] = []
+        self.last_observation = ""
 
     def reset(self, seed: int) -> str:
+        self.last_observation = self._reset(seed)
+        return self.last_observation
+
+    def _reset(self, seed: int) -> str:
         internal = seed + EVAL_OFFSET if self.split == "eval" else seed
         cfg = self.cfg
         self.means = arm_means(cfg, internal)
@@ -121,7 +126,12 @@ class BanditEnv:
             return int(text) - 1
         return None
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
+        obs, reward, done, info = self._step(action)
+        self.last_observation = obs  # what `restore` gives back
+        return obs, reward, done, info
+
+    def _step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         cfg = self.cfg
         if len(self.history) >= cfg.pulls:
             raise RuntimeError("bandit: step() after the episode ended; call reset()")
@@ -172,12 +182,16 @@ class BanditEnv:
 
     def snapshot(self) -> dict[str, Any]:
         return {"means": list(self.means), "stacks": [list(s) for s in self.stacks], "history": list(self.history),
-                "rewards": list(self.rewards), "counts": list(self.counts), "successes": list(self.successes)}
+                "rewards": list(self.rewards), "counts": list(self.counts), "successes": list(self.successes),
+                "observation": self.last_observation}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> str:
+        """Back to the snapshot's state; returns the observation shown there."""
         self.means, self.stacks = list(state["means"]), [list(s) for s in state["stacks"]]
         self.history, self.rewards = list(state["history"]), list(state["rewards"])
         self.counts, self.successes = list(state["counts"]), list(state["successes"])
+        self.last_observation = state["observation"]
+        return self.last_observation
 
 
 def expert_action(kind: str, counts: list[int], successes: list[int], rng: random.Random) -> int:

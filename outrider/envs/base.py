@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypedDict, runtime_checkable
 
 from pydantic import Field
 
@@ -18,25 +18,43 @@ Split = Literal["train", "eval"]
 EVAL_OFFSET = 2**31
 
 
+class StepInfo(TypedDict, total=False):
+    """What ``Env.step`` reports besides the observation, the reward and done: every key is optional, and these are
+    the ones the library reads. An env may add keys of its own (they are kept in `Turn.info`)."""
+
+    success: bool  # the episode's outcome, on the final step
+    invalid: bool  # the action could not be parsed or is not allowed: the observation is the env's error text
+    events: list[str]  # progress-event names this step (e.g. ``picked_key``): ``event/<name>`` shares per batch
+    metrics: dict[str, float]  # on the final step (e.g. ``regret``): averaged per batch as ``env/<name>``
+    admissible: list[str]  # the valid commands, where the env has such a list
+    answer: str | None  # single-turn tasks: the parsed answer (None: unparseable)
+    reference: str  # single-turn tasks: the reference answer
+    canonical: str | None  # the answer in a normal form, so equal answers count once (diversity)
+    timed_out: bool  # the step ran past the env's time limit and the episode was ended
+
+
 @runtime_checkable
 class Env(Protocol):
     """Gymnasium-like text env.
 
-    ``reset(seed)`` returns the first observation; ``step(action)`` returns ``(observation, reward, done, info)``.
-    Optional methods, used when present: ``state_key() -> Hashable`` (the current state, before the next action:
-    step grouping, archives, distinct-state counts), ``snapshot() -> state`` and ``restore(state)`` (restarts:
-    restore, then the same actions ⇒ the same observations).
-
-    Keys of ``info`` the library reads: ``success`` (bool, on the final step), ``invalid`` (the action could not be
-    parsed or is not allowed: the observation is the env's error text and the episode goes on), ``events`` (list
-    of progress-event names this step, e.g. ``picked_key``), ``metrics`` (dict of floats on the final step, e.g.
-    ``regret``; averaged per batch as ``env/<name>``), ``admissible`` (list of valid commands, where the env has
-    one).
+    ``reset(seed)`` returns the first observation; ``step(action)`` returns ``(observation, reward, done, info)``
+    with ``info`` a `StepInfo`. Optional methods, used when present: ``state_key() -> Hashable`` (the current state,
+    before the next action: step grouping, archives, distinct-state counts); ``snapshot() -> state`` and
+    ``restore(state) -> observation`` (restarts: after a restore the same actions give the same observations, and
+    one snapshot can be restored many times; the state must survive `torch.save`, as archives are checkpointed);
+    ``close()``, which the rollout calls when an episode is over (return a pooled interpreter, a simulator).
     """
 
     def reset(self, seed: int) -> str: ...
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]: ...
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]: ...
+
+
+def close_env(env: Env) -> None:
+    """Call the env's ``close()`` if it has one."""
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
 
 
 class ReplaySnapshot:

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, StepInfo, Task, TaskConfig
 from outrider.errors import OutriderError
 
 MAX_EXPR_CHARS = 120   # bounds literal size and nesting depth before parsing
@@ -240,9 +240,14 @@ class CalculatorEnv:
         self.calls = 0
         self.errors = 0
         self.last_result: str | None = None
+        self.last_observation = ""
         self.done = False
 
     def reset(self, seed: int) -> str:
+        self.last_observation = self._reset(seed)
+        return self.last_observation
+
+    def _reset(self, seed: int) -> str:
         self.index = seed + EVAL_OFFSET if self.split == "eval" else seed
         self.question = make_question(self.cfg, self.index)
         k = 0
@@ -258,7 +263,12 @@ class CalculatorEnv:
                 "arithmetic expression (+ - * / // % ** and parentheses), or `answer: <number>` to give your final "
                 f"answer. You have {self.cfg.max_turns} turns.\n")
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
+        obs, reward, done, info = self._step(action)
+        self.last_observation = obs  # what `restore` gives back
+        return obs, reward, done, info
+
+    def _step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         if self.done:
             raise RuntimeError("calculator: step() after the episode ended; call reset()")
         self.turns += 1
@@ -308,12 +318,16 @@ class CalculatorEnv:
 
     def snapshot(self) -> dict[str, Any]:
         return {"index": self.index, "question": dict(self.question), "turns": self.turns, "calls": self.calls,
-                "errors": self.errors, "last_result": self.last_result, "done": self.done}
+                "errors": self.errors, "last_result": self.last_result, "done": self.done,
+                "observation": self.last_observation}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> str:
+        """Back to the snapshot's state; returns the observation shown there."""
         self.index, self.question = state["index"], dict(state["question"])
         self.turns, self.calls, self.errors = state["turns"], state["calls"], state["errors"]
         self.last_result, self.done = state["last_result"], state["done"]
+        self.last_observation = state["observation"]
+        return self.last_observation
 
 
 def malformed(expr: str, rng: random.Random) -> str:

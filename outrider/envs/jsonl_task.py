@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -13,6 +11,7 @@ from outrider.answers import numeric_equal
 from outrider.envs.base import ENVS, Split
 from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask
 from outrider.errors import OutriderError
+from outrider.jsonl import json_objects
 
 
 class JsonlConfig(SingleTurnConfig):
@@ -24,23 +23,9 @@ class JsonlConfig(SingleTurnConfig):
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise OutriderError(f"task.path: no such file '{path}'")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise OutriderError(f"{path}: not UTF-8 text (byte {e.start})") from None
     rows = []
-    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085, ..., which JSON strings may contain
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise OutriderError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+    for n, row in json_objects(path, "task.path"):
+        if "prompt" not in row or "answer" not in row:
             raise OutriderError(f"{path}:{n}: expected an object with keys \"prompt\" and \"answer\"")
         rows.append({"question": str(row["prompt"]), "answer": str(row["answer"])})
     if not rows:

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, StepInfo, Task, TaskConfig
 from outrider.envs.minigrid_expert import DIR_VEC, PlanError, plan
 from outrider.errors import OutriderError
 
@@ -110,6 +110,7 @@ class MiniGridTextEnv:
         self.fmt, self.split, self.holdout = fmt, split, holdout
         self.done = False
         self.invalid_count = 0
+        self.last_observation = ""
 
     # --- protocol -------------------------------------------------------------------------------------------
     def reset(self, seed: int) -> str:
@@ -124,7 +125,8 @@ class MiniGridTextEnv:
             raise OutriderError(f"task.holdout: no {self.split} layout of {self.env.spec.id if self.env.spec else ''} "
                                 f"found in {MAX_REDRAWS} seeds; use a holdout between 0.1 and 0.5")
         self.done, self.invalid_count = False, 0
-        return self.render(first=True)
+        self.last_observation = self.render(first=True)
+        return self.last_observation
 
     def held_out(self) -> bool:
         """Whether the current layout (grid encoding and agent start pose) belongs to the eval split."""
@@ -132,7 +134,12 @@ class MiniGridTextEnv:
         layout = env.grid.encode().tobytes() + bytes([*map(int, env.agent_pos), int(env.agent_dir)])
         return int.from_bytes(hashlib.sha256(layout).digest()[:8], "big") / 2**64 < self.holdout
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
+        obs, reward, done, info = self._step(action)
+        self.last_observation = obs  # what `restore` gives back
+        return obs, reward, done, info
+
+    def _step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         if self.done:
             raise RuntimeError("step() after the episode ended; call reset()")
         name = self.parse(action)
@@ -168,11 +175,13 @@ class MiniGridTextEnv:
         return (tuple(int(v) for v in env.agent_pos), int(env.agent_dir), carry, tuple(doors), tuple(objs))
 
     def snapshot(self) -> Any:
-        return copy.deepcopy((self.env, self.done, self.invalid_count))
+        return copy.deepcopy((self.env, self.done, self.invalid_count, self.last_observation))
 
-    def restore(self, state: Any) -> None:
+    def restore(self, state: Any) -> str:
+        """Back to the snapshot's state; returns the observation shown there."""
         # copy again so one snapshot can be restored many times
-        self.env, self.done, self.invalid_count = copy.deepcopy(state)
+        self.env, self.done, self.invalid_count, self.last_observation = copy.deepcopy(state)
+        return self.last_observation
 
     # --- text -----------------------------------------------------------------------------------------------
     def parse(self, text: str) -> str | None:

@@ -38,7 +38,7 @@ from typing import Any, Hashable, Literal
 
 from pydantic import Field
 
-from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
 from outrider.envs.textworld_task import HandlePool, clean_text
 from outrider.errors import OutriderError
 
@@ -85,12 +85,6 @@ class ScienceWorldEnv(ReplaySnapshot):
     def close(self) -> None:
         self._release()
 
-    def __del__(self) -> None:  # envs are dropped, not closed, by the rollout loop: return the simulator then
-        try:
-            self._release()
-        except Exception:
-            pass
-
     def reset(self, seed: int, gold: bool = False) -> str:
         self._release()
         self.seed = int(seed)
@@ -103,7 +97,7 @@ class ScienceWorldEnv(ReplaySnapshot):
         self._update(info)
         return self.task.render(f"{self._sim.get_task_description()}\n\n{obs}")
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         if self._sim is None:
             raise RuntimeError("step() before reset()")
         command = " ".join(action.strip().split())

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from outrider.envs.base import Demonstration, Split, Task, TaskConfig
+from outrider.envs.base import Demonstration, Split, StepInfo, Task, TaskConfig
 from outrider.errors import OutriderError
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -35,7 +35,7 @@ class SingleTurnTask(Task):
 
     @abstractmethod
     def verify(self, problem: dict[str, Any], answer: str) -> float:
-        """Reward in [0, 1] for a parsed answer."""
+        """Reward in ``[0, 1]`` for a parsed answer."""
 
     def demonstration_text(self, problem: dict[str, Any]) -> str:
         answer = problem["answer"]
@@ -80,12 +80,21 @@ class SingleTurnEnv:
     def __init__(self, task: SingleTurnTask, split: Split):
         self.task, self.split = task, split
         self._problem: dict[str, Any] | None = None
+        self._seed = 0
 
     def reset(self, seed: int) -> str:
+        self._seed = seed
         self._problem = self.task.problem(self.split, seed)
         return self.task.prompt(self._problem)
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def snapshot(self) -> int:
+        """The problem shown (nothing else changes before the one action)."""
+        return self._seed
+
+    def restore(self, state: int) -> str:
+        return self.reset(state)
+
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         assert self._problem is not None, "step() before reset()"
         answer = self.task.parse(action)
         info: dict[str, Any] = {"answer": answer, "reference": self._problem["answer"], "invalid": answer is None}

@@ -46,14 +46,13 @@ import hashlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Hashable, Literal
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, Task, TaskConfig
+from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
 from outrider.errors import OutriderError
 
 CACHE_ENV_VAR = "OUTRIDER_TEXTWORLD_CACHE"
@@ -157,12 +156,6 @@ class TextWorldEnv(ReplaySnapshot):
     def close(self) -> None:
         self._release()
 
-    def __del__(self) -> None:  # envs are dropped, not closed, by the rollout loop: return the interpreter then
-        try:
-            self._release()
-        except Exception:
-            pass
-
     # --- Env protocol --------------------------------------------------------------------------------------
     def reset(self, seed: int) -> str:
         self._release()
@@ -175,7 +168,7 @@ class TextWorldEnv(ReplaySnapshot):
         self.admissible = list(self._state["admissible_commands"] or [])
         return self.task.render(self._state, first=True, moved=True)
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, StepInfo]:
         if self._game is None:
             raise RuntimeError("step() before reset()")
         command = " ".join(action.strip().lower().split())

@@ -1,18 +1,23 @@
 """explore/: prompts and env seeds → scored episodes. Strategies are registered in `EXPLORE`.
 
-A strategy is ``fn(ctx: ExploreContext, cfg) -> (episodes, metrics)``. `ExploreContext` hands it the means to
-act (roll out groups, score them, draw fresh prompt seeds) without knowing the trainer.
+A strategy is a piece called once per RL step, ``strategy(ctx: ExploreContext) -> (episodes, metrics)`` (a
+function ``fn(ctx, cfg)``, or a `Piece` subclass that keeps state across steps: an archive, a replay buffer, a
+per-prompt success tracker). `ExploreContext` hands it the means to act without knowing the trainer: roll out
+from any `Start` (a seed; a restored state with the turns that led there; a response prefix; extra context for the
+sampler), score episodes, draw fresh prompt seeds, open groups. The piece sets each episode's ``origin`` and
+``weight`` through its starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 from pydantic import Field
 
-from outrider.data import Episode
-from outrider.registry import PieceConfig, Registry
+from outrider.data import Episode, GroupIds, Start
+from outrider.registry import PieceConfig, Registry, register_package
 
 
 class TurnCapConfig(PieceConfig):
@@ -51,11 +56,37 @@ class ExploreConfig(PieceConfig):
 
 @dataclass
 class ExploreContext:
-    rollout: Callable[[list[int]], list[Episode]]  # seeds → episodes (group_size each, grouped by seed)
-    score: Callable[[list[Episode]], None]  # attaches rewards in place
-    next_seeds: Callable[[int], list[int]]  # n fresh train seeds
+    """What an exploration piece may do in one step.
+
+    ``rollout(starts, snapshots=False)`` plays one episode per `Start` (on the train split, under the step's turn
+    cap; with ``snapshots`` every new turn keeps the env's snapshot, for archives). ``score(episodes)`` attaches
+    the recipe's rewards in place. ``next_seeds(n)`` draws n fresh train seeds. ``groups.new()`` opens a group;
+    a start that should join an existing group (a retry) takes that episode's ``group_id``. ``rng`` is seeded from
+    the run's seed and the step, for the piece's own random choices. ``task`` gives demonstrations (hints,
+    teacher solutions) and env-specific knowledge; ``step`` is the RL step (1-based).
+    """
+
+    rollout: Callable[..., list[Episode]]
+    score: Callable[[list[Episode]], None]
+    next_seeds: Callable[[int], list[int]]
+    groups: GroupIds
+    rng: np.random.Generator
+    step: int = 1
+    task: Any = None
+
+    def group_starts(self, seeds: list[int], size: int) -> list[Start]:
+        """`size` starts from each seed, each seed its own new group (GRPO's groups)."""
+        out = []
+        for seed in seeds:
+            group = self.groups.new()
+            out += [Start(seed=seed, group_id=group) for _ in range(size)]
+        return out
+
+    def sample_groups(self, seeds: list[int], size: int) -> list[Episode]:
+        """Roll out `size` episodes from each seed (one group per seed); not yet scored."""
+        return self.rollout(self.group_starts(seeds, size))
 
 
 EXPLORE: Registry = Registry("explore")
 
-from outrider.explore import strategies  # noqa: E402,F401  (registers the built-ins)
+register_package(__name__, __path__)  # every module of this package registers its pieces (a new method: a new file)

@@ -1,4 +1,4 @@
-"""The rollout loop: many envs stepped together, one batched sampler call per turn.
+"""The rollout loop: many envs stepped together, one batched sampler call per turn, each episode from its `Start`.
 
 The policy sees the whole conversation so far (observations and its own actions, as token ids, never
 re-tokenised; observations go through the model's chat template when it has one); it produces one action per turn
@@ -6,67 +6,134 @@ re-tokenised; observations go through the model's chat template when it has one)
 at the horizon, or when the conversation would no longer fit in the model's context. An action the env cannot use
 is the env's business: it answers with an error text and ``info["invalid"]``, which is counted, never raised.
 Single-turn tasks are the one-turn case of the same loop.
+
+A `Start` may begin mid-trajectory: its prefix turns are in the episode (the model sees them) and its env is put
+in their end state by ``restore(snapshot)`` or by replaying their actions; a response prefix is continued; extra
+context is shown to the sampler alone unless the start keeps it. Every env is closed when its episode is over.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 
-from outrider.data import Episode, Turn
-from outrider.envs.base import Env
+from outrider.data import Episode, Start, Turn
+from outrider.envs.base import Env, close_env
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
 
 
-def _new_turn(env: Env, obs: str, ids: list[int]) -> Turn:
+def _new_turn(env: Env, obs: str, ids: list[int], snapshot: bool) -> Turn:
     turn = Turn(observation=obs, observation_ids=ids)
     key = getattr(env, "state_key", None)
     if callable(key):
         turn.info["state_key"] = key()
+    if snapshot:
+        turn.snapshot = env.snapshot()  # type: ignore[attr-defined]
     return turn
 
 
-def rollout(policy: Policy, make_env: Callable[[], Env], seeds: list[int], group_ids: list[int],
-            params: SamplingParams, generator: torch.Generator, max_turns: int = 1) -> list[Episode]:
-    """Play one episode per (seed, group id) and return them with their turns filled in.
+def _given_turn(turn: Turn) -> Turn:
+    """A copy of a prefix turn whose lists are the episode's own (one prefix may start many episodes)."""
+    out = copy.copy(turn)
+    out.observation_ids, out.action_ids = list(turn.observation_ids), list(turn.action_ids)
+    out.behaviour_logprobs, out.behaviour_entropy = list(turn.behaviour_logprobs), list(turn.behaviour_entropy)
+    out.info = dict(turn.info)
+    return out
 
-    An episode whose next observation plus a full action would exceed the model's context ends there, marked
-    ``metadata["context_full"]`` (not done: its success is what the env said so far)."""
-    envs = [make_env() for _ in seeds]
-    episodes = [Episode(group_id=g, seed=s) for s, g in zip(seeds, group_ids)]
+
+def _reach(env: Env, start: Start) -> str:
+    """Reset the env to the start's seed and bring it to the end of the start's prefix; return the observation
+    there."""
+    obs = env.reset(start.seed)
+    if start.snapshot is not None:
+        restore = getattr(env, "restore", None)
+        if not callable(restore):
+            raise ValueError(f"a start with a snapshot needs an env with restore(); {type(env).__name__} has none")
+        return restore(start.snapshot)
+    for k, turn in enumerate(start.prefix):
+        obs, _, done, _ = env.step(turn.action)
+        if done:
+            raise ValueError(f"a start's prefix ends the episode at its turn {k} (seed {start.seed}); a prefix must "
+                             "lead to a state where the episode goes on")
+    return obs
+
+
+def rollout(policy: Policy, make_env: Callable[[], Env], starts: list[Start], params: SamplingParams,
+            generator: torch.Generator, max_turns: int = 1, snapshots: bool = False) -> list[Episode]:
+    """Play one episode per start and return them, in order, with their turns filled in.
+
+    The horizon `max_turns` counts a start's prefix turns too. With `snapshots`, every new turn keeps the env's
+    ``snapshot()`` from before its action (archives of restart points). An episode whose next observation plus a
+    full action would exceed the model's context ends there, marked ``metadata["context_full"]`` (not done: its
+    success is what the env said so far)."""
+    envs = [make_env() for _ in starts]
+    try:
+        return _play(policy, envs, starts, params, generator, max_turns, snapshots)
+    finally:
+        for env in envs:
+            close_env(env)
+
+
+def _play(policy: Policy, envs: list[Env], starts: list[Start], params: SamplingParams, generator: torch.Generator,
+          max_turns: int, snapshots: bool) -> list[Episode]:
     bos = [policy.bos_id] if policy.bos_id is not None else []
     limit = policy.max_length
-    contexts: list[list[int]] = []
-    for env, episode, seed in zip(envs, episodes, seeds):
-        obs = env.reset(seed)
-        ids = policy.encode_observation(obs, first=True)
-        episode.turns.append(_new_turn(env, obs, ids))
-        contexts.append(bos + ids)
-    active = [i for i in range(len(episodes)) if _fits(contexts[i], params, limit, episodes[i])]
-    for turn_index in range(max_turns):
-        if not active:
-            break
+    episodes, contexts, given = [], [], []  # the sampler's token context, and the given ids of the first new action
+    for env, start in zip(envs, starts):
+        obs = _reach(env, start)
+        episode = Episode(group_id=start.group_id, seed=start.seed, origin=start.origin, weight=start.weight,
+                          metadata=dict(start.metadata), off_policy=start.context is not None and not start.keep_context)
+        episode.turns = [_given_turn(t) for t in start.prefix]
+        context = bos + [i for t in episode.turns for i in t.observation_ids + t.action_ids]
+        first = not episode.turns
+        seen = obs  # the observation as the sampler sees it
+        if start.context is not None and start.context_at == "before_observation":
+            seen = start.context + obs
+        elif start.context is not None and start.context_at == "after_observation":
+            seen = obs + start.context
+        shown_ids = policy.encode_observation(seen, first=first)
+        trained_ids = shown_ids if start.keep_context or seen is obs else policy.encode_observation(obs, first=first)
+        episode.turns.append(_new_turn(env, seen if start.keep_context else obs, trained_ids, snapshots))
+        action_given = list(start.action_prefix)
+        context += shown_ids + action_given
+        if start.context is not None and start.context_at == "after_prefix":
+            context_ids = policy.encode(start.context)
+            context += context_ids
+            if start.keep_context:  # kept mid-action: it is part of the given start of the action
+                action_given += context_ids
+        episode.prefix_tokens = sum(len(t.action_ids) for t in start.prefix) + len(action_given)
+        episodes.append(episode)
+        contexts.append(context)
+        given.append(action_given)
+    active = [i for i in range(len(episodes))
+              if len(episodes[i].turns) <= max_turns and _fits(contexts[i], params, limit, episodes[i])]
+    while active:
         samples = sample(policy, [contexts[i] for i in active], params, generator)
         still_active = []
         for i, s in zip(active, samples):
             episode, turn = episodes[i], episodes[i].turns[-1]
-            turn.action, turn.action_ids, turn.behaviour_logprobs = s.text, s.ids, s.logprobs
-            turn.behaviour_entropy = s.entropies
+            head = given[i]
+            given[i] = []
+            turn.action_ids = head + s.ids
+            turn.action = (policy.decode(head) if head else "") + s.text
+            turn.behaviour_logprobs = [0.0] * len(head) + s.logprobs  # given tokens were not drawn (never trained)
+            turn.behaviour_entropy = [0.0] * len(head) + s.entropies
             turn.finish_reason = s.finish_reason
-            obs, reward, done, info = envs[i].step(s.text)
+            obs, reward, done, info = envs[i].step(turn.action)
             turn.reward = float(reward)
             turn.info.update({k: v for k, v in info.items() if k != "state_key"})
             contexts[i] += s.ids
             episode.success = bool(info.get("success", episode.success))
-            if done or turn_index + 1 == max_turns:
+            if done or len(episode.turns) == max_turns:
                 episode.done = bool(done)
                 continue
             ids = policy.encode_observation(obs, first=False)
             if not _fits(contexts[i] + ids, params, limit, episode):
                 continue
-            episode.turns.append(_new_turn(envs[i], obs, ids))
+            episode.turns.append(_new_turn(envs[i], obs, ids, snapshots))
             contexts[i] += ids
             still_active.append(i)
         active = still_active

@@ -11,7 +11,7 @@ from outrider.explore import EXPLORE, ExploreConfig, ExploreContext
 @EXPLORE.register("group", config=ExploreConfig)
 def group_sampling(ctx: ExploreContext, cfg: ExploreConfig) -> tuple[list[Episode], dict[str, float]]:
     """`group_size` episodes for each of `prompts_per_step` fresh prompts (GRPO's group sampling)."""
-    episodes = ctx.rollout(ctx.next_seeds(cfg.prompts_per_step))
+    episodes = ctx.sample_groups(ctx.next_seeds(cfg.prompts_per_step), cfg.group_size)
     ctx.score(episodes)
     return episodes, {"explore/groups_sampled": float(cfg.prompts_per_step)}
 
@@ -29,7 +29,7 @@ def dynamic_sampling(ctx: ExploreContext, cfg: DynamicConfig) -> tuple[list[Epis
     sampled, last = 0, []
     for _ in range(cfg.max_rounds):
         need = cfg.prompts_per_step - len(kept)
-        episodes = ctx.rollout(ctx.next_seeds(need))
+        episodes = ctx.sample_groups(ctx.next_seeds(need), cfg.group_size)
         ctx.score(episodes)
         sampled += need
         last = list(groups_of(episodes).values())

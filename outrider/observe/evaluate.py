@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from outrider.data import Episode, pack
+from outrider.data import Episode, Start, pack
 from outrider.envs.base import Task
 from outrider.explore.rollout import rollout
 from outrider.observe.diagnostics import (answer_diversity, correct_support, crossover_k, effective_rank,
@@ -56,12 +56,11 @@ def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks
     the current model is ahead at every k ≤ samples)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     prompts = min(prompts, task.eval_size)
-    pairs = [(p, p) for p in range(prompts) for _ in range(samples)]
+    starts = [Start(seed=p, group_id=p) for p in range(prompts) for _ in range(samples)]
     episodes: list[Episode] = []
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        episodes += rollout(policy, lambda: task.make_env("eval"), [s for s, _ in part], [g for _, g in part],
-                            params, generator, task.max_turns)
+    for first in range(0, len(starts), chunk):
+        episodes += rollout(policy, lambda: task.make_env("eval"), starts[first:first + chunk], params, generator,
+                            task.max_turns)
     correct = [0] * prompts
     for e in episodes:
         correct[e.group_id] += int(e.success)

@@ -102,4 +102,22 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
     groups = list(groups_of(episodes).values())
     out["episode/zero_variance_group_frac"] = sum(not has_reward_variance(g) for g in groups) / max(len(groups), 1)
     out.update(agent_metrics(episodes))
+    out.update(origin_metrics(episodes))
     return dict(out)
+
+
+def origin_metrics(episodes: list[Episode]) -> dict[str, float]:
+    """Per origin present, when some episode is not on-policy from a reset: ``origin/<origin>/share`` (of the
+    batch's episodes), ``reward`` (mean total reward) and ``accuracy``. The learner adds the importance weights
+    of the off-policy rows (`update.off_policy`)."""
+    if all(e.origin == "on_policy" for e in episodes):
+        return {}
+    by_origin: dict[str, list[Episode]] = defaultdict(list)
+    for e in episodes:
+        by_origin[e.origin].append(e)
+    out = {}
+    for origin, eps in by_origin.items():
+        out[f"origin/{origin}/share"] = len(eps) / len(episodes)
+        out[f"origin/{origin}/reward"] = sum(e.total_reward() for e in eps) / len(eps)
+        out[f"origin/{origin}/accuracy"] = sum(e.success for e in eps) / len(eps)
+    return out

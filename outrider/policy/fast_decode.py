@@ -337,8 +337,7 @@ class FastDecoder:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         self._next_position = positions[:, -1:] + 1
         # a prefill's activations are rows × W × the widest projection: in blocks of rows, each block's fit the
-        # allocator's reused memory instead of fresh pages (64 prompts of 17 on the 4.2M model: 9 MB buffers
-        # whole, 4,000-7,400 page faults a call; blocked, the whole call 0.99-1.06×, median of four A/Bs 1.02×)
+        # allocator's reused memory instead of fresh pages (page faults; see docs/benchmarks.md)
         block = max(1, PREFILL_BLOCK_BYTES // (W * self.widest * self.embed.element_size()))
         if self._uses_kernels(W):  # the attention kernel is causal and reads self.bias
             return self._forward(input_ids, positions, None, block)

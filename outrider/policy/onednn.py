@@ -63,12 +63,8 @@ def pays(weight: Tensor, rows: int) -> bool:
 # pack costs (64 rows × 48 positions × a 256×768 weight is 6e8 and pays; 8 rows × 16 positions × 128×1024 is
 # 1.7e7 and does not)
 PACK_MIN_MACS = 5e7
-# the smallest weight worth packing (128×1024). Per-row time saved by the packed kernel over BLAS on this
-# project's AMD EPYC machine, 2 threads, 64 and 1,088 rows (2026-12-03): 128×64, 128×128, 128×384, 512×128 and
-# 256×256 weights -0.22 to +0.17 µs a row (BLAS ahead at 64 rows); 128×1024 0.10-0.57, 256×768 0.32-0.74,
-# 1024×256 0.92-1.30, 256×2048 2.6-2.8. Packing only the weights from this size on: the GRPO step's 128-row
-# sampling calls 1.09-1.13× (interleaved A/Bs of 25 calls), the benchmark's 64-row sampler 1.03× on the 0.54M
-# model and 1.00× on the 4.2M one (12 each), against packing every weight whose multiply-adds pay.
+# the smallest weight worth packing (128×1024): below it the packed kernel saves nothing per row over BLAS
+# (the measurements are in docs/benchmarks.md, "What makes outrider faster")
 PACK_MIN_NUMEL = 2 ** 17
 
 

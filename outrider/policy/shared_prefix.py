@@ -33,8 +33,8 @@ from outrider.policy.outputs import RowOutputs
 # below this share of saved tokens the second model call costs more than it saves
 MIN_SAVED_SHARE = 0.1
 # the packed layout's attention is dense over a group's whole packed sequence (G·L² scores, most of them masked):
-# up to this length that is cheaper than the cache layout's second call and its padding (on the GRPO benchmark
-# batch, 16 groups × 8 rows, L ≈ 70: forward+backward 50 ms against 69-84 ms); the budget bounds the mask's memory
+# up to this length that is cheaper than the cache layout's second call and its padding (docs/benchmarks.md);
+# the budget bounds the mask's memory
 PACKED_MAX_LEN = 512
 PACKED_MASK_BUDGET = 2 ** 24  # G·L² mask entries
 

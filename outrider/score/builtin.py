@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from outrider.data import Episode
 from outrider.answers import numeric_equal
-from outrider.score import SCORE, ComponentConfig, Level
+from outrider.data import Episode
+from outrider.registry import Needs
+from outrider.score import SCORE, ComponentConfig
 
 
 @SCORE.register("verifier", config=ComponentConfig)
@@ -18,12 +18,8 @@ def verifier(episodes: list[Episode], cfg: ComponentConfig) -> list[float]:
     return [sum(t.reward for t in e.turns) for e in episodes]
 
 
-class StepVerifierConfig(ComponentConfig):
-    level: ClassVar[Level] = "step"
-
-
-@SCORE.register("verifier_steps", config=StepVerifierConfig)
-def verifier_steps(episodes: list[Episode], cfg: StepVerifierConfig) -> list[list[float]]:
+@SCORE.register("verifier_steps", config=ComponentConfig, needs=Needs(level="step"))
+def verifier_steps(episodes: list[Episode], cfg: ComponentConfig) -> list[list[float]]:
     """The env's own reward of each turn, kept on its turn (a step-level component): for envs with rewards along
     the way (bandit pulls, TextWorld score changes), so turn-level credit (GiGPO's step returns, REINFORCE++ /
     GAE returns) sees when each reward was earned. Same total as `verifier`, which puts the sum on the last turn."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from outrider.registry import NoOptions, PieceConfig
-from outrider.update import ENTROPY, ZERO_AT_ZERO_ADVANTAGE, Regulator, RegulatorOutput, TokenContext
+from outrider.registry import Needs, NoOptions, PieceConfig
+from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
 
 
 class EntropyBonusConfig(PieceConfig):
@@ -15,7 +15,7 @@ class EntropyBonusConfig(PieceConfig):
     coef: float = Field(0.001, description="β in −β·H: a positive value rewards entropy (keeps exploring).")
 
 
-@ENTROPY.register("none", config=NoOptions, traits={ZERO_AT_ZERO_ADVANTAGE})
+@ENTROPY.register("none", config=NoOptions, needs=Needs(zero_at_zero_advantage=True))
 class NoRegulator(Regulator):
     """No entropy term: adds 0 (the aggregated entropy ``H`` is still reported as the ``entropy`` metric)."""
 

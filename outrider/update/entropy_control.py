@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from outrider.stats import masked_mean, quantile
-from outrider.registry import PieceConfig
+from outrider.registry import BuildContext, Needs, PieceConfig
 from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
 from outrider.update.aggregate import aggregate
 
@@ -98,7 +98,7 @@ def peak_mask(values: Tensor, mask: Tensor, q: float) -> Tensor:
     return (x > thresh) & valid  # a response with no action token has a NaN threshold: nothing selected
 
 
-@ENTROPY.register("siren", config=SirenConfig)
+@ENTROPY.register("siren", config=SirenConfig, needs=Needs(logits=True))
 class Siren(Regulator):
     """SIREN, selective self-anchored entropy regularisation [149] (arXiv:2509.25133).
 
@@ -111,15 +111,14 @@ class Siren(Regulator):
     """
 
     cfg: SirenConfig
-    needs_logits = True
 
-    def __init__(self, cfg: SirenConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: SirenConfig, build: BuildContext | None = None):
+        super().__init__(cfg, build)
         self.anchor: float | None = None
 
     def __call__(self, ctx: TokenContext) -> RegulatorOutput:
         if ctx.logits is None:
-            raise ValueError("siren needs the full logits in TokenContext.logits (needs_logits = True)")
+            raise ValueError("siren needs the full logits in TokenContext.logits (it declares Needs(logits=True))")
         valid = ctx.mask > 0
         # only action positions: the [N, V] softmax and sort are the memory peak, prompts need not pay for them
         hp_valid = top_p_entropy(ctx.logits[valid], self.cfg.top_p, self.cfg.top_k)
@@ -183,8 +182,8 @@ class AdaptiveEntropy(Regulator):
 
     cfg: AdaptiveEntropyConfig
 
-    def __init__(self, cfg: AdaptiveEntropyConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: AdaptiveEntropyConfig, build: BuildContext | None = None):
+        super().__init__(cfg, build)
         self.coef: float = cfg.coef_init
         self.last_entropy: float | None = None
 

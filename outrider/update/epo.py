@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from outrider.stats import masked_mean
-from outrider.registry import PieceConfig
+from outrider.registry import BuildContext, PieceConfig
 from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
 
 
@@ -102,8 +102,8 @@ class EPO(Regulator):
 
     cfg: EPOConfig
 
-    def __init__(self, cfg: EPOConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: EPOConfig, build: BuildContext | None = None):
+        super().__init__(cfg, build)
         self.sums: list[float] = []  # per turn index (or [all] when not per_turn): Σ of past per-call means
         self.counts: list[int] = []
         self.recent: list[list[float | None]] = []  # the last `window` calls' per-turn means (window > 0 only)

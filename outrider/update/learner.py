@@ -1,8 +1,8 @@
-"""The optimisation step: PPO epochs over minibatches of one packed batch, with KL, entropy and value terms.
+"""The optimisation step: epochs over minibatches of one packed batch, the loss a sum of terms (`update.terms`).
 
-``loss = agg(w_i · m_t · ℓ_policy) + β · agg(KL) [when KL is in the loss] + regulator term + c_v · agg(ℓ_value)``
-where ``agg`` is the recipe's aggregation mode, ``w_i`` the episode's sample weight and ``m_t`` the entropy
-regulator's token weight (1 unless the regulator masks tokens).
+The learner knows no term by name: it runs the scoring forward each term needs, calls every term on the
+minibatch, weights and aggregates the per-token ones, sums them and steps the optimiser. See `update.terms` for
+the built-in terms and their formula.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from outrider.stats import masked_mean
 from outrider.data import Batch
 from outrider.policy.model import Policy
-from outrider.registry import Entry, PieceConfig
-from outrider.update import ZERO_AT_ZERO_ADVANTAGE, Regulator, TokenContext
+from outrider.registry import Piece
+from outrider.stats import masked_mean
+from outrider.update import TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
 from outrider.update.cov import token_covariance
-from outrider.update.kl import kl_penalty
+from outrider.update.off_policy import OffPolicyConfig
 
 
 class KLConfig(BaseModel):
@@ -61,6 +61,12 @@ class UpdateConfig(BaseModel):
     entropy: dict = Field(default_factory=lambda: {"name": "none"},
                           description="Entropy regulator: {name: none|bonus|adaptive_entropy|entropy_mask|"
                                       "siren, ...options}.")
+    terms: list[dict] = Field(default_factory=list, description="Further learner terms, each {name, ...options} "
+                                                                "(e.g. dpo), added to the loss after the built-in "
+                                                                "ones.")
+    off_policy: OffPolicyConfig = Field(default_factory=OffPolicyConfig,
+                                        description="Importance correction of off-policy rows (replayed, or "
+                                                    "sampled with context training removes).")
     shared_prefix: bool = Field(
         True, description="Run each group's common prompt through the model once per forward instead of once per "
                           "completion (same results up to float rounding; used when it saves ≥ 10% of tokens).")
@@ -80,6 +86,11 @@ class UpdateConfig(BaseModel):
     def _name_shorthand(cls, v: object) -> object:
         return {"name": v} if isinstance(v, str) else v
 
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _names_shorthand(cls, v: object) -> object:
+        return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
+
     @field_validator("betas")
     @classmethod
     def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -97,28 +108,24 @@ class UpdateConfig(BaseModel):
 
 @torch.no_grad()
 def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateConfig, temperature: float,
-            need_old: bool, need_values: bool) -> None:
-    """Fill the batch's old log-probs, values and reference log-probs (one no-grad forward each, only if needed).
+            need_old: bool, need_values: bool, need_hidden: bool = False) -> None:
+    """Fill the batch's old log-probs, values, hidden states and reference log-probs (one no-grad forward of the
+    policy and one of the reference, each only if something needs it).
 
     The policy runs in eval mode here and in `learner_step`: dropout would make the "old" and the new
     log-probs of the same parameters differ, biasing the ratio (TRL and verl likewise disable dropout for RL).
     """
     policy.eval()
-    if need_old or need_values:
+    if need_old or need_values or need_hidden:
         groups = batch.group_index if cfg.shared_prefix else None
-        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values, groups=groups)
+        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values,
+                              hidden=need_hidden, groups=groups)
         batch.old_logprobs = scores.logprobs if need_old else None
         batch.values = scores.values
+        batch.hidden = scores.hidden
     if reference is not None:
         batch.ref_logprobs = reference.score(batch.input_ids, batch.attention_mask, temperature,
                                              groups=batch.group_index if cfg.shared_prefix else None).logprobs
-
-
-def kl_into_rewards(batch: Batch, cfg: UpdateConfig) -> Tensor:
-    """r_t ← r_t − β·KL_t on action tokens (KL in the reward, as in InstructGPT-style PPO); returns the mean KL."""
-    kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, cfg.kl.estimator) * batch.action_mask
-    batch.token_rewards = batch.token_rewards - cfg.kl.coef * kl
-    return masked_mean(kl, batch.action_mask)
 
 
 def entropy_advantage_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,70 +160,77 @@ def _trim(mb: Batch, rows: Tensor) -> Batch:
     return sub.select_columns(width) if width < sub.input_ids.shape[1] else sub
 
 
-def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
-                 regulator: Regulator, cfg: UpdateConfig, temperature: float,
-                 generator: torch.Generator, norm_length: int,
-                 regulator_traits: frozenset[str] = frozenset()) -> dict[str, float]:
-    """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics.
+def minibatch_rows(batch: Batch, minibatches: int, generator: torch.Generator, by_group: bool) -> list[Tensor]:
+    """A random split of the batch's rows into `minibatches` chunks; with `by_group` (pairwise terms) whole groups
+    stay together."""
+    order = torch.randperm(batch.size, generator=generator)
+    if not by_group:
+        return list(order.chunk(minibatches))
+    _, group = torch.unique(batch.group_index.cpu(), return_inverse=True)
+    members = [(group == g).nonzero().squeeze(-1) for g in range(int(group.max()) + 1)]
+    chunks = torch.randperm(len(members), generator=generator).chunk(minibatches)
+    return [torch.cat([members[int(g)] for g in c]) for c in chunks]
 
-    When the loss entry and the regulator (its registry entry's `regulator_traits`) both have the
-    `ZERO_AT_ZERO_ADVANTAGE` trait, `cfg.skip_zero_advantage` leaves zero-advantage rows out: the per-token loss
-    of the kept rows is put back in its place in the minibatch, so every aggregation keeps its full-minibatch
-    denominator."""
-    loss_entry, loss_cfg = loss_piece
+
+def _term_name(term: Piece) -> str:
+    return getattr(term, "prefix", None) or term.name
+
+
+def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, terms: list[Piece],
+                 cfg: UpdateConfig, temperature: float, generator: torch.Generator,
+                 norm_length: int) -> dict[str, float]:
+    """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics (the
+    max over minibatches for keys ending in ``_max``).
+
+    When every term promises ``zero_at_zero_advantage``, `cfg.skip_zero_advantage` leaves zero-advantage rows out:
+    the per-token losses of the kept rows are put back in their places in the minibatch, so every aggregation
+    keeps its full-minibatch denominator."""
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
         return aggregate(x, m, cfg.aggregation, agg_len)
 
-    kl_in_loss = batch.ref_logprobs is not None and cfg.kl.placement == "loss" and cfg.kl.coef > 0
-    skip = (cfg.skip_zero_advantage and ZERO_AT_ZERO_ADVANTAGE in (loss_entry.traits & regulator_traits)
-            and not kl_in_loss and batch.returns is None)
+    skip = cfg.skip_zero_advantage and all(t.needs.zero_at_zero_advantage for t in terms)
+    need_logits = any(t.needs.logits for t in terms)
+    by_group = any(t.needs.pairs for t in terms)
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for _ in range(cfg.epochs):
-        order = torch.randperm(batch.size, generator=generator)
-        for rows in order.chunk(cfg.minibatches):
+        for rows in minibatch_rows(batch, cfg.minibatches, generator, by_group):
             full = batch.select(rows)
             live = live_rows(full.advantages, full.action_mask) if skip else None
             kept = None if live is None else trained_rows(full.advantages, full.action_mask, live)
             mb = full if kept is None else _trim(full, kept)
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
-                                  values=mb.returns is not None, logits=regulator.needs_logits,
+                                  values=mb.returns is not None, logits=need_logits,
                                   groups=mb.group_index if cfg.shared_prefix else None)
             old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
             ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
                                logits=scores.logits, aggregate=agg, generator=generator,
-                               step_index=mb.step_index)
-            per_token, metrics = loss_entry.fn(ctx, loss_cfg)
-            reg = regulator(ctx)
-            weight = mb.sample_weight[:, None] if reg.token_weight is None else \
-                mb.sample_weight[:, None] * reg.token_weight
-            if kept is None:
-                loss = agg(per_token * weight, mask)
-            else:
-                width = full.action_mask.shape[1]
-                kept_loss = torch.nn.functional.pad(per_token * weight, (0, width - mask.shape[1]))
-                placed = per_token.new_zeros(full.action_mask.shape).index_copy(0, kept, kept_loss)
-                loss = agg(placed, full.action_mask)
-            metrics = {f"loss/{k}" if not k.startswith("clip") else f"clip/{k[5:]}": v for k, v in metrics.items()}
-            metrics["loss/policy"] = loss.detach()
-            if mb.ref_logprobs is not None:
-                kl = kl_penalty(scores.logprobs, mb.ref_logprobs, cfg.kl.estimator)
-                metrics["policy/kl"] = masked_mean(kl.detach(), mask)
-                if cfg.kl.placement == "loss":
-                    loss = loss + cfg.kl.coef * agg(kl, mask)
-            loss = loss + reg.term
-            metrics.update({f"entropy_reg/{k}": v for k, v in reg.metrics.items()})
+                               step_index=mb.step_index, values=scores.values, batch=mb)
+            outputs = [(term, term(ctx)) for term in terms]
+            token_weight = None
+            for _, out in outputs:
+                if out.token_weight is not None:
+                    token_weight = out.token_weight if token_weight is None else token_weight * out.token_weight
+            weight = mb.sample_weight[:, None] if token_weight is None else mb.sample_weight[:, None] * token_weight
+            loss, metrics = None, {}
+            for term, out in outputs:
+                part = out.loss
+                if out.per_token is not None:
+                    part = agg(_placed(out.per_token * weight, full, kept), full.action_mask if kept is not None
+                               else mask)
+                    metrics[f"loss/{term.name}"] = part.detach()
+                metrics.update({k if "/" in k else f"{_term_name(term)}/{k}": v for k, v in out.metrics.items()})
+                if part is not None:
+                    loss = part if loss is None else loss + part
+            if loss is None:  # no term contributes (e.g. a pairwise term on a minibatch without pairs)
+                loss = scores.logprobs.sum() * 0.0
             metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
             metrics["policy/entropy_adv_cov"], metrics["policy/cov_gt1_frac"] = entropy_advantage_covariance(
                 scores.logprobs.detach(), mb.advantages, mask)
-            if mb.returns is not None:
-                v_loss = value_loss(scores.values, mb.values, mb.returns, cfg.value_clip)
-                metrics["loss/value"] = agg(v_loss, mask).detach()
-                loss = loss + cfg.vf_coef * agg(v_loss, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for p in policy.parameters() if p.requires_grad]
@@ -227,15 +241,19 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             if live is not None:
                 metrics["update/skipped_rows_frac"] = 1.0 - float(live.sum()) / full.size
             for k, v in metrics.items():  # per-key counts: some pieces skip a metric on some minibatches
+                if k.endswith("_max"):
+                    sums[k] = max(sums[k], float(v)) if counts[k] else float(v)
+                    counts[k] = 1
+                    continue
                 sums[k] += float(v)
                 counts[k] += 1
     return {k: v / counts[k] for k, v in sums.items()}
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
-    """½·max((V − R)², (clip(V, V_old ± ε) − R)²) per token (PPO's clipped value loss)."""
-    unclipped = (values - returns) ** 2
-    if clip is None:
-        return 0.5 * unclipped
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * torch.maximum(unclipped, (clipped - returns) ** 2)
+def _placed(per_token: Tensor, full: Batch, kept: Tensor | None) -> Tensor:
+    """A kept rows' per-token loss put back in its rows of the full minibatch (zeros elsewhere), or as it is."""
+    if kept is None:
+        return per_token
+    width = full.action_mask.shape[1]
+    padded = torch.nn.functional.pad(per_token, (0, width - per_token.shape[1]))
+    return per_token.new_zeros(full.action_mask.shape).index_copy(0, kept, padded)

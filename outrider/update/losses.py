@@ -19,9 +19,9 @@ from pydantic import Field
 from torch import Tensor
 
 from outrider.stats import masked_mean
-from outrider.registry import PieceConfig
-from outrider.update import LOSSES, ZERO_AT_ZERO_ADVANTAGE, TokenContext
-from outrider.update.kl import LOG_RATIO_CLAMP
+from outrider.registry import Needs, NoOptions, PieceConfig
+from outrider.update import LOSSES, TokenContext
+from outrider.kl import LOG_RATIO_CLAMP
 
 
 class PPOLossConfig(PieceConfig):
@@ -67,7 +67,7 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float
     return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high))
 
 
-@LOSSES.register("ppo", config=PPOLossConfig, traits={ZERO_AT_ZERO_ADVANTAGE})
+@LOSSES.register("ppo", config=PPOLossConfig, needs=Needs(zero_at_zero_advantage=True))
 def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate (Schulman et al. 2017, arXiv:1707.06347) with asymmetric clip-higher (DAPO, Yu et al.
     2025, arXiv:2503.14476) and optional dual clip (Ye et al. 2020, arXiv:1912.09729).
@@ -89,7 +89,7 @@ def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor
     return loss, metrics
 
 
-@LOSSES.register("gspo", config=GSPOLossConfig, traits={ZERO_AT_ZERO_ADVANTAGE})
+@LOSSES.register("gspo", config=GSPOLossConfig, needs=Needs(zero_at_zero_advantage=True))
 def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token surrogate (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv:2507.18071).
 
@@ -109,3 +109,10 @@ def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tens
     metrics = clip_metrics(seq_ratio[:, None].expand_as(mask), advantages, mask, cfg.clip_low, cfg.clip_high)
     loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
     return loss, metrics
+
+
+@LOSSES.register("none", config=NoOptions, needs=Needs(zero_at_zero_advantage=True))
+def no_policy_loss(ctx: TokenContext, cfg: NoOptions) -> tuple[Tensor, dict[str, Tensor]]:
+    """No policy-gradient surrogate: 0 on every token. For runs whose loss is another term's alone (DPO on stored
+    pairs through ``update.terms``)."""
+    return torch.zeros_like(ctx.logprobs), {}
