@@ -35,3 +35,74 @@ def test_k3_clamp_threshold():
     d = t([2.60, 2.62, -10.99, -11.01])
     kl = kl_penalty(torch.zeros(4, dtype=torch.float64), d, "k3")
     assert kl[0] < 10 and kl[1] == 10 and kl[2] < 10 and kl[3] == 10
+
+
+# ---------------------------------------------------------------- ratio clamps at extremes
+
+
+def surrogate(name: str, log_ratios, advantages, mask=None, **options):
+    """(loss, logp.grad, metrics) of a loss piece with old = 0 and logp = the given token log-ratios."""
+    from outrider.update import LOSSES, TokenContext
+
+    logp = t(log_ratios).requires_grad_(True)
+    mask = torch.ones_like(logp) if mask is None else t(mask)
+    entry, cfg = LOSSES.build({"name": name, **options})
+    loss, metrics = entry.fn(TokenContext(logp, torch.zeros_like(logp), t(advantages), mask), cfg)
+    loss.sum().backward()
+    return loss.detach(), logp.grad, metrics
+
+
+def test_gspo_averages_raw_token_log_ratios():
+    """Token log-ratios 25, 0, 2: s = exp(mean) = e^9 (verl averages the raw values; clamping each token to ±20
+    first would give e^(22/3)). A = −1 and s far above 1 + ε: the unclipped branch −A·s wins, gradient s."""
+    loss, grad, m = surrogate("gspo", [[25.0, 0.0, 2.0]], [[-1.0, -1.0, -1.0]])
+    s = math.exp(9.0)
+    torch.testing.assert_close(loss, t([[s, s, s]]))
+    torch.testing.assert_close(grad, t([[s, s, s]]))
+    torch.testing.assert_close(m["ratio_mean"], t(s))
+
+
+def test_gspo_caps_the_sequence_log_ratio_at_10_with_no_gradient_beyond():
+    """Sequence log-ratio 12 > 10: s_{i,t} = e^10 and, as in verl (the clamp sits on the per-token log-ratio),
+    no gradient; a masked token's log-ratio of 50 is ignored."""
+    loss, grad, m = surrogate("gspo", [[12.0, 12.0, 50.0]], [[-1.0, -1.0, -1.0]], mask=[[1, 1, 0]])
+    e10 = math.exp(10.0)
+    torch.testing.assert_close(loss, t([[e10, e10, 0.0]]))
+    assert grad.tolist() == [[0.0, 0.0, 0.0]]
+    torch.testing.assert_close(m["ratio_mean"], t(e10))
+
+
+def test_gspo_has_no_lower_clamp():
+    """Sequence log-ratio −30: s = e^-30 (not e^-20). A = +1: the unclipped −A·s is the max, gradient −s."""
+    loss, grad, _ = surrogate("gspo", [[-30.0, -30.0]], [[1.0, 1.0]])
+    s = math.exp(-30.0)
+    torch.testing.assert_close(loss, t([[-s, -s]]), rtol=1e-9, atol=0)
+    torch.testing.assert_close(grad, t([[-s, -s]]), rtol=1e-9, atol=0)
+
+
+def test_ppo_keeps_verls_token_clamp_of_20():
+    """verl's vanilla PPO clamps the token log-ratio to ±20: log-ratio 25 with A = −1 gives −A·e^20, no gradient."""
+    loss, grad, _ = surrogate("ppo", [[25.0, 0.0]], [[-1.0, -1.0]])
+    torch.testing.assert_close(loss, t([[math.exp(20.0), 1.0]]))
+    assert grad[0, 0] == 0.0
+
+
+def test_clip_cov_ratio_is_unclamped():
+    """Clip-Cov's r = exp(logp − old), unclamped as in verl / [153]: log-ratio 25 with A = −1 (the band holds no
+    token, so nothing is detached) gives loss e^25 with gradient e^25."""
+    loss, grad, _ = surrogate("clip_cov", [[25.0, 0.0]], [[-1.0, -1.0]], clip_cov_lb=1e6, clip_cov_ub=2e6)
+    e25 = math.exp(25.0)
+    torch.testing.assert_close(loss, t([[e25, 1.0]]))
+    torch.testing.assert_close(grad, t([[e25, 1.0]]))
+
+
+def test_kl_cov_ratio_and_penalty_are_unclamped():
+    """KL-Cov: token 0 (log-ratio 25, A = +1) has the largest covariance, (2/3)(50/3) = 100/9 against 25/9, and
+    is the one token (k = int(3·0.34) = 1) penalised by β·|25|: loss −e^25 + 12.5, gradient −e^25 + 0.5
+    (β = 0.5); tokens with A = 0 have loss 0."""
+    loss, grad, m = surrogate("kl_cov", [[25.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]], kl_cov_ratio=0.34, ppo_kl_coef=0.5)
+    e25 = math.exp(25.0)
+    torch.testing.assert_close(loss, t([[-e25 + 12.5, 0.0, 0.0]]))
+    torch.testing.assert_close(grad, t([[-e25 + 0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(m["kl_abs_mean"], t(25.0 / 3))
+
