@@ -154,8 +154,8 @@ AGG_MASK = [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     "mode, norm_length, expected",
     [
         ("token-mean", None, 11 / 4),  # (1 + 2 + 3 + 5) / 4 tokens
-        ("seq-mean-token-sum", None, 5.5),  # (6 + 5) / 2 non-empty rows
-        ("seq-mean-token-mean", None, 3.5),  # (6/3 + 5/1) / 2
+        ("seq-mean-token-sum", None, 11 / 3),  # (6 + 5) / 3 rows (the empty row counts)
+        ("seq-mean-token-mean", None, 7 / 3),  # (6/3 + 5/1 + 0) / 3
         ("seq-mean-token-sum-norm", None, 11 / 12),  # 11 / (3 rows * T=4)
         ("seq-mean-token-sum-norm", 10, 11 / 30),  # 11 / (3 rows * 10)
     ],

@@ -106,3 +106,66 @@ def test_kl_cov_ratio_and_penalty_are_unclamped():
     torch.testing.assert_close(grad, t([[-e25 + 0.5, 0.0, 0.0]]))
     torch.testing.assert_close(m["kl_abs_mean"], t(25.0 / 3))
 
+
+# ---------------------------------------------------------------- aggregation: one step-wide denominator
+
+
+def ragged_batch():
+    """8 rows of 5 positions, rows 2 and 6 without any trainable token, a NaN on a masked position."""
+    g = torch.Generator().manual_seed(1)
+    loss = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    lengths = [5, 2, 0, 3, 1, 4, 0, 5]
+    mask = t([[1.0 if j < n else 0.0 for j in range(5)] for n in lengths])
+    loss[0, :][mask[0] == 0] = float("nan")
+    loss[3, 4] = float("nan")
+    return loss, mask
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                  "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("splits", [[8], [3, 5], [1, 2, 3, 2], [4, 4]])
+def test_micro_batches_with_the_step_denominator_sum_to_the_whole(mode, splits):
+    from outrider.update.aggregate import aggregate, denominator
+
+    loss, mask = ragged_batch()
+    whole_in = loss.clone().requires_grad_(True)
+    whole = aggregate(whole_in, mask, mode, norm_length=7)
+    whole.backward()
+    parts_in = loss.clone().requires_grad_(True)
+    total = denominator(mask, mode, norm_length=7)
+    summed = sum(aggregate(x, m, mode, norm_length=7, total=total)
+                 for x, m in zip(parts_in.split(splits), mask.split(splits)))
+    summed.backward()
+    torch.testing.assert_close(summed, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts_in.grad, whole_in.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_sequence_modes_need_only_the_row_count(mode):
+    """D of a sequence mode is the row count: each micro-batch aggregated on its own, weighted by its share of
+    the rows, sums to the whole, whichever micro-batch the empty rows fall in (false when D counts only the
+    non-empty rows)."""
+    from outrider.update.aggregate import aggregate
+
+    loss, mask = ragged_batch()
+    whole = aggregate(loss, mask, mode)
+    for splits in ([2, 6], [3, 5], [1, 1, 6]):
+        parts = sum(aggregate(x, m, mode) * m.shape[0] / 8 for x, m in zip(loss.split(splits), mask.split(splits)))
+        torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                  "seq-mean-token-sum-norm"])
+def test_a_row_without_trainable_tokens_counts_like_a_zero_advantage_row(mode):
+    """Rows 0: loss 1, 2 (two tokens); row 1: loss 4 (one token); row 2: either no trainable token or two tokens
+    of loss 0 (a zero-advantage row). The sequence modes give the same result both ways (row 2 counts once),
+    by hand: seq-mean-token-sum (3 + 4 + 0)/3; seq-mean-token-mean (1.5 + 4 + 0)/3; sum-norm 7/(3·2).
+    token-mean counts tokens: 7/3 with the empty row, 7/5 with the zero-loss tokens."""
+    from outrider.update.aggregate import aggregate
+
+    loss = t([[1.0, 2.0], [4.0, 0.0], [0.0, 0.0]])
+    empty = aggregate(loss, t([[1, 1], [1, 0], [0, 0]]), mode)
+    zero_adv = aggregate(loss, t([[1, 1], [1, 0], [1, 1]]), mode)
+    expected = {"token-mean": (7 / 3, 7 / 5), "seq-mean-token-sum": (7 / 3, 7 / 3),
+                "seq-mean-token-mean": (5.5 / 3, 5.5 / 3), "seq-mean-token-sum-norm": (7 / 6, 7 / 6)}[mode]
+    torch.testing.assert_close((empty, zero_adv), (t(expected[0]), t(expected[1])))
