@@ -160,7 +160,8 @@ class Trainer:
         batch = pack(episodes, self.policy.pad_id, self.policy.bos_id).to(self.device)
         u = self.recipe.update
         need_old = u.epochs * u.minibatches > 1 or (self.reference is not None and u.kl.placement == "reward")
-        prepare(batch, self.policy, self.reference, u, self.params.temperature, need_old, self.needs_values)
+        prepare(batch, self.policy, self.reference, u, self.params.temperature, need_old, self.needs_values,
+                top_k=self.params.top_k, top_p=self.params.top_p)
         if self.reference is not None and u.kl.placement == "reward":
             metrics["policy/kl_in_reward"] = float(kl_into_rewards(batch, u))
         credit_out = self.credit[0].fn(batch, self.credit[1])
@@ -172,7 +173,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.recipe.train.seed * 7_919 + step)
         norm_length = self.params.max_new_tokens * self.task.max_turns
         metrics.update(learner_step(self.policy, self.optimizer, batch, self.loss, self.regulator, u,
-                                    self.params.temperature, generator, norm_length, self.regulator_traits))
+                                    self.params.temperature, generator, norm_length, self.regulator_traits,
+                                    top_k=self.params.top_k, top_p=self.params.top_p))
         train_s = time.perf_counter() - t_train
         train_tokens = float(batch.attention_mask.sum()) * u.epochs
         metrics.update({

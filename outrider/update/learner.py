@@ -97,8 +97,12 @@ class UpdateConfig(BaseModel):
 
 @torch.no_grad()
 def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateConfig, temperature: float,
-            need_old: bool, need_values: bool) -> None:
+            need_old: bool, need_values: bool, top_k: int = 0, top_p: float = 1.0) -> None:
     """Fill the batch's old log-probs, values and reference log-probs (one no-grad forward each, only if needed).
+
+    ``top_k``/``top_p`` are the sampler's: the policy's log-probs are those of the truncated distribution the
+    tokens were drawn from (`Policy.score`); the reference's stay untruncated (k3 then estimates the KL of the
+    sampling policy to the reference model).
 
     The policy runs in eval mode here and in `learner_step`: dropout would make the "old" and the new
     log-probs of the same parameters differ, biasing the ratio (TRL and verl likewise disable dropout for RL).
@@ -106,7 +110,8 @@ def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateC
     policy.eval()
     if need_old or need_values:
         groups = batch.group_index if cfg.shared_prefix else None
-        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values, groups=groups)
+        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values, groups=groups,
+                              top_k=top_k, top_p=top_p)
         batch.old_logprobs = scores.logprobs if need_old else None
         batch.values = scores.values
     if reference is not None:
@@ -156,8 +161,10 @@ def _trim(mb: Batch, rows: Tensor) -> Batch:
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, loss_piece: tuple[Entry, PieceConfig],
                  regulator: Regulator, cfg: UpdateConfig, temperature: float,
                  generator: torch.Generator, norm_length: int,
-                 regulator_traits: frozenset[str] = frozenset()) -> dict[str, float]:
+                 regulator_traits: frozenset[str] = frozenset(), top_k: int = 0,
+                 top_p: float = 1.0) -> dict[str, float]:
     """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics.
+    Log-probs are scored under the sampler's ``top_k``/``top_p`` truncation (see `prepare`).
 
     When the loss entry and the regulator (its registry entry's `regulator_traits`) both have the
     `ZERO_AT_ZERO_ADVANTAGE` trait, `cfg.skip_zero_advantage` leaves zero-advantage rows out: the per-token loss
@@ -185,7 +192,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
                                   values=mb.returns is not None, logits=regulator.needs_logits,
-                                  groups=mb.group_index if cfg.shared_prefix else None)
+                                  groups=mb.group_index if cfg.shared_prefix else None, top_k=top_k, top_p=top_p)
             old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
             ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
                                logits=scores.logits, aggregate=agg, generator=generator,
