@@ -38,12 +38,16 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / safe, torch.zeros_like(num))
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in AGGREGATIONS:
+        raise OutriderError(f"unknown loss aggregation '{mode}'; valid: {', '.join(AGGREGATIONS)}")
+
+
 def denominator(mask: Tensor, mode: str, norm_length: int | None = None) -> Tensor:
     """D of `aggregate` for the whole batch of one optimiser step (``mask`` [B, T]): ``Σ_{i,t} m`` for
     ``token-mean``; B (every row) for ``seq-mean-token-sum`` and ``seq-mean-token-mean``; ``B · L`` for
     ``seq-mean-token-sum-norm`` with L = ``norm_length`` (default ``mask.shape[1]``)."""
-    if mode not in AGGREGATIONS:
-        raise OutriderError(f"unknown loss aggregation '{mode}'; valid: {', '.join(AGGREGATIONS)}")
+    _check_mode(mode)
     if mode == "token-mean":
         return mask.to(torch.float64).sum()
     rows = float(mask.shape[0])
@@ -70,6 +74,7 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str, norm_length: int | None = N
     to the step's. Default: D of this ``mask``. Nothing to average over (D = 0) gives 0, never NaN. Masked
     positions never contribute, even where ``loss`` is inf or NaN.
     """
+    _check_mode(mode)
     den = denominator(mask, mode, norm_length) if total is None else torch.as_tensor(total, device=loss.device)
     m = mask.to(loss.dtype)
     weighted = torch.where(mask > 0, loss * m, torch.zeros_like(loss))

@@ -13,7 +13,7 @@ per-token surrogate itself.
 
 Both use the raw ratio ``r = exp(logp − old)``, unclamped, as [153]'s code and verl do (outrider's ``ppo``
 clamps the log-ratio to ±20, as verl's vanilla loss does). A log-ratio above about 88 overflows float32 to
-``inf`` there as here; it cannot come from a sampled token and its recomputed log-prob, which are close.
+``inf`` there as here; within one batch's epochs |logp − old| stays far below that (docs/conventions.md).
 """
 
 from __future__ import annotations
