@@ -54,18 +54,30 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = WHITEN_EPS) -> Tensor:
     return torch.where(mask > 0, out, torch.zeros_like(out))
 
 
-def group_sum_count(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row sum of ``scores`` over the row's group and the group's size, both ``[B]``.
-
-    ``sum_i = Σ_{j: g_j = g_i} scores_j`` and ``count_i = |{j: g_j = g_i}|``. Group ids can be any integers.
-    """
+def group_ids(group_index: Tensor) -> tuple[Tensor, int]:
+    """Dense ids 0 … k−1 (``[B]``) for any integer group ids, and k."""
     _, inverse = torch.unique(group_index, return_inverse=True)
-    k = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    sums = torch.zeros(k, dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)
-    counts = torch.zeros(k, dtype=scores.dtype, device=scores.device).index_add_(
-        0, inverse, torch.ones_like(scores)
-    )
-    return sums[inverse], counts[inverse]
+    return inverse, int(inverse.max().item()) + 1 if inverse.numel() else 0
+
+
+def group_moments(x: Tensor, inverse: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group ``c`` of ``inverse`` (dense ids 0 … k−1, as from `group_ids`): its size n_c, mean μ_c and
+    ``Σ_{j∈c} (x_j − μ_c)²``, each ``[k]`` and float64 (an empty group gets n = 0, μ = 0, Σ = 0).
+
+    ``μ_c = s_c + Σ_{j∈c} (x_j − s_c) / n_c`` with ``s_c`` the group's first member, summed in float64: a group
+    of equal values gets μ_c = s_c and Σ = 0 exactly, at any size and value (a float32 ``index_add_`` of
+    64 × 0.7 is a few ulp off, which GRPO's division by std + 1e-6 turns into advantages of ±0.3).
+    """
+    n = x.numel()
+    x64 = x.reshape(-1).to(torch.float64)
+    first = torch.full((k,), n, dtype=torch.long, device=x.device).scatter_reduce_(
+        0, inverse, torch.arange(n, device=x.device), "amin")
+    shift = torch.where(first < n, x64[first.clamp(max=n - 1)], 0.0) if n else x64.new_zeros(k)
+    dev = x64 - shift[inverse]
+    count = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, inverse, torch.ones_like(dev))
+    mean_dev = torch.zeros_like(count).index_add_(0, inverse, dev) / count.clamp(min=1.0)
+    sq = torch.zeros_like(count).index_add_(0, inverse, (dev - mean_dev[inverse]) ** 2)
+    return count, shift + mean_dev, sq
 
 
 def group_mean_std(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,15 +86,16 @@ def group_mean_std(scores: Tensor, group_index: Tensor) -> tuple[Tensor, Tensor]
 
     ``mean_g = Σ_{j∈g} R_j / |g|``, ``std_g = sqrt(Σ_{j∈g} (R_j − mean_g)² / (|g| − 1))`` (as ``torch.std``).
     A group of size 1 gets ``mean = 0, std = 1`` so that a normalised score equals the raw one (verl's
-    convention for GRPO, DeepSeekMath, Shao et al. 2024, arXiv:2402.03300).
+    convention for GRPO, DeepSeekMath, Shao et al. 2024, arXiv:2402.03300). Computed in float64 around one
+    member of each group (`group_moments`) and cast back: a group of equal scores gets exactly their value as
+    mean and exactly 0 as std, so ``R − mean_g`` is exactly 0 for every member.
     """
-    sums, counts = group_sum_count(scores, group_index)
-    single = counts < 2
-    mean = torch.where(single, torch.zeros_like(sums), sums / counts)
-    sq, _ = group_sum_count((scores - mean) ** 2, group_index)
-    var = sq / torch.clamp(counts - 1, min=1.0)
-    std = torch.where(single, torch.ones_like(var), var.sqrt())
-    return mean, std
+    inverse, k = group_ids(group_index)
+    count, mean, sq = group_moments(scores, inverse, k)
+    single = count < 2
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(sq), (sq / torch.clamp(count - 1, min=1.0)).sqrt())
+    return mean[inverse].to(scores.dtype), std[inverse].to(scores.dtype)
 
 
 def quantile(x: Tensor, q: float) -> Tensor:

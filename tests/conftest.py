@@ -171,3 +171,22 @@ def pack_every_weight(monkeypatch):
 
     monkeypatch.setattr(onednn, "PACK_MIN_MACS", 0)
     monkeypatch.setattr(onednn, "PACK_MIN_NUMEL", 0)
+
+
+@pytest.fixture(scope="module")
+def scaled_tiny_policy():
+    """The tiny model with its weights re-drawn at a larger scale: at its own init (std 0.02) greedy decoding
+    just repeats the last character and distributions are near flat, which would hide cache, position, padding
+    and truncation mistakes."""
+    import torch
+
+    from outrider.policy.model import Policy
+
+    torch.set_num_threads(1)
+    policy = Policy.tiny(hidden=32, layers=1, heads=2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in policy.model.named_parameters():
+            if "norm" not in name:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    return policy

@@ -154,8 +154,8 @@ AGG_MASK = [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     "mode, norm_length, expected",
     [
         ("token-mean", None, 11 / 4),  # (1 + 2 + 3 + 5) / 4 tokens
-        ("seq-mean-token-sum", None, 5.5),  # (6 + 5) / 2 non-empty rows
-        ("seq-mean-token-mean", None, 3.5),  # (6/3 + 5/1) / 2
+        ("seq-mean-token-sum", None, 11 / 3),  # (6 + 5) / 3 rows (the empty row counts)
+        ("seq-mean-token-mean", None, 7 / 3),  # (6/3 + 5/1 + 0) / 3
         ("seq-mean-token-sum-norm", None, 11 / 12),  # 11 / (3 rows * T=4)
         ("seq-mean-token-sum-norm", 10, 11 / 30),  # 11 / (3 rows * 10)
     ],
@@ -197,10 +197,10 @@ def test_kl_estimators():
     assert KL_ESTIMATORS == ("k1", "k2", "k3")
 
 
-def test_kl_k3_clamps_log_ratio():
-    # log rho = -100 -> clamped to -20: e^-20 + 20 - 1 ~ 19; log rho = +100 -> 20: e^20 - 21 (finite)
+def test_kl_k3_clamps_log_ratio_and_value():
+    # log rho = ±100 -> clamped to ±20 before exp (finite), then the value to verl's 10
     out = kl_penalty(t([0.0, -100.0]), t([-100.0, 0.0]), "k3")
-    torch.testing.assert_close(out, t([math.exp(-20) + 19.0, math.exp(20) - 21.0]))
+    assert out.tolist() == [10.0, 10.0]
     with pytest.raises(OutriderError, match="k1, k2, k3"):
         kl_penalty(t([0.0]), t([0.0]), "k4")
 

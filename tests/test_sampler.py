@@ -10,17 +10,8 @@ from outrider.policy.sampler import SamplingParams, sample
 
 
 @pytest.fixture(scope="module")
-def policy() -> Policy:
-    """The tiny model with its weights re-drawn at a larger scale: at its own init (std 0.02) greedy decoding
-    just repeats the last character, which would hide cache, position and padding mistakes."""
-    torch.set_num_threads(1)
-    policy = Policy.tiny(hidden=32, layers=1, heads=2, seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, w in policy.model.named_parameters():
-            if "norm" not in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-    return policy
+def policy(scaled_tiny_policy) -> Policy:
+    return scaled_tiny_policy
 
 
 def prompt_ids(policy: Policy, text: str) -> list[int]:
@@ -46,10 +37,11 @@ def greedy_by_scoring(policy: Policy, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def scored_logprobs(policy: Policy, prompt: list[int], ids: list[int], temperature: float) -> list[float]:
+def scored_logprobs(policy: Policy, prompt: list[int], ids: list[int], temperature: float, top_k: int = 0,
+                    top_p: float = 1.0) -> list[float]:
     seq = torch.tensor([prompt + ids])
     with torch.no_grad():
-        lp = policy.score(seq, torch.ones_like(seq), temperature=temperature).logprobs[0]
+        lp = policy.score(seq, torch.ones_like(seq), temperature=temperature, top_k=top_k, top_p=top_p).logprobs[0]
     return lp[len(prompt):].tolist()
 
 
@@ -79,12 +71,13 @@ def test_temperature_zero_is_greedy_under_the_scoring_forward(policy):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 0.9)])
 def test_behaviour_logprobs_equal_scoring_logprobs(policy, temperature, top_k, top_p):
-    """Behaviour log-probs are of the temperature-scaled distribution (before top-k/top-p), as `score` computes."""
+    """Behaviour log-probs are of the temperature-scaled distribution truncated by top-k/top-p and renormalised,
+    as `score` computes with the same truncation."""
     prompts = [prompt_ids(policy, p) for p in PROMPTS]
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=8)
     for prompt, s in zip(prompts, sample(policy, prompts, params, gen(7))):
         assert len(s.logprobs) == len(s.ids) > 0
-        expected = scored_logprobs(policy, prompt, s.ids, temperature)
+        expected = scored_logprobs(policy, prompt, s.ids, temperature, top_k, top_p)
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(expected), atol=1e-4, rtol=0)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, episode_scores
-from outrider.stats import masked_mean
+from outrider.stats import group_ids, group_moments, masked_mean
 from outrider.data import Batch
 from outrider.errors import OutriderError
 
@@ -84,14 +84,13 @@ def canon(batch: Batch, cfg: CanonConfig) -> CreditOutput:
         metric = masked_mean(h, m, dim=-1)
     else:
         metric = m.sum(-1)
-    groups = _groups(batch.group_index)
-    high = _canon_high(metric, groups)
-    mu_h, mu_l = torch.zeros_like(scores), torch.zeros_like(scores)
-    for rows in groups:
-        if rows.numel() < 2:
-            continue  # reference convention: both means 0
-        hi, lo = rows[high[rows]], rows[~high[rows]]
-        mu_h[rows], mu_l[rows] = scores[hi].mean(), scores[lo].mean()
+    high = _canon_high(metric, _groups(batch.group_index))
+    inverse, k = group_ids(batch.group_index)
+    # the halves' means: exact for equal rewards, so α = 1, β = 0 gives exactly 0 on an all-equal group
+    count, half_mean, _ = group_moments(scores, 2 * inverse + high.long(), 2 * k)
+    lone = (count[2 * inverse] + count[2 * inverse + 1]) < 2  # reference convention: both means 0
+    mu_h = torch.where(lone, 0.0, half_mean[2 * inverse + 1]).to(scores.dtype)
+    mu_l = torch.where(lone, 0.0, half_mean[2 * inverse]).to(scores.dtype)
     a, b, lam = cfg.alpha, cfg.beta, cfg.lam
     if cfg.metric == "entropy":
         inter_high, inter_low = scores - a * mu_l + b, a * scores - mu_h - b

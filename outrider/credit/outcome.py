@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
-from outrider.stats import group_mean_std, group_sum_count, masked_whiten
+from outrider.stats import group_ids, group_mean_std, group_moments, masked_whiten
 from outrider.data import Batch
 
 
@@ -67,8 +67,9 @@ def grpo(batch: Batch, cfg: GRPOConfig) -> CreditOutput:
 
     ``A_i = (R_i − mean_g R) / (std_g R + ε)`` with the unbiased std (``torch.std``), or ``A_i = R_i − mean_g R``
     when ``std_normalize`` is false; copied to every action token of episode i. A group whose rewards are all
-    equal gets A = 0 (the ε keeps it finite). A group of size 1 uses mean 0 and std 1 as verl does, so
-    ``A = R/(1+ε) ≈ R`` (or exactly R without std normalisation): the lone episode is not baselined at all.
+    equal gets exactly A = 0 at any size and dtype (`group_mean_std`; the ε keeps it finite). A group of size 1
+    uses mean 0 and std 1 as verl does, so ``A = R/(1+ε) ≈ R`` (or exactly R without std normalisation): the
+    lone episode is not baselined at all.
     """
     adv = grpo_episode_advantages(batch, cfg.std_normalize, cfg.epsilon)
     return CreditOutput(advantages=broadcast_to_actions(adv, batch.action_mask))
@@ -98,14 +99,16 @@ def rloo(batch: Batch, cfg: CreditConfig) -> CreditOutput:
     """REINFORCE leave-one-out baseline (Kool et al. 2019; "Back to Basics", Ahmadian et al. 2024,
     arXiv:2402.14740).
 
-    ``A_i = R_i − mean_{j∈g, j≠i} R_j = R_i − (Σ_g R − R_i)/(|g| − 1) = |g|/(|g|−1)·(R_i − mean_g R)``.
-    A group of size 1 has no other member: baseline 0, A = R.
+    ``A_i = R_i − mean_{j∈g, j≠i} R_j = R_i − (Σ_g R − R_i)/(|g| − 1) = |g|/(|g|−1)·(R_i − mean_g R)``, computed
+    in the last form (as verl does) in float64 with `group_moments`' exact mean, so a group of equal rewards gets
+    exactly 0. A group of size 1 has no other member: baseline 0, A = R.
     """
     scores = episode_scores(batch)
-    sums, counts = group_sum_count(scores, batch.group_index)
-    others = torch.clamp(counts - 1, min=1.0)
-    baseline = torch.where(counts > 1, (sums - scores) / others, torch.zeros_like(scores))
-    return CreditOutput(advantages=broadcast_to_actions(scores - baseline, batch.action_mask))
+    inverse, k = group_ids(batch.group_index)
+    count, mean, _ = group_moments(scores, inverse, k)
+    n, centred = count[inverse], scores.to(torch.float64) - mean[inverse]
+    adv = torch.where(n > 1, centred * n / torch.clamp(n - 1, min=1.0), scores.to(torch.float64))
+    return CreditOutput(advantages=broadcast_to_actions(adv.to(scores.dtype), batch.action_mask))
 
 
 @CREDIT.register("reinforce_pp", config=ReinforcePPConfig)

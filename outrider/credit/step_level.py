@@ -20,6 +20,7 @@ from torch import Tensor
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, grpo_episode_advantages
 from outrider.data import Batch
+from outrider.stats import group_moments
 
 EMPG_EPS = 1e-8  # EMPG's guard in the min-max normalisation and in g's mean (official pseudocode)
 
@@ -95,15 +96,13 @@ def _cluster(columns: list[Tensor], valid: Tensor, known: Tensor) -> tuple[Tenso
 
 
 def _cluster_mean_std(x: Tensor, cid: Tensor, valid: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-step mean, unbiased std and size of its cluster, all ``[B, K]`` (0 / 1 / 0 on non-steps)."""
-    flat_c, flat_x = cid[valid], x[valid]
-    sums = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, flat_c, flat_x)
-    cnt = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, flat_c, torch.ones_like(flat_x))
-    mean_c = sums / cnt.clamp(min=1.0)
-    sq = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, flat_c, (flat_x - mean_c[flat_c]) ** 2)
+    """Per-step mean, unbiased std and size of its cluster, all ``[B, K]`` (0 / 1 / 0 on non-steps). The moments
+    come from `group_moments`, so a cluster of equal returns has exactly that return as mean and std 0."""
+    flat_c = cid[valid]
+    cnt, mean_c, sq = group_moments(x[valid], flat_c, n)
     std_c = torch.where(cnt > 1, (sq / (cnt - 1).clamp(min=1.0)).sqrt(), torch.ones_like(cnt))
     mean, std, size = torch.zeros_like(x), torch.ones_like(x), torch.zeros_like(x)
-    mean[valid], std[valid], size[valid] = mean_c[flat_c], std_c[flat_c], cnt[flat_c]
+    mean[valid], std[valid], size[valid] = (v[flat_c].to(x.dtype) for v in (mean_c, std_c, cnt))
     return mean, std, size
 
 
@@ -223,12 +222,9 @@ def salt(batch: Batch, cfg: SALTConfig) -> CreditOutput:
     # distinct trajectories per node: a trajectory that revisits a node counts once
     rows = torch.arange(batch.size, device=cid.device)[:, None].expand_as(cid)
     pairs = torch.unique(torch.stack([cid[valid], rows[valid]], dim=1), dim=0)
-    n = int(sizes.numel())
-    sums = torch.zeros(n, dtype=a_ep.dtype, device=a_ep.device).index_add_(0, pairs[:, 0], a_ep[pairs[:, 1]])
-    cnt = torch.zeros(n, dtype=a_ep.dtype, device=a_ep.device).index_add_(0, pairs[:, 0],
-                                                                          torch.ones_like(pairs[:, 0], dtype=a_ep.dtype))
+    _, node_mean, _ = group_moments(a_ep[pairs[:, 1]], pairs[:, 0], int(sizes.numel()))
     per_turn = torch.zeros_like(states, dtype=a_ep.dtype)
-    per_turn[valid] = (sums / cnt.clamp(min=1.0))[cid[valid]]
+    per_turn[valid] = node_mean[cid[valid]].to(a_ep.dtype)
     return CreditOutput(advantages=broadcast_turns(per_turn, batch), metrics=group_size_metrics(sizes, "node"))
 
 

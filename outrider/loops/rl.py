@@ -66,7 +66,9 @@ class RLStep(Piece):
         t_train = time.perf_counter()
         policy, u, needs = run.policy, run.recipe.update, run.pieces.needs
         batch = pack(episodes, policy.pad_id, policy.bos_id).to(run.device)
-        prepare(batch, policy, run.reference, u, run.params.temperature, run.need_old(), needs.values, needs.hidden)
+        top = {"top_k": run.params.top_k, "top_p": run.params.top_p}  # log-probs of the distribution sampled from
+        prepare(batch, policy, run.reference, u, run.params.temperature, run.need_old(), needs.values, needs.hidden,
+                **top)
         metrics.update(compose_packed(batch, run.pieces.components))
         credit_out = run.pieces.credit(batch)
         batch.advantages, batch.returns = credit_out.advantages, credit_out.returns
@@ -75,7 +77,7 @@ class RLStep(Piece):
         metrics["credit/advantage_mean"] = float(masked_mean(batch.advantages, mask))
         metrics["credit/zero_advantage_frac"] = float(masked_mean((batch.advantages.abs() < 1e-8).float(), mask))
         metrics.update(learner_step(policy, run.optimizer, batch, run.pieces.terms, u, run.params.temperature,
-                                    run.learner_generator(step), run.norm_length))
+                                    run.learner_generator(step), run.norm_length, **top))
         train_s = time.perf_counter() - t_train
         metrics.update(run.timing(timers["sample_s"], timers["sample_tokens"], train_s,
                                   float(batch.attention_mask.sum()) * u.epochs, time.perf_counter() - t_step))

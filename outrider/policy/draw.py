@@ -28,3 +28,29 @@ def draw_with_stats(logits: Tensor, temperature: float, uniform: Tensor) -> tupl
     token = inverse_cdf(probs, uniform)
     logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
     return token, logprob, torch.special.entr(probs).sum(-1)  # entr(p) = −p·ln p, and 0 at p = 0
+
+
+def truncation_mask(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """``[..., V]`` bool: the tokens that top-k then top-p sampling keeps from ``logits`` (any shift of the
+    temperature-scaled logits, e.g. their log-softmax).
+
+    top-k keeps the k largest (ties at the k-th value included); top-p then keeps, in descending order of the
+    top-k renormalised probabilities, every token whose preceding mass is ≤ top_p (so the token that crosses
+    top_p stays). ``top_k = 0`` and ``top_p = 1`` are off; with both off every token is kept."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        keep = logits >= kth
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits.masked_fill(~keep, float("-inf")), descending=True, dim=-1)
+        p = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = p.cumsum(-1) - p > top_p
+        keep = keep & ~torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return keep
+
+
+def truncate_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """``logits`` with −inf outside `truncation_mask`."""
+    if not (top_k or top_p < 1.0):
+        return logits
+    return logits.masked_fill(~truncation_mask(logits, top_k, top_p), float("-inf"))

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from outrider.errors import OutriderError
 from outrider.policy import shared_prefix, unpadded
+from outrider.policy.draw import truncation_mask
 from outrider.policy.outputs import RowOutputs
 from outrider.policy.tokenizer import build_char_tokenizer
 
@@ -200,14 +201,23 @@ class Policy(nn.Module):
     # --- the scoring forward --------------------------------------------------------------------------------
     def score(self, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, entropy: bool = False,
               values: bool = False, hidden: bool = False, logits: bool = False,
-              groups: Tensor | None = None) -> Scores:
+              groups: Tensor | None = None, top_k: int = 0, top_p: float = 1.0) -> Scores:
         """One forward over right-padded sequences: per-token log π(x_t|x_<t) at `temperature`, and on request
         the entropy of that distribution, value-head predictions and hidden states.
+
+        With ``top_k > 0`` or ``top_p < 1`` the log-probs are those of the truncated, renormalised distribution
+        the sampler draws from: ``log q(x_t) = s_{x_t} − log Σ_{j∈K_t ∪ {x_t}} e^{s_j}`` with s the scaled
+        logits and K_t the top-k/top-p set (`draw.truncation_mask`) recomputed from these logits, without
+        gradient through the choice of K_t. Adding x_t itself is the floor for a token outside the recomputed
+        set (a tie or rounding at the nucleus edge, or a policy that moved since sampling): its log-prob stays
+        finite, ≥ the untruncated log π(x_t), instead of −inf. Entropy and ``logits`` stay untruncated.
 
         With `groups` (an id per row, e.g. the GRPO group), rows of a group that start with the same tokens share
         one forward of that prefix (`shared_prefix`); the results are the same up to float rounding. The
         vocab-sized work (log-normaliser, entropy) runs once per position the forward computed (`RowOutputs`),
         and each (sequence, position) then reads its row."""
+        if top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise OutriderError(f"score: top_k must be >= 0 (got {top_k}) and top_p in (0, 1] (got {top_p})")
         B, T = input_ids.shape
         need_hidden = values or hidden
         out = self._forward(input_ids, attention_mask, need_hidden, groups)
@@ -224,7 +234,14 @@ class Policy(nn.Module):
         log_norm = torch.logsumexp(scaled, dim=-1)
         # index_select on flat indices, not advanced indexing: its backward sums in a fixed order on 2+ threads
         picked = scaled.reshape(-1).index_select(0, before * vocab + input_ids[:, 1:].reshape(-1))
-        token_lp = picked.view(B, T - 1) - log_norm.index_select(0, before).view(B, T - 1)
+        norm = log_norm.index_select(0, before)
+        if top_k or top_p < 1.0:
+            with torch.no_grad():
+                keep = truncation_mask(scaled, top_k, top_p)
+            kept_norm = torch.logsumexp(scaled.masked_fill(~keep, float("-inf")), dim=-1).index_select(0, before)
+            inside = keep.reshape(-1).index_select(0, before * vocab + input_ids[:, 1:].reshape(-1))
+            norm = torch.where(inside, kept_norm, torch.logaddexp(kept_norm, picked))
+        token_lp = picked.view(B, T - 1) - norm.view(B, T - 1)
         result = Scores(logprobs=_shift_right(token_lp))
         if entropy:
             result.entropy = per_token(log_norm - (torch.softmax(scaled, dim=-1) * scaled).sum(-1))

@@ -1,8 +1,10 @@
 """Batched KV-cache sampling for HF causal LMs: one prefill for the whole (left-padded) batch, then one token per
 step for every unfinished sequence. Seeded through a `torch.Generator`, so the same seed gives the same tokens.
 
-Behaviour log-probs are those of the temperature-scaled distribution (before top-k/top-p truncation), which is
-what the learner recomputes.
+Behaviour log-probs are those of the distribution each token is drawn from: the temperature-scaled one,
+truncated by top-k/top-p and renormalised when either is on (``log q(x) = log π(x) − log Σ_{kept} π``); the
+learner scores the same truncated distribution (`Policy.score` with ``top_k``/``top_p``). Entropies are the
+untruncated distribution's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 from outrider.policy import fast_decode, native
-from outrider.policy.draw import draw_with_stats, inverse_cdf
+from outrider.policy.draw import draw_with_stats, inverse_cdf, truncate_logits
 from outrider.policy.model import Policy
 from outrider.policy.shared_prefix import cache_argument
 
@@ -46,23 +48,11 @@ class Sample:
     finish_reason: str  # "stop" or "length"
 
 
-def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generator,
                kernels=None) -> tuple[Tensor, Tensor, Tensor]:
     """Token, behaviour log-prob and entropy per row from the next-token logits [B, V]: greedy at temperature 0,
-    else `draw.inverse_cdf` (after top-k/top-p); the log-prob and entropy are the unfiltered distribution's.
+    else `draw.inverse_cdf` (after top-k/top-p). The log-prob is that of the truncated, renormalised
+    distribution the token is drawn from; the entropy is the untruncated distribution's.
     `kernels` (`native.kernels()`, for float32 CPU logits) runs the plain draw as one C call."""
     uniform = None if params.temperature <= 0 else torch.rand((logits.shape[0], 1), generator=generator,
                                                               device=logits.device)
@@ -72,11 +62,11 @@ def _draw_step(logits: Tensor, params: SamplingParams, generator: torch.Generato
         return draw_with_stats(logits, params.temperature, uniform)
     log_p = torch.log_softmax(logits.float() / max(params.temperature, 1e-6), dim=-1)
     probs = log_p.exp()
-    if uniform is None:
-        token = log_p.argmax(-1)
-    else:
-        token = inverse_cdf(_filter_logits(log_p, params.top_k, params.top_p).exp(), uniform)
-    logprob = log_p.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    kept = truncate_logits(log_p, params.top_k, params.top_p)
+    token = log_p.argmax(-1) if uniform is None else inverse_cdf(kept.exp(), uniform)
+    logprob = kept.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+    if kept is not log_p:  # renormalise over the kept tokens
+        logprob = logprob - torch.logsumexp(kept, dim=-1)
     return token, logprob, -(probs * log_p).nan_to_num().sum(-1)
 
 

@@ -10,6 +10,10 @@ statistics and the number of selected tokens depend on the minibatch size).
 Like verl, where they are ``policy_loss.loss_mode`` values (``compute_policy_loss_clip_cov`` /
 ``compute_policy_loss_kl_cov``), they are `LOSSES` pieces rather than entropy regulators: they change the
 per-token surrogate itself.
+
+Both use the raw ratio ``r = exp(logp − old)``, unclamped, as [153]'s code and verl do (outrider's ``ppo``
+clamps the log-ratio to ±20, as verl's vanilla loss does). A log-ratio above about 88 overflows float32 to
+``inf`` there as here; within one batch's epochs |logp − old| stays far below that (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor
 from outrider.stats import masked_mean
 from outrider.registry import PieceConfig
 from outrider.update import LOSSES, TokenContext
-from outrider.update.losses import clip_metrics, clipped_surrogate, log_ratio
+from outrider.update.losses import clip_metrics, clipped_surrogate, raw_log_ratio
 
 
 class ClipCovConfig(PieceConfig):
@@ -80,7 +84,7 @@ def clip_cov(ctx: TokenContext, cfg: ClipCovConfig) -> tuple[Tensor, dict[str, T
     Metrics: the PPO clip fractions, ``cov_detached_frac`` (detached / N) and ``cov_mean`` (mean cov_t).
     """
     logprobs, advantages, mask = ctx.logprobs, ctx.advantages, ctx.mask
-    ratio = torch.exp(log_ratio(logprobs, ctx.old_logprobs, mask))
+    ratio = torch.exp(raw_log_ratio(logprobs, ctx.old_logprobs, mask))
     unclipped = -advantages * ratio
     loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
     valid = mask > 0
@@ -116,7 +120,7 @@ def kl_cov(ctx: TokenContext, cfg: KLCovConfig) -> tuple[Tensor, dict[str, Tenso
     ``kl_cov_frac`` (k / N) and ``cov_mean``.
     """
     logprobs, advantages, mask = ctx.logprobs, ctx.advantages, ctx.mask
-    lr = log_ratio(logprobs, ctx.old_logprobs, mask)
+    lr = raw_log_ratio(logprobs, ctx.old_logprobs, mask)
     ratio = torch.exp(lr)
     loss = -advantages * ratio
 

@@ -12,7 +12,6 @@ from torch import Tensor
 from outrider.stats import masked_mean, quantile
 from outrider.registry import BuildContext, Needs, PieceConfig
 from outrider.update import ENTROPY, Regulator, RegulatorOutput, TokenContext
-from outrider.update.aggregate import aggregate
 
 LOG_EPS = 1e-12  # SIREN's guard in the renormalisation and the log (official code)
 
@@ -103,7 +102,7 @@ class Siren(Regulator):
     """SIREN, selective self-anchored entropy regularisation [149] (arXiv:2509.25133).
 
     ``H^p_t`` = the top-p entropy (`top_p_entropy`); ``S`` = the per-response peak mask (`peak_mask`, q =
-    ``mask_ratio``); ``Ĥ = mean_i mean_{t∈S_i} H^p_t`` (seq-mean-token-mean over the selected tokens); the term is
+    ``mask_ratio``); ``Ĥ = mean_i mean_{t∈S_i} H^p_t`` over the responses with a selected token; the term is
     ``c·(Ĥ − H_anchor)²`` where ``H_anchor`` is Ĥ measured (detached) at the first call and fixed after: it
     pulls entropy back from both sides, so unlike a bonus it cannot blow entropy up. The top-p and peak masks
     confine the regulariser to plausible actions at forking positions. The anchor is state (checkpointed).
@@ -124,7 +123,9 @@ class Siren(Regulator):
         hp_valid = top_p_entropy(ctx.logits[valid], self.cfg.top_p, self.cfg.top_k)
         hp = torch.zeros(ctx.mask.shape, dtype=hp_valid.dtype, device=hp_valid.device).masked_scatter(valid, hp_valid)
         selected = peak_mask(hp, ctx.mask, self.cfg.mask_ratio)
-        h_hat = aggregate(hp, selected.to(hp.dtype), "seq-mean-token-mean")
+        # a statistic, not a loss: the mean over the rows that have a selected token of their mean Hp
+        sel = selected.to(hp.dtype)
+        h_hat = masked_mean(masked_mean(hp, sel, dim=-1), (sel.sum(-1) > 0).to(hp.dtype))
         if self.anchor is None and selected.any():
             # [149] anchors at global step 1 on the old policy; the first minibatch's policy is that policy
             self.anchor = float(h_hat.detach())

@@ -108,9 +108,13 @@ class UpdateConfig(BaseModel):
 
 @torch.no_grad()
 def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateConfig, temperature: float,
-            need_old: bool, need_values: bool, need_hidden: bool = False) -> None:
+            need_old: bool, need_values: bool, need_hidden: bool = False, top_k: int = 0, top_p: float = 1.0) -> None:
     """Fill the batch's old log-probs, values, hidden states and reference log-probs (one no-grad forward of the
     policy and one of the reference, each only if something needs it).
+
+    ``top_k``/``top_p`` are the sampler's: the policy's log-probs are those of the truncated distribution the
+    tokens were drawn from (`Policy.score`); the reference's stay untruncated (k3 then estimates the KL of the
+    sampling policy to the reference model).
 
     The policy runs in eval mode here and in `learner_step`: dropout would make the "old" and the new
     log-probs of the same parameters differ, biasing the ratio (TRL and verl likewise disable dropout for RL).
@@ -119,7 +123,7 @@ def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateC
     if need_old or need_values or need_hidden:
         groups = batch.group_index if cfg.shared_prefix else None
         scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values,
-                              hidden=need_hidden, groups=groups)
+                              hidden=need_hidden, groups=groups, top_k=top_k, top_p=top_p)
         batch.old_logprobs = scores.logprobs if need_old else None
         batch.values = scores.values
         batch.hidden = scores.hidden
@@ -178,9 +182,10 @@ def _term_name(term: Piece) -> str:
 
 def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch, terms: list[Piece],
                  cfg: UpdateConfig, temperature: float, generator: torch.Generator,
-                 norm_length: int) -> dict[str, float]:
+                 norm_length: int, top_k: int = 0, top_p: float = 1.0) -> dict[str, float]:
     """Run `epochs × minibatches` optimiser steps on `batch` (advantages already set); return mean metrics (the
-    max over minibatches for keys ending in ``_max``).
+    max over minibatches for keys ending in ``_max``). Log-probs are scored under the sampler's ``top_k``/``top_p``
+    truncation (see `prepare`).
 
     When every term promises ``zero_at_zero_advantage``, `cfg.skip_zero_advantage` leaves zero-advantage rows out:
     the per-token losses of the kept rows are put back in their places in the minibatch, so every aggregation
@@ -205,7 +210,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             mask = mb.action_mask
             scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
                                   values=mb.returns is not None, logits=need_logits,
-                                  groups=mb.group_index if cfg.shared_prefix else None)
+                                  groups=mb.group_index if cfg.shared_prefix else None, top_k=top_k, top_p=top_p)
             old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
             ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
                                logits=scores.logits, aggregate=agg, generator=generator,

@@ -8,8 +8,10 @@ Metrics are detached scalar tensors, means over the action tokens:
 - ``ratio_mean``: the mean importance ratio;
 - ``clip_frac_dual`` (``ppo`` with ``dual_clip`` only): A < 0 and the dual bound −A·c replaced the loss.
 
-Log-ratios are clamped to [−20, 20] before ``exp`` and set to 0 off the mask, so a padded position can never
-turn into ``inf·0 = NaN``.
+Log-ratios are set to 0 off the mask, so a padded position can never turn into ``inf·0 = NaN``. Each surrogate
+bounds them as its reference implementation (verl ``core_algos``) does: ``ppo`` clamps the token log-ratio to
+[−20, 20] before ``exp`` (verl's ``compute_policy_loss_vanilla``); ``gspo`` averages the raw token log-ratios and
+caps the sequence log-ratio at +10 (``compute_policy_loss_gspo``); ``clip_cov`` / ``kl_cov`` use the raw ratio.
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ class GSPOLossConfig(PieceConfig):
     clip_high: float = Field(4e-4, ge=0.0, description="Sequence ratio clipped above at 1 + clip_high.")
 
 
+GSPO_LOG_RATIO_MAX = 10.0  # verl compute_policy_loss_gspo: torch.clamp(log_seq_importance_ratio, max=10.0)
+
+
+def raw_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """``logp − old`` on the mask, 0 elsewhere (unclamped)."""
+    return torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
+
+
 def log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """``clamp(logp − old, ±20)`` on the mask, 0 elsewhere."""
-    lr = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))
-    return torch.clamp(lr, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.clamp(raw_log_ratio(logprobs, old_logprobs, mask), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 def clip_metrics(ratio: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float) -> dict[str, Tensor]:
@@ -99,12 +108,18 @@ def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tens
     constant along a sequence and ``seq-mean-token-mean`` aggregation this is the paper's sequence-level GSPO
     objective. The default clipping ranges 3e-4 / 4e-4 are the paper's (v2, §5.1); they are tiny because s_i
     is a per-token geometric mean. Clip fractions are measured on s_i, counted over action tokens.
+
+    Extremes follow verl's ``compute_policy_loss_gspo``: the mean is over the RAW token log-ratios (no per-token
+    clamp, so s_i is the true geometric mean however far one token moved), and the per-token log-ratio
+    ``sg(log s_i) + logp_t − sg(logp_t)`` is clamped at +10 only: a sequence with log s_i > 10 has
+    ``s_{i,t} = e^10`` and no gradient (the paper has no clamp; e^10 keeps −A·s finite), one with a very negative
+    log s_i has s_i → 0, which is harmless.
     """
     logprobs, old_logprobs, advantages, mask = ctx.logprobs, ctx.old_logprobs, ctx.advantages, ctx.mask
-    seq_log_ratio = masked_mean(log_ratio(logprobs.detach(), old_logprobs, mask), mask, dim=-1)  # [B]
-    seq_ratio = torch.exp(torch.clamp(seq_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    seq_log_ratio = masked_mean(raw_log_ratio(logprobs.detach(), old_logprobs, mask), mask, dim=-1)  # [B]
     token_grad = torch.where(mask > 0, logprobs - logprobs.detach(), torch.zeros_like(logprobs))
-    ratio = seq_ratio[:, None] * torch.exp(token_grad)
+    ratio = torch.exp(torch.clamp(seq_log_ratio[:, None] + token_grad, max=GSPO_LOG_RATIO_MAX))
+    seq_ratio = torch.exp(torch.clamp(seq_log_ratio, max=GSPO_LOG_RATIO_MAX))
     loss = clipped_surrogate(ratio, advantages, cfg.clip_low, cfg.clip_high)
     metrics = clip_metrics(seq_ratio[:, None].expand_as(mask), advantages, mask, cfg.clip_low, cfg.clip_high)
     loss = torch.where(mask > 0, loss, torch.zeros_like(loss))
