@@ -86,8 +86,10 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
         obs = _reach(env, start)
         episode = Episode(group_id=start.group_id, seed=start.seed, origin=start.origin, weight=start.weight,
                           metadata=dict(start.metadata), off_policy=start.context is not None and not start.keep_context)
-        episode.turns = [_given_turn(t) for t in start.prefix]
-        context = bos + [i for t in episode.turns for i in t.observation_ids + t.action_ids]
+        context = list(bos)
+        if start.prefix:
+            episode.turns = [_given_turn(t) for t in start.prefix]
+            context += [i for t in episode.turns for i in t.observation_ids + t.action_ids]
         first = not episode.turns
         seen = obs  # the observation as the sampler sees it
         if start.context is not None and start.context_at == "before_observation":
@@ -104,7 +106,7 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
             context += context_ids
             if start.keep_context:  # kept mid-action: it is part of the given start of the action
                 action_given += context_ids
-        episode.prefix_tokens = sum(len(t.action_ids) for t in start.prefix) + len(action_given)
+        episode.prefix_tokens = len(action_given) + (sum(len(t.action_ids) for t in start.prefix) if start.prefix else 0)
         episodes.append(episode)
         contexts.append(context)
         given.append(action_given)

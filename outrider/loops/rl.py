@@ -30,7 +30,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
         t0 = time.perf_counter()
         out = rollout(run.policy, lambda: task.make_env("train"), starts, run.params, generator, horizon, snapshots)
         timers["sample_s"] += time.perf_counter() - t0
-        timers["sample_tokens"] += sum(e.num_action_tokens - e.prefix_tokens for e in out)
+        timers["sample_tokens"] += sum(e.num_action_tokens for e in out) - sum(e.prefix_tokens for e in out)
         return out
 
     def score(episodes: list[Episode]) -> None:
