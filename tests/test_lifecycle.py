@@ -81,3 +81,13 @@ def test_unknown_plugin_is_one_line(tmp_path):
 
     with pytest.raises(OutriderError, match="plugins: cannot import 'no_such_module' \\(ModuleNotFoundError"):
         load_recipe(write_recipe(tmp_path, plugins=["no_such_module"]))
+
+
+def test_checkpoints_from_before_the_lifecycle_restore_the_entropy_regulator():
+    """Such checkpoints kept only the regulator's state, as `regulator`; it is `update.entropy`'s now."""
+    from outrider.trainer import piece_states
+
+    assert piece_states({"regulator": {"anchor": 0.5}}) == {"update.entropy": {"anchor": 0.5}}
+    assert piece_states({"regulator": {}}) == {}
+    assert piece_states({"pieces": {"explore": {"stats": {}}}, "regulator": {"anchor": 1.0}}) == {
+        "explore": {"stats": {}}}
