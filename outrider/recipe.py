@@ -8,9 +8,7 @@ registers. `resolve` returns the recipe with every default filled in, which is w
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
 from outrider.policy.sft import WarmStartConfig
-from outrider.registry import format_validation_error
+from outrider.registry import format_validation_error, import_user_module
 from outrider.score import SCORE
 from outrider.update import ENTROPY, LOSSES, TERMS
 from outrider.update.learner import UpdateConfig
@@ -213,11 +211,9 @@ def import_plugins(modules: Any) -> None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise OutriderError(f"plugins: expected a list of module names (got {modules!r})")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.append(str(Path.cwd()))
     for name in modules:
         try:
-            importlib.import_module(name)
+            import_user_module(name)
         except Exception as e:  # noqa: BLE001  (the user's module: any failure is theirs to read, in one line)
             raise OutriderError(f"plugins: cannot import '{name}' ({type(e).__name__}: {e})") from None
 
