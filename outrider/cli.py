@@ -12,12 +12,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from outrider import RECIPES_DIR, __version__  # RECIPES_DIR: the shipped recipes (package data)
 from outrider.errors import OutriderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language-model reasoners and agents.")
 out = Console()
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"outrider {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """RL post-training of language-model reasoners and agents."""
 
 
 def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:

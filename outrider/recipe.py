@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from outrider import RECIPES_DIR
 from outrider.credit import CREDIT
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
@@ -242,10 +243,26 @@ def _recipe_error(e: ValidationError) -> str:
     return format_validation_error(e, "", Recipe).lstrip(".")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def shipped_recipes() -> list[Path]:
+    """The recipes that come with the package, by name."""
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` itself, or a shipped recipe named by its name (``quickstart`` or
+    ``quickstart.yaml``) when no such file exists."""
     p = Path(path)
+    shipped = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if not p.is_file() and p.parent == Path(".") and shipped.is_file():
+        return shipped
     if not p.is_file():
-        raise OutriderError(f"recipe: no such file '{path}'")
+        names = ", ".join(r.stem for r in shipped_recipes())
+        raise OutriderError(f"recipe: no such file '{path}' (shipped recipes, by name: {names})")
+    return p
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    p = find_recipe(path)
     try:
         data = _yaml_load(p.read_text())
     except yaml.YAMLError as e:
