@@ -21,6 +21,7 @@ from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
+from outrider.observe.trackers import TensorBoardOptions, TrackerOptions, tracker_sections
 from outrider.policy.sft import WarmStartConfig
 from outrider.registry import format_validation_error, import_user_module
 from outrider.score import SCORE
@@ -62,10 +63,29 @@ class ObserveConfig(Strict):
     pass_at: list[int] = Field(default_factory=lambda: [1, 4, 16], description="The k of each pass@k reported.")
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest step checkpoints kept on disk.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard events under tb/.")
+    report_to: list[TrackerOptions] = Field(default_factory=lambda: ["tensorboard"], validate_default=True,
+                                            description="Experiment trackers the metrics also go to: tensorboard, "
+                                                        "wandb, mlflow, trackio; a name or {name, ...options} "
+                                                        "(see the trackers table below); []: metrics.jsonl only.")
+    tensorboard: bool | None = Field(None, exclude=True, description="Older recipes' switch: true adds "
+                                                                     "tensorboard to report_to, false removes it.")
     diagnostics: bool = Field(True, description="Exploration diagnostics at each evaluation: token entropy "
                                                 "(mean, p80, p95, forking fraction), answer diversity, effective "
                                                 "rank, support change and pass@k crossover against the start.")
+
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_shorthand(cls, v: object) -> object:
+        return tracker_sections(v)
+
+    @model_validator(mode="after")
+    def _tensorboard_switch(self) -> "ObserveConfig":
+        if self.tensorboard is not None:
+            others = [t for t in self.report_to if t.name != "tensorboard"]
+            tb = [t for t in self.report_to if t.name == "tensorboard"] or [TensorBoardOptions()]
+            self.report_to, self.tensorboard = (tb + others if self.tensorboard else others), None
+        return self
 
 
 class TrainConfig(Strict):

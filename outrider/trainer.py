@@ -147,6 +147,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolve(r), sort_keys=False))
         progress = RunProgress(r.train.steps, quiet=self.quiet)
+        # trackers start first: one that cannot start stops the run before any work
+        writer = MetricsWriter(self.run_dir, o.report_to, resume_step=self.truncate_after, config=resolve(r))
         t0 = time.perf_counter()
         if not self.resumed:
             t_ws = time.perf_counter()
@@ -159,7 +161,6 @@ class Trainer:
                 self.reference.save(self.run_dir / "checkpoints" / "reference")
             self.summary["eval_start"] = self._evaluate()
             progress.note(f"held-out pass@1 at start: {self.summary['eval_start']['pass@1']:.3f}")
-        writer = MetricsWriter(self.run_dir, o.tensorboard, resume_step=self.truncate_after)
         if not self.resumed:
             writer.write(0, {f"eval/{k}": v for k, v in self.summary["eval_start"].items()})
             self._checkpoint(0)

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from outrider.observe.trackers import OPTIONS as TRACKER_OPTIONS
 from outrider.recipe import ObserveConfig, PolicyConfig, Recipe, TrainConfig
 from outrider.policy.sft import WarmStartConfig
 from outrider.update.learner import KLConfig, UpdateConfig
@@ -28,6 +29,8 @@ def recipe_reference(pieces: dict[str, dict[str, Any]]) -> str:
                 ("policy.warm_start", WarmStartConfig, "policy.warm_start."), ("update", UpdateConfig, "update."),
                 ("update.kl", KLConfig, "update.kl."), ("update.off_policy", OffPolicyConfig, "update.off_policy."),
                 ("observe", ObserveConfig, "observe."),
+                *((f"observe.report_to: {name}", options, f"observe.report_to[{name}].")
+                  for name, options in TRACKER_OPTIONS.items()),
                 ("train", TrainConfig, "train.")]
     for title, model, prefix in sections:
         out += [f"## {title}", "", *_model_table(model, prefix), ""]
