@@ -103,10 +103,12 @@ def eval_(
     checkpoint: Annotated[Optional[str], typer.Option(help="e.g. step_100 (default: newest).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Default: the recipe's eval temperature.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Unbiased pass@k on held-out prompts of the run's task, from a checkpoint of the run."""
     from outrider.checkpoint import list_checkpoints
-    from outrider.observe.evaluate import evaluate
+    from outrider.observe.evaluate import eval_episodes, evaluate
+    from outrider.observe.progress import RunProgress
     from outrider.policy.model import Policy
     from outrider.recipe import load_recipe
     from outrider.trainer import build_task, sampling_params
@@ -126,8 +128,10 @@ def eval_(
     policy = Policy.load(found[-1], chat_template=rec.policy.chat_template).to(rec.train.device)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
-    result = evaluate(policy, build_task(rec), prompts or rec.observe.eval_prompts, samples, ks, params,
-                      seed=rec.train.seed, diagnostics=True)
+    task, n = build_task(rec), prompts or rec.observe.eval_prompts
+    with RunProgress(0, quiet=quiet).phase("eval", eval_episodes(task, n, samples)) as advance:  # on stderr
+        result = evaluate(policy, task, n, samples, ks, params, seed=rec.train.seed, diagnostics=True,
+                          on_episodes=advance)
     if as_json:
         print(json.dumps({"checkpoint": found[-1].name, **result}))
     else:
