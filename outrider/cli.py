@@ -12,12 +12,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from outrider import RECIPES_DIR, __version__  # RECIPES_DIR: the shipped recipes (package data)
 from outrider.errors import OutriderError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language-model reasoners and agents.")
 out = Console()
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"outrider {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """RL post-training of language-model reasoners and agents."""
 
 
 def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
@@ -91,10 +103,12 @@ def eval_(
     checkpoint: Annotated[Optional[str], typer.Option(help="e.g. step_100 (default: newest).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Default: the recipe's eval temperature.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Unbiased pass@k on held-out prompts of the run's task, from a checkpoint of the run."""
     from outrider.checkpoint import list_checkpoints
-    from outrider.observe.evaluate import evaluate
+    from outrider.observe.evaluate import eval_episodes, evaluate
+    from outrider.observe.progress import RunProgress
     from outrider.policy.model import Policy
     from outrider.recipe import load_recipe
     from outrider.trainer import build_task, sampling_params
@@ -114,8 +128,10 @@ def eval_(
     policy = Policy.load(found[-1], chat_template=rec.policy.chat_template).to(rec.train.device)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
-    result = evaluate(policy, build_task(rec), prompts or rec.observe.eval_prompts, samples, ks, params,
-                      seed=rec.train.seed, diagnostics=True)
+    task, n = build_task(rec), prompts or rec.observe.eval_prompts
+    with RunProgress(0, quiet=quiet).phase("eval", eval_episodes(task, n, samples)) as advance:  # on stderr
+        result = evaluate(policy, task, n, samples, ks, params, seed=rec.train.seed, diagnostics=True,
+                          on_episodes=advance)
     if as_json:
         print(json.dumps({"checkpoint": found[-1].name, **result}))
     else:

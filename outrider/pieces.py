@@ -87,12 +87,20 @@ def build_pieces(recipe: "Recipe", build: BuildContext) -> Pieces:
         named[where] = registry.create(section, build, where)
         return named[where]
 
-    components = []
+    components: list[Component] = []
+
+    def component(piece: Piece, weight: float, where: str) -> Component:
+        # two components of one name (two `format` patterns, two `python` functions of one name) keep their own
+        # rewards and metrics: the second is <name>_2
+        taken = {c.name for c in components}
+        name = next(n for n in (piece.name, *(f"{piece.name}_{k}" for k in range(2, 99))) if n not in taken)
+        return Component(name, piece, weight, where)
+
     for i, c in enumerate(recipe.score):
         piece = create(SCORE, _score_section(c), f"score[{i}]")
-        components.append(Component(piece.name, piece, float(c.get("weight", 1.0))))
+        components.append(component(piece, float(c.get("weight", 1.0)), f"score[{i}]"))
     if (section := _kl_reward(recipe)) is not None:
-        components.append(Component("kl_penalty", create(SCORE, section, "update.kl"), u.kl.coef))
+        components.append(component(create(SCORE, section, "update.kl"), u.kl.coef, "update.kl"))
     explore = create(EXPLORE, recipe.explore, "explore")
     credit = create(CREDIT, recipe.credit, "credit")
     loss = create(LOSSES, u.loss, "update.loss")

@@ -8,22 +8,22 @@ registers. `resolve` returns the recipe with every default filled in, which is w
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from outrider import RECIPES_DIR
 from outrider.credit import CREDIT
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
+from outrider.observe.trackers import TensorBoardOptions, TrackerOptions, tracker_sections
 from outrider.policy.sft import WarmStartConfig
-from outrider.registry import format_validation_error
+from outrider.registry import format_validation_error, import_user_module
 from outrider.score import SCORE
 from outrider.update import ENTROPY, LOSSES, TERMS
 from outrider.update.learner import UpdateConfig
@@ -63,10 +63,29 @@ class ObserveConfig(Strict):
     pass_at: list[int] = Field(default_factory=lambda: [1, 4, 16], description="The k of each pass@k reported.")
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Newest step checkpoints kept on disk.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard events under tb/.")
+    report_to: list[TrackerOptions] = Field(default_factory=lambda: ["tensorboard"], validate_default=True,
+                                            description="Experiment trackers the metrics also go to: tensorboard, "
+                                                        "wandb, mlflow, trackio; a name or {name, ...options} "
+                                                        "(see the trackers table below); []: metrics.jsonl only.")
+    tensorboard: bool | None = Field(None, exclude=True, description="Older recipes' switch: true adds "
+                                                                     "tensorboard to report_to, false removes it.")
     diagnostics: bool = Field(True, description="Exploration diagnostics at each evaluation: token entropy "
                                                 "(mean, p80, p95, forking fraction), answer diversity, effective "
                                                 "rank, support change and pass@k crossover against the start.")
+
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_shorthand(cls, v: object) -> object:
+        return tracker_sections(v)
+
+    @model_validator(mode="after")
+    def _tensorboard_switch(self) -> "ObserveConfig":
+        if self.tensorboard is not None:
+            others = [t for t in self.report_to if t.name != "tensorboard"]
+            tb = [t for t in self.report_to if t.name == "tensorboard"] or [TensorBoardOptions()]
+            self.report_to, self.tensorboard = (tb + others if self.tensorboard else others), None
+        return self
 
 
 class TrainConfig(Strict):
@@ -213,11 +232,9 @@ def import_plugins(modules: Any) -> None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise OutriderError(f"plugins: expected a list of module names (got {modules!r})")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.append(str(Path.cwd()))
     for name in modules:
         try:
-            importlib.import_module(name)
+            import_user_module(name)
         except Exception as e:  # noqa: BLE001  (the user's module: any failure is theirs to read, in one line)
             raise OutriderError(f"plugins: cannot import '{name}' ({type(e).__name__}: {e})") from None
 
@@ -246,10 +263,26 @@ def _recipe_error(e: ValidationError) -> str:
     return format_validation_error(e, "", Recipe).lstrip(".")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def shipped_recipes() -> list[Path]:
+    """The recipes that come with the package, by name."""
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` itself, or a shipped recipe named by its name (``quickstart`` or
+    ``quickstart.yaml``) when no such file exists."""
     p = Path(path)
+    shipped = RECIPES_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if not p.is_file() and p.parent == Path(".") and shipped.is_file():
+        return shipped
     if not p.is_file():
-        raise OutriderError(f"recipe: no such file '{path}'")
+        names = ", ".join(r.stem for r in shipped_recipes())
+        raise OutriderError(f"recipe: no such file '{path}' (shipped recipes, by name: {names})")
+    return p
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    p = find_recipe(path)
     try:
         data = _yaml_load(p.read_text())
     except yaml.YAMLError as e:

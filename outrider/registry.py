@@ -17,10 +17,13 @@ subclass, constructed as ``cls(cfg, build)``. Unknown names and options fail at 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pkgutil
 import re
+import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 import torch
@@ -172,9 +175,13 @@ class Registry:
         return sorted(self._entries)
 
     def entries(self) -> list[Entry]:
+        """Every registered piece, installed plugins' included (listing them is what `outrider recipes` does)."""
+        load_entry_point_plugins()
         return [self._entries[n] for n in self.names()]
 
     def get(self, name: Any, where: str | None = None) -> Entry:
+        if isinstance(name, str) and name not in self._entries:
+            load_entry_point_plugins()  # an installed plugin may register it
         if not isinstance(name, str) or name not in self._entries:
             raise OutriderError(
                 f"{where or self.family}: unknown {self.family} {name!r}; valid: {', '.join(self.names())}"
@@ -215,7 +222,56 @@ def format_validation_error(e: ValidationError, where: str, model: type[BaseMode
     if err["type"] == "extra_forbidden":
         valid = ", ".join(model.model_fields) or "(none)"
         return f"{field_}: unknown option; valid: {valid}"
-    return f"{field_}: {err['msg']} (got {err.get('input')!r})"
+    msg = err["msg"].removeprefix("Value error, ")  # a validator's own message reads as the whole message
+    return f"{field_}: {msg} (got {err.get('input')!r})"
+
+
+ENTRY_POINT_GROUP = "outrider.pieces"
+_entry_points_loaded = False
+
+
+def load_entry_point_plugins() -> None:
+    """Import the installed plugins: every entry point of the group ``outrider.pieces`` (a distribution declares
+    ``[project.entry-points."outrider.pieces"] my_rewards = "my_package.rewards"``); importing a module runs its
+    registrations. Done once per process, the first time a recipe names a piece no registry knows, or when the
+    pieces are listed. A plugin that fails to load is one line naming it."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True  # first: a plugin's own imports may look pieces up
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001  (the plugin's code: any failure is one line naming it)
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            raise OutriderError(f"plugin '{ep.name} = {ep.value}' (entry point group {ENTRY_POINT_GROUP}"
+                                f"{f', distribution {dist}' if dist else ''}) failed to load: "
+                                f"{type(e).__name__}: {e}") from None
+
+
+def import_user_module(name: str) -> Any:
+    """Import a user's module by name (a recipe's plugins, a `python` score function), the working directory
+    searched too, so a file next to the recipe run works without packaging it."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
+    return importlib.import_module(name)
+
+
+def load_object(spec: str) -> Any:
+    """The object named by ``module:attribute`` (the attribute may be dotted, e.g. ``module:Class.method``);
+    `ValueError` with one line saying what is wrong (the format, the import, the missing attribute)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name.strip() or not attr.strip():
+        raise ValueError("expected 'module:function', e.g. my_rewards:exact")
+    try:
+        obj = import_user_module(module_name.strip())
+    except Exception as e:  # noqa: BLE001  (the user's module: any failure is theirs to read, in one line)
+        raise ValueError(f"cannot import module '{module_name}' ({type(e).__name__}: {e})") from None
+    for part in attr.strip().split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    return obj
 
 
 def register_package(package: str, path: list[str]) -> None:

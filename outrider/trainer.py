@@ -19,7 +19,7 @@ from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import Run
-from outrider.observe.evaluate import EvalRecord, evaluate_detailed
+from outrider.observe.evaluate import EvalRecord, eval_episodes, evaluate_detailed
 from outrider.observe.metrics import MetricsWriter
 from outrider.observe.progress import RunProgress
 from outrider.pieces import build_pieces, recipe_needs
@@ -64,6 +64,7 @@ def sampling_params(recipe: Recipe, temperature: float | None = None) -> Samplin
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False, quiet: bool = False):
         self.recipe, self.run_dir, self.quiet = recipe, run_dir, quiet
+        self.progress = RunProgress(recipe.train.steps, quiet=quiet)
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.task = build_task(recipe)
@@ -118,9 +119,10 @@ class Trainer:
         params = sampling_params(self.recipe, o.eval_temperature)
         base_file = self.run_dir / BASE_EVAL_FILE
         base = EvalRecord(**json.loads(base_file.read_text())) if base_file.exists() else None
-        metrics, record = evaluate_detailed(self.policy, self.task, o.eval_prompts, o.eval_samples, o.pass_at,
-                                            params, seed=self.recipe.train.seed, diagnostics=o.diagnostics,
-                                            base=base)
+        with self.progress.phase("eval", eval_episodes(self.task, o.eval_prompts, o.eval_samples)) as advance:
+            metrics, record = evaluate_detailed(self.policy, self.task, o.eval_prompts, o.eval_samples, o.pass_at,
+                                                params, seed=self.recipe.train.seed, diagnostics=o.diagnostics,
+                                                base=base, on_episodes=advance)
         if base is None:
             tmp = base_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(record)))
@@ -146,7 +148,9 @@ class Trainer:
         r, o = self.recipe, self.recipe.observe
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolve(r), sort_keys=False))
-        progress = RunProgress(r.train.steps, quiet=self.quiet)
+        progress = self.progress
+        # trackers start first: one that cannot start stops the run before any work
+        writer = MetricsWriter(self.run_dir, o.report_to, resume_step=self.truncate_after, config=resolve(r))
         t0 = time.perf_counter()
         if not self.resumed:
             t_ws = time.perf_counter()
@@ -159,7 +163,6 @@ class Trainer:
                 self.reference.save(self.run_dir / "checkpoints" / "reference")
             self.summary["eval_start"] = self._evaluate()
             progress.note(f"held-out pass@1 at start: {self.summary['eval_start']['pass@1']:.3f}")
-        writer = MetricsWriter(self.run_dir, o.tensorboard, resume_step=self.truncate_after)
         if not self.resumed:
             writer.write(0, {f"eval/{k}": v for k, v in self.summary["eval_start"].items()})
             self._checkpoint(0)

@@ -333,7 +333,8 @@ def test_resolve_fills_every_piece_default():
     assert resolved["explore"]["name"] == "group" and resolved["explore"]["top_p"] == 1.0
     assert resolved["update"]["loss"] == {"name": "ppo", "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None}
     assert resolved["update"]["entropy"] == {"name": "none"}
-    assert resolved["score"] == [{"name": "verifier", "weight": 1.0}]
+    assert resolved["score"] == [{"name": "verifier", "on_error": 0.0, "on_nonfinite": 0.0, "max_failed_steps": None,
+                                  "weight": 1.0}]
     assert resolved["task"]["answer_format"] == "plain"
     # resolving is idempotent: a run's recipe.yaml loads back to the same thing
     assert resolve(parse_recipe(resolved)) == resolved

@@ -52,6 +52,7 @@ from typing import Any, Callable, Hashable, Literal
 
 from pydantic import Field, model_validator
 
+from outrider.activity import work_item
 from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
 from outrider.errors import OutriderError
 
@@ -256,8 +257,9 @@ class TextWorldTask(Task):
             options.seeds = game_seed
             options.path = str(tmp / path.name)
             options.force_recompile = True
-            game = CHALLENGES[f"tw-{self.cfg.challenge}"][1]({"level": self.cfg.level}, options)
-            compile_game(game, options)
+            with work_item("TextWorld games generated"):  # seconds each: show that work goes on
+                game = CHALLENGES[f"tw-{self.cfg.challenge}"][1]({"level": self.cfg.level}, options)
+                compile_game(game, options)
             # json first, z8 last: a game is used only when both exist, so a kill between the two is harmless
             os.replace(tmp / path.with_suffix(".json").name, path.with_suffix(".json"))
             os.replace(tmp / path.name, path)

@@ -62,23 +62,25 @@ def _reach(env: Env, start: Start) -> str:
 
 
 def rollout(policy: Policy, make_env: Callable[[], Env], starts: list[Start], params: SamplingParams,
-            generator: torch.Generator, max_turns: int = 1, snapshots: bool = False) -> list[Episode]:
+            generator: torch.Generator, max_turns: int = 1, snapshots: bool = False,
+            on_finished: Callable[[int], None] | None = None) -> list[Episode]:
     """Play one episode per start and return them, in order, with their turns filled in.
 
     The horizon `max_turns` counts a start's prefix turns too. With `snapshots`, every new turn keeps the env's
     ``snapshot()`` from before its action (archives of restart points). An episode whose next observation plus a
     full action would exceed the model's context ends there, marked ``metadata["context_full"]`` (not done: its
-    success is what the env said so far)."""
+    success is what the env said so far). ``on_finished(n)`` is told each time n more episodes are over
+    (progress displays)."""
     envs = [make_env() for _ in starts]
     try:
-        return _play(policy, envs, starts, params, generator, max_turns, snapshots)
+        return _play(policy, envs, starts, params, generator, max_turns, snapshots, on_finished or (lambda n: None))
     finally:
         for env in envs:
             close_env(env)
 
 
 def _play(policy: Policy, envs: list[Env], starts: list[Start], params: SamplingParams, generator: torch.Generator,
-          max_turns: int, snapshots: bool) -> list[Episode]:
+          max_turns: int, snapshots: bool, on_finished: Callable[[int], None]) -> list[Episode]:
     bos = [policy.bos_id] if policy.bos_id is not None else []
     limit = policy.max_length
     episodes, contexts, given = [], [], []  # the sampler's token context, and the given ids of the first new action
@@ -112,6 +114,7 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
         given.append(action_given)
     active = [i for i in range(len(episodes))
               if len(episodes[i].turns) <= max_turns and _fits(contexts[i], params, limit, episodes[i])]
+    on_finished(len(episodes) - len(active))
     while active:
         samples = sample(policy, [contexts[i] for i in active], params, generator)
         still_active = []
@@ -138,6 +141,7 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
             episode.turns.append(_new_turn(envs[i], obs, ids, snapshots))
             contexts[i] += ids
             still_active.append(i)
+        on_finished(len(active) - len(still_active))
         active = still_active
     return episodes
 

@@ -13,7 +13,7 @@ from outrider.explore.rollout import rollout
 from outrider.loops import LOOPS, Run
 from outrider.observe.metrics import episode_metrics
 from outrider.registry import NoOptions, Piece
-from outrider.score import compose, compose_packed
+from outrider.score import compose, compose_packed, score_step_metrics
 from outrider.stats import masked_mean
 from outrider.update.learner import learner_step, prepare
 
@@ -46,6 +46,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
     # the piece's own time besides its rollouts and scoring is explore_s − sample_s − score_s
     metrics["time/explore_s"] = time.perf_counter() - t0
     metrics["time/score_s"] = timers.get("score_s", 0.0)
+    metrics.update(score_step_metrics(run.pieces.components))
     if task.max_turns > 1:
         metrics["explore/turn_cap"] = float(horizon)
     return episodes, metrics

@@ -5,6 +5,7 @@ given the base model's record — support change and the pass@k crossover [37]).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ from outrider.observe.metrics import agent_metrics
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 
-__all__ = ["EvalRecord", "evaluate", "evaluate_detailed", "pass_at_k"]
+__all__ = ["EvalRecord", "eval_episodes", "evaluate", "evaluate_detailed", "pass_at_k"]
 
 RANK_PROMPTS = 32  # prompts whose responses get a hidden-state forward for the effective rank (bounded cost)
 
@@ -41,16 +42,24 @@ def canonical_answer(episode: Episode):
 
 
 def evaluate(policy: Policy, task: Task, prompts: int, samples: int, ks: list[int], params: SamplingParams,
-             seed: int, chunk: int = 1024, diagnostics: bool = False) -> dict[str, float]:
+             seed: int, chunk: int = 1024, diagnostics: bool = False,
+             on_episodes: Callable[[int], None] | None = None) -> dict[str, float]:
     """pass@k for each k, mean accuracy, invalid-answer rate and response length on the first `prompts` held-out
     problems (plus diagnostics on request). The same seed gives the same draws, so evaluations along a run
-    share their randomness."""
-    return evaluate_detailed(policy, task, prompts, samples, ks, params, seed, chunk, diagnostics)[0]
+    share their randomness. ``on_episodes(n)``: n more of the ``prompts · samples`` episodes are over."""
+    return evaluate_detailed(policy, task, prompts, samples, ks, params, seed, chunk, diagnostics,
+                             on_episodes=on_episodes)[0]
+
+
+def eval_episodes(task: Task, prompts: int, samples: int) -> int:
+    """How many episodes an evaluation plays (the total of its progress display)."""
+    return min(prompts, task.eval_size) * samples
 
 
 def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks: list[int], params: SamplingParams,
                       seed: int, chunk: int = 1024, diagnostics: bool = True,
-                      base: EvalRecord | None = None) -> tuple[dict[str, float], EvalRecord]:
+                      base: EvalRecord | None = None,
+                      on_episodes: Callable[[int], None] | None = None) -> tuple[dict[str, float], EvalRecord]:
     """`evaluate` and the `EvalRecord` of this evaluation; with `base`, also support shrinkage/expansion and the
     crossover k* against it (only when both used the same number of samples per prompt; k* = samples + 1 means
     the current model is ahead at every k ≤ samples)."""
@@ -60,7 +69,7 @@ def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks
     episodes: list[Episode] = []
     for first in range(0, len(starts), chunk):
         episodes += rollout(policy, lambda: task.make_env("eval"), starts[first:first + chunk], params, generator,
-                            task.max_turns)
+                            task.max_turns, on_finished=on_episodes)
     correct = [0] * prompts
     for e in episodes:
         correct[e.group_id] += int(e.success)

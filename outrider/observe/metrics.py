@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard under `tb/`."""
+"""Per-step metrics: one JSON object per line in `metrics.jsonl`, then to every tracker of ``observe.report_to``
+(TensorBoard under `tb/`, W&B, MLflow, trackio: `outrider.observe.trackers`). This is the one place rows go."""
 
 from __future__ import annotations
 
@@ -6,29 +7,34 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from outrider.data import Episode, groups_of, has_reward_variance
+from outrider.observe.trackers import start_trackers
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate_after(resume_step)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    """Writes each step's metrics to ``metrics.jsonl`` and the recipe's trackers. On resume (``resume_step``: the
+    checkpoint's step) the lines after the checkpoint are dropped (they will be logged again); trackers that
+    cannot drop what they hold get only the steps after the last one logged before (`trackers` module)."""
 
-            # on resume, TensorBoard discards the events logged after the checkpoint (they are logged again)
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+    def __init__(self, run_dir: Path, report_to: Sequence[Any] = (), resume_step: int | None = None,
+                 config: dict[str, Any] | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self._logged_through = -1  # trackers that cannot rewrite have seen every step up to this one
+        if resume_step is not None:
+            self._logged_through = max((_step_of(ln) for ln in self._lines() if _step_of(ln) < 1 << 62), default=-1)
+            self._truncate_after(resume_step)
+        self.trackers = start_trackers(list(report_to), run_dir, config or {}, resume_step)
+
+    def _lines(self) -> list[str]:
+        return [ln for ln in self.path.read_text().splitlines() if ln.strip()] if self.path.exists() else []
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from (they will be logged again), atomically."""
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= step]
+        kept = [ln for ln in self._lines() if _step_of(ln) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, self.path)
@@ -37,13 +43,14 @@ class MetricsWriter:
         row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), step)
+        values = {k: float(v) for k, v in metrics.items()}
+        for tracker in self.trackers:
+            if tracker.rewrites or step > self._logged_through:
+                tracker.log(step, values)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _step_of(line: str) -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from outrider.observe.trackers import OPTIONS as TRACKER_OPTIONS
 from outrider.recipe import ObserveConfig, PolicyConfig, Recipe, TrainConfig
 from outrider.policy.sft import WarmStartConfig
 from outrider.update.learner import KLConfig, UpdateConfig
@@ -28,6 +29,8 @@ def recipe_reference(pieces: dict[str, dict[str, Any]]) -> str:
                 ("policy.warm_start", WarmStartConfig, "policy.warm_start."), ("update", UpdateConfig, "update."),
                 ("update.kl", KLConfig, "update.kl."), ("update.off_policy", OffPolicyConfig, "update.off_policy."),
                 ("observe", ObserveConfig, "observe."),
+                *((f"observe.report_to: {name}", options, f"observe.report_to[{name}].")
+                  for name, options in TRACKER_OPTIONS.items()),
                 ("train", TrainConfig, "train.")]
     for title, model, prefix in sections:
         out += [f"## {title}", "", *_model_table(model, prefix), ""]
@@ -36,11 +39,25 @@ def recipe_reference(pieces: dict[str, dict[str, Any]]) -> str:
             "and `loop` name a piece and give its options: `{name: X, option: value}`.", ""]
     for family, entries in pieces.items():
         out += [f"### {family}", ""]
+        shared = _shared_options(list(entries.values()))
+        if shared:
+            out += [f"Every {family} piece takes these options:", "", *_option_rows(shared), ""]
         for name, info in entries.items():
             out += [f"**`{name}`** — {info['doc']}", ""]
-            if info["options"]:
-                out += ["| option | default | meaning |", "|---|---|---|"]
-                out += [f"| `{k}` | `{v['default']!r}` | {v['description'].replace('|', '/')} |"
-                        for k, v in info["options"].items()]
-                out.append("")
+            own = {k: v for k, v in info["options"].items() if k not in shared}
+            if own:
+                out += [*_option_rows(own), ""]
     return "\n".join(out)
+
+
+def _option_rows(options: dict[str, dict[str, Any]]) -> list[str]:
+    return ["| option | default | meaning |", "|---|---|---|"] + [
+        f"| `{k}` | `{v['default']!r}` | {v['description'].replace('|', '/')} |" for k, v in options.items()]
+
+
+def _shared_options(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Options that every piece of a family (of several) has, with the same default and meaning: listed once."""
+    if len(entries) < 2:
+        return {}
+    first = entries[0]["options"]
+    return {k: v for k, v in first.items() if all(e["options"].get(k) == v for e in entries[1:])}
