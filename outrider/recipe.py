@@ -9,6 +9,7 @@ registers. `resolve` returns the recipe with every default filled in, which is w
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="Seed of model init, prompts, sampling and minibatch order.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop the run (one-line error, exit 2) after this many "
+                                                          "steps in a row whose update was skipped for a NaN/inf "
+                                                          "loss or gradient (update/skipped_nonfinite_steps).")
 
     @field_validator("device")
     @classmethod
@@ -127,8 +131,9 @@ class Recipe(Strict):
         LOOPS.build(self.loop, "loop")
         for i, comp in enumerate(self.score):
             SCORE.build({k: v for k, v in comp.items() if k != "weight"}, f"score[{i}]")
-            if not isinstance(comp.get("weight", 1.0), (int, float)):
-                raise OutriderError(f"score[{i}].weight: must be a number (got {comp['weight']!r})")
+            weight = comp.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise OutriderError(f"score[{i}].weight: must be a finite number (got {weight!r})")
         if not self.score:
             raise OutriderError("score: at least one reward component is needed; valid: " + ", ".join(SCORE.names()))
         if not self.observe.pass_at or min(self.observe.pass_at) < 1:

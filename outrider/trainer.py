@@ -28,6 +28,7 @@ from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import warm_start
 from outrider.recipe import Recipe, resolve
 from outrider.registry import BuildContext
+from outrider.update.learner import SKIPPED_NONFINITE
 
 
 BASE_EVAL_FILE = "eval_base.json"
@@ -74,6 +75,7 @@ class Trainer:
                                 "temperature); use observe.eval_temperature: 0 for greedy evaluation")
         self.device = torch.device(recipe.train.device)
         self.start_step, self.summary, self.reference = 0, {}, None
+        self.nonfinite_streak = 0  # steps in a row whose update was skipped for a NaN/inf loss or gradient
         checkpoints = list_checkpoints(run_dir) if resume else []
         state: dict[str, Any] = {}
         if checkpoints:
@@ -133,9 +135,24 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------------------
     def _checkpoint(self, step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.policy.parameters()):
+            raise OutriderError(f"train: the model's parameters are not finite (NaN/inf) at step {step}; no "
+                                f"checkpoint was written (update.lr is {self.recipe.update.lr:g})")
         save_checkpoint(self.run_dir, step, self.policy, self.optimizer,
                         {"summary": self.summary, "pieces": self.pieces.state_dict()},
                         keep=self.recipe.observe.keep_checkpoints)
+
+    def _nonfinite_guard(self, step: int, metrics: dict[str, float]) -> None:
+        """Stop after `train.max_nonfinite_steps` steps in a row whose update was skipped for a NaN/inf loss or
+        gradient: the run has diverged, and going on would only log NaN."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get(SKIPPED_NONFINITE, 0) > 0 else 0
+        if self.nonfinite_streak >= self.recipe.train.max_nonfinite_steps:
+            newest = list_checkpoints(self.run_dir)
+            raise OutriderError(
+                f"update: the loss or gradients were NaN/inf in {self.nonfinite_streak} steps in a row (steps "
+                f"{step - self.nonfinite_streak + 1}-{step}; each update skipped), so the run stopped; newest "
+                f"checkpoint: {newest[-1].name if newest else 'none'}. Lower update.lr (now "
+                f"{self.recipe.update.lr:g})")
 
     def _write_summary(self) -> None:
         tmp = self.run_dir / "summary.json.tmp"
@@ -171,6 +188,7 @@ class Trainer:
                     end = self._evaluate()
                     metrics.update({f"eval/{k}": v for k, v in end.items()})
                 writer.write(step, metrics)
+                self._nonfinite_guard(step, metrics)
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0

@@ -176,6 +176,9 @@ def minibatch_rows(batch: Batch, minibatches: int, generator: torch.Generator, b
     return [torch.cat([members[int(g)] for g in c]) for c in chunks]
 
 
+SKIPPED_NONFINITE = "update/skipped_nonfinite_steps"  # optimiser steps skipped for a NaN/inf loss or gradient
+
+
 def _term_name(term: Piece) -> str:
     return getattr(term, "prefix", None) or term.name
 
@@ -189,7 +192,10 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
 
     When every term promises ``zero_at_zero_advantage``, `cfg.skip_zero_advantage` leaves zero-advantage rows out:
     the per-token losses of the kept rows are put back in their places in the minibatch, so every aggregation
-    keeps its full-minibatch denominator."""
+    keeps its full-minibatch denominator.
+
+    An optimiser step whose loss or gradient norm is not finite (NaN, inf) is skipped and counted as
+    ``update/skipped_nonfinite_steps`` (the run stops after `train.max_nonfinite_steps` steps in a row with one)."""
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
@@ -201,6 +207,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    skipped = 0
     for _ in range(cfg.epochs):
         for rows in minibatch_rows(batch, cfg.minibatches, generator, by_group):
             full = batch.select(rows)
@@ -240,7 +247,11 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             loss.backward()
             params = [p for p in policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            optimizer.step()
+            if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+                optimizer.step()
+            else:  # a NaN/inf loss or gradient would corrupt the parameters and the optimiser's moments for good
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
             metrics["loss/total"] = loss.detach()
             metrics["optim/grad_norm"] = grad_norm
             if live is not None:
@@ -252,7 +263,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
                     continue
                 sums[k] += float(v)
                 counts[k] += 1
-    return {k: v / counts[k] for k, v in sums.items()}
+    return {**{k: v / counts[k] for k, v in sums.items()}, SKIPPED_NONFINITE: float(skipped)}
 
 
 def _placed(per_token: Tensor, full: Batch, kept: Tensor | None) -> Tensor:
