@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -47,6 +46,7 @@ def train(
     """Warm-start (if the recipe asks), then run RL; writes recipe.yaml, metrics.jsonl, summary.json, tb/,
     checkpoints/ into the run directory."""
     from outrider.recipe import load_recipe, resolve
+    from outrider.rundir import ReplacedRun, check_writable, report_interrupt
     from outrider.trainer import Trainer
 
     saved = out_dir / "recipe.yaml"
@@ -73,10 +73,19 @@ def train(
             if not _looks_like_run(out_dir):
                 raise OutriderError(f"--overwrite: '{out_dir}' is not an outrider run directory (no recipe.yaml "
                                     "or checkpoints/); refusing to delete it, choose another --out")
+    check_writable(out_dir)
     trainer = Trainer(rec, out_dir, resume=resume, quiet=quiet)  # builds the task: bad options fail here
-    if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
-        shutil.rmtree(out_dir)
-    summary = trainer.run()
+    # the run being replaced is moved aside, and deleted only once the new one has done its first step
+    replaced = ReplacedRun(out_dir) if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()) \
+        else None
+    try:
+        summary = trainer.run(on_started=replaced.drop if replaced else None)
+    except KeyboardInterrupt:
+        raise SystemExit(report_interrupt(out_dir, trainer.completed, rec.train.steps, replaced)) from None
+    except BaseException:
+        if replaced is not None:
+            replaced.restore()
+        raise
     start, end = summary["eval_start"], summary["eval_end"]
     out.print(_eval_table(f"held-out evaluation ({out_dir})", {"start": start, "end": end}))
     out.print(f"pass@1 {start['pass@1']:.3f} -> {end['pass@1']:.3f}   "
@@ -128,18 +137,35 @@ def sft(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the fine-tuned model.")],
     steps: Annotated[Optional[int], typer.Option(help="Override policy.warm_start.steps.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Recipe override (repeatable).")] = [],
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
 ) -> None:
     """Supervised warm start on the task's demonstrations; saves a from_pretrained-loadable model."""
     from outrider.observe.progress import RunProgress
     from outrider.policy.sft import warm_start
     from outrider.recipe import load_recipe
+    from outrider.rundir import check_writable, save_model_dir
     from outrider.trainer import build_policy, build_task
 
     rec = load_recipe(recipe, set_ + ([f"policy.warm_start.steps={steps}"] if steps is not None else []))
+    check_writable(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutriderError(f"--out: '{out_dir}' is not empty; choose another directory or use --overwrite to "
+                                "replace the model in it")
+        if not (out_dir / "config.json").exists():
+            raise OutriderError(f"--overwrite: '{out_dir}' holds no model (no config.json); refusing to replace it, "
+                                "choose another --out")
     policy, task = build_policy(rec, value_head=False), build_task(rec)
-    with RunProgress(0).phase("sft", rec.policy.warm_start.steps) as advance:
-        losses = warm_start(policy, task, rec.policy.warm_start, on_step=lambda s, loss: advance(loss=loss))
-    policy.save(out_dir)
+    losses: list[float] = []
+    try:
+        with RunProgress(0).phase("sft", rec.policy.warm_start.steps) as advance:
+            warm_start(policy, task, rec.policy.warm_start,
+                       on_step=lambda s, loss: (losses.append(loss), advance(loss=loss)))
+    except KeyboardInterrupt:
+        print(f"interrupted after SFT step {len(losses)} of {rec.policy.warm_start.steps}; nothing was saved "
+              f"(sft saves once, at the end)", file=sys.stderr)
+        raise SystemExit(130) from None
+    save_model_dir(policy, out_dir)
     out.print(f"saved {out_dir} ({len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.3f})")
 
 
@@ -247,7 +273,9 @@ def _report_done(out_dir: Path, summary: dict) -> None:
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns the exit code (130 on Ctrl-C) instead of raising
+            sys.exit(code)
     except OutriderError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

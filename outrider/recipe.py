@@ -72,7 +72,8 @@ class ObserveConfig(Strict):
 
 class TrainConfig(Strict):
     steps: int = Field(200, ge=0, description="RL steps.")
-    seed: int = Field(0, description="Seed of model init, prompts, sampling and minibatch order.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of model init, prompts, sampling and minibatch order: "
+                                                       "0 to 2^32 - 1 (numpy's seed range).")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     max_nonfinite_steps: int = Field(3, ge=1, description="Stop the run (one-line error, exit 2) after this many "

@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -96,6 +96,7 @@ class Trainer:
         if self.needs.ref_logprobs and checkpoints:
             self.reference = Policy.load(run_dir / "checkpoints" / "reference").to(self.device)
         self.resumed = bool(checkpoints)
+        self.completed = self.start_step
         # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
 
@@ -159,7 +160,10 @@ class Trainer:
         tmp.write_text(json.dumps(self.summary, indent=2))
         tmp.replace(self.run_dir / "summary.json")
 
-    def run(self) -> dict[str, Any]:
+    def run(self, on_started: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Warm start, evaluate, train, checkpoint; `on_started` is called once the first step is done (the run
+        has started successfully: `--overwrite` then drops the run it replaces). `completed` is the last step
+        done, for a message when the run is interrupted."""
         r, o = self.recipe, self.recipe.observe
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolve(r), sort_keys=False))
@@ -192,7 +196,10 @@ class Trainer:
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0
-                self.summary["steps"] = step
+                self.summary["steps"] = self.completed = step
+                if on_started is not None:
+                    on_started()
+                    on_started = None
                 if o.checkpoint_every and step % o.checkpoint_every == 0 and step != r.train.steps:
                     self._checkpoint(step)
         writer.close()
@@ -203,4 +210,6 @@ class Trainer:
         if self.start_step < r.train.steps:  # a finished run's final checkpoint already exists: leave it be
             self._checkpoint(r.train.steps)
         self._write_summary()
+        if on_started is not None:  # no step to run (train.steps 0, or a finished run resumed)
+            on_started()
         return self.summary
