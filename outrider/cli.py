@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -102,7 +103,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Unbiased pass@k on held-out prompts of the run's task, from a checkpoint of the run."""
-    from outrider.checkpoint import list_checkpoints
+    from outrider.checkpoint import list_checkpoints, newest_intact
     from outrider.observe.evaluate import evaluate
     from outrider.policy.model import Policy
     from outrider.recipe import load_recipe
@@ -120,15 +121,18 @@ def eval_(
         found = [p for p in found if p.name == checkpoint]
     if not found:
         raise OutriderError(f"eval: no checkpoint {checkpoint or ''} in '{run}/checkpoints'".replace("  ", " "))
-    policy = Policy.load(found[-1], chat_template=rec.policy.chat_template).to(rec.train.device)
+    # the newest readable one (an asked-for checkpoint that is unreadable is an error, not replaced)
+    chosen, policy = newest_intact(found, partial(Policy.load, chat_template=rec.policy.chat_template,
+                                                  where="checkpoint"), "evaluating")
+    policy = policy.to(rec.train.device)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
     result = evaluate(policy, build_task(rec), prompts or rec.observe.eval_prompts, samples, ks, params,
                       seed=rec.train.seed, diagnostics=True)
     if as_json:
-        print(json.dumps({"checkpoint": found[-1].name, **result}))
+        print(json.dumps({"checkpoint": chosen.name, **result}))
     else:
-        out.print(_eval_table(f"{run} {found[-1].name}", {"value": result}))
+        out.print(_eval_table(f"{run} {chosen.name}", {"value": result}))
 
 
 @app.command()

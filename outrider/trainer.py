@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from outrider.checkpoint import list_checkpoints, load_state, save_checkpoint
+from outrider.checkpoint import list_checkpoints, newest_intact, read_state, restore_rng, save_checkpoint
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
@@ -79,11 +79,8 @@ class Trainer:
         checkpoints = list_checkpoints(run_dir) if resume else []
         state: dict[str, Any] = {}
         if checkpoints:
-            self.policy = Policy.load(checkpoints[-1], value_head=self.needs.values,
-                                      chat_template=recipe.policy.chat_template).to(self.device)
-            self.optimizer = self._make_optimizer()
-            state = load_state(checkpoints[-1])
-            self.optimizer.load_state_dict(state["optimizer"])
+            _, state = newest_intact(checkpoints, self._load_checkpoint, "resuming from")
+            restore_rng(state)
             self.start_step, self.summary = state["step"], state["summary"]
             if recipe.train.steps < self.start_step:
                 raise OutriderError(f"train.steps: {recipe.train.steps} is below the step of the newest checkpoint "
@@ -94,11 +91,20 @@ class Trainer:
         self.pieces = build_pieces(recipe, BuildContext(self.task, self.policy, self.device, recipe.train.seed))
         self.pieces.load_state_dict(piece_states(state))
         if self.needs.ref_logprobs and checkpoints:
-            self.reference = Policy.load(run_dir / "checkpoints" / "reference").to(self.device)
+            self.reference = Policy.load(run_dir / "checkpoints" / "reference", where="reference").to(self.device)
         self.resumed = bool(checkpoints)
         self.completed = self.start_step
         # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
+
+    def _load_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
+        """Load the policy and the optimiser of a checkpoint (raising if any file is unreadable); its state."""
+        self.policy = Policy.load(checkpoint, value_head=self.needs.values,
+                                  chat_template=self.recipe.policy.chat_template, where="checkpoint").to(self.device)
+        self.optimizer = self._make_optimizer()
+        state = read_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         u = self.recipe.update
