@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from outrider.checkpoint import list_checkpoints, newest_intact, read_state, res
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
+from outrider.explore.rollout import check_prompts_fit
 from outrider.loops import Run
 from outrider.observe.evaluate import EvalRecord, evaluate_detailed
 from outrider.observe.metrics import MetricsWriter
@@ -76,6 +78,7 @@ class Trainer:
         self.device = torch.device(recipe.train.device)
         self.start_step, self.summary, self.reference = 0, {}, None
         self.nonfinite_streak = 0  # steps in a row whose update was skipped for a NaN/inf loss or gradient
+        self.warned_no_action = False
         checkpoints = list_checkpoints(run_dir) if resume else []
         state: dict[str, Any] = {}
         if checkpoints:
@@ -88,6 +91,7 @@ class Trainer:
         else:
             self.policy = build_policy(recipe, self.needs.values).to(self.device)
             self.optimizer = self._make_optimizer()
+        check_prompts_fit(self.policy, self.task, self.params, recipe.train.seed)  # before the run dir is touched
         self.pieces = build_pieces(recipe, BuildContext(self.task, self.policy, self.device, recipe.train.seed))
         self.pieces.load_state_dict(piece_states(state))
         if self.needs.ref_logprobs and checkpoints:
@@ -199,6 +203,10 @@ class Trainer:
                     metrics.update({f"eval/{k}": v for k, v in end.items()})
                 writer.write(step, metrics)
                 self._nonfinite_guard(step, metrics)
+                if metrics.get("episode/response_length") == 0.0 and not self.warned_no_action:
+                    self.warned_no_action = True
+                    print(f"warning: step {step} trained nothing: no episode made an action token (context_full_frac "
+                          f"{metrics.get('episode/context_full_frac', 0.0):.2f}); said once", file=sys.stderr)
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0

@@ -20,13 +20,16 @@ env.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import sys
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from outrider.data import Episode, Start, Turn
 from outrider.envs.base import Env, close_env
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S, EnvTimeout, TimeLimit
+from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
 
@@ -183,3 +186,34 @@ def _fits(context: list[int], params: SamplingParams, limit: int, episode: Episo
         return True
     episode.metadata["context_full"] = True
     return False
+
+
+def check_prompts_fit(policy: Policy, task: Any, params: SamplingParams, seed: int, samples: int = 8) -> None:
+    """Refuse a run in which no episode could act: reset `samples` train envs and encode their first observation
+    as the rollout does; an episode acts only if its prompt plus a full action (`max_new_tokens`) fits in the
+    model's context. None fitting is an OutriderError with the numbers; some not fitting is a warning on stderr
+    (those episodes end before their first action and train nothing)."""
+    bos = int(policy.bos_id is not None)
+    seeds = [int(x) for x in np.random.default_rng([seed, 0xF17]).integers(0, 2**31 - 1, samples)]
+    lengths = []
+    with TimeLimit(getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S)) as clock:
+        for s in seeds:
+            env = task.make_env("train")
+            try:
+                lengths.append(bos + len(policy.encode_observation(clock.call(env.reset, s), first=True)))
+            except EnvTimeout:
+                continue
+            finally:
+                close_env(env)
+    limit, need = policy.max_length, params.max_new_tokens
+    too_long = [n for n in lengths if n + need > limit]
+    if not too_long:
+        return
+    span = f"{min(too_long)}" if min(too_long) == max(too_long) else f"{min(too_long)}-{max(too_long)}"
+    numbers = (f"{len(too_long)} of {len(lengths)} sampled train prompts are {span} tokens long; with "
+               f"explore.max_new_tokens={need} they exceed the model's {limit}-token context")
+    if len(too_long) == len(lengths):
+        raise OutriderError(f"task: no prompt fits: {numbers}, so no episode could act. Shorten the prompts (e.g. "
+                            "task.template) or lower explore.max_new_tokens, or use a model with a longer context "
+                            "(policy.max_positions for the tiny model)")
+    print(f"warning: {numbers}: those episodes end before acting and train nothing", file=sys.stderr)
