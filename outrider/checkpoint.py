@@ -33,14 +33,21 @@ def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer: torch.o
     tmp = root / f".tmp_step_{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    policy.save(tmp)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         **extra,
     }
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        policy.save(tmp)
+        torch.save(state, tmp / STATE_FILE)
+    except Exception as e:  # noqa: BLE001  (a full disk fails as OSError, SafetensorError or torch's RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = list_checkpoints(run_dir)
+        raise OutriderError(f"checkpoint: writing {final} failed ({_brief(e)}; {shutil.disk_usage(root).free} bytes "
+                            f"free there); newest complete checkpoint: {done[-1].name if done else 'none'}. Free "
+                            f"space and resume with: outrider train --resume --out {run_dir}") from None
     if final.exists():
         # move the old one aside first: a kill between these renames still leaves a complete step_N (.old_*)
         # that the next save clears, and never a half-deleted step_N

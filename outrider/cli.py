@@ -83,9 +83,12 @@ def train(
         summary = trainer.run(on_started=replaced.drop if replaced else None)
     except KeyboardInterrupt:
         raise SystemExit(report_interrupt(out_dir, trainer.completed, rec.train.steps, replaced)) from None
-    except BaseException:
+    except BaseException as e:
         if replaced is not None:
             replaced.restore()
+        if isinstance(e, OSError):  # a full disk, a file removed under the run: one line and how to go on
+            raise OutriderError(f"train: {e.strerror or e}: '{e.filename or out_dir}'; fix it and resume with: "
+                                f"outrider train --resume --out {out_dir}") from None
         raise
     start, end = summary["eval_start"], summary["eval_end"]
     out.print(_eval_table(f"held-out evaluation ({out_dir})", {"start": start, "end": end}))
@@ -228,7 +231,9 @@ def compare(
     """Run recipes x seeds in parallel processes, then write DIR/report.html (curves with 95% bootstrap bands, a
     final table, the recipe diff) and DIR/summary.json. Exits 1 if any run failed."""
     from outrider.compare import compare as run_compare
+    from outrider.rundir import check_writable
 
+    check_writable(out_dir)
     try:
         summary, failed = run_compare(recipes_, seeds, out_dir, set_, jobs, threads, _metric_list(metrics), resume)
     except KeyboardInterrupt:
@@ -250,7 +255,9 @@ def report(
     """Build the compare report from existing runs. Runs named seed<k> are grouped by their parent directory;
     other runs by identical resolved recipes (seed and threads aside)."""
     from outrider.observe.report import build_report
+    from outrider.rundir import check_writable
 
+    check_writable(out_dir)
     _report_done(out_dir, build_report(run_dirs, out_dir, _metric_list(metrics)))
 
 
@@ -282,6 +289,10 @@ def main() -> None:
             sys.exit(code)
     except OutriderError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the disk or the file system (full, read-only, a path under a file): one line
+        where = f": '{e.filename}'" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))

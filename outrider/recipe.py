@@ -257,7 +257,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not p.is_file():
         raise OutriderError(f"recipe: no such file '{path}'")
     try:
-        data = _yaml_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OutriderError(f"{path}: not a YAML text file (not UTF-8 at byte {e.start})") from None
+    except OSError as e:
+        raise OutriderError(f"recipe: cannot read '{path}' ({e.strerror or e})") from None
+    try:
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

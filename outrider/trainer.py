@@ -165,10 +165,18 @@ class Trainer:
                 f"checkpoint: {newest[-1].name if newest else 'none'}. Lower update.lr (now "
                 f"{self.recipe.update.lr:g})")
 
+    def _write_atomic(self, name: str, text: str) -> None:
+        """Write a file of the run directory whole or not at all (a full disk leaves the previous one)."""
+        tmp = self.run_dir / f"{name}.tmp"
+        try:
+            tmp.write_text(text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(self.run_dir / name)
+
     def _write_summary(self) -> None:
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2))
-        tmp.replace(self.run_dir / "summary.json")
+        self._write_atomic("summary.json", json.dumps(self.summary, indent=2))
 
     def run(self, on_started: Callable[[], None] | None = None) -> dict[str, Any]:
         """Warm start, evaluate, train, checkpoint; `on_started` is called once the first step is done (the run
@@ -176,7 +184,7 @@ class Trainer:
         done, for a message when the run is interrupted."""
         r, o = self.recipe, self.recipe.observe
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolve(r), sort_keys=False))
+        self._write_atomic("recipe.yaml", yaml.safe_dump(resolve(r), sort_keys=False))
         progress = RunProgress(r.train.steps, quiet=self.quiet)
         t0 = time.perf_counter()
         if not self.resumed:
