@@ -31,6 +31,16 @@ def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _first_difference(saved: dict, given: dict) -> str:
+    """``key (saved X, given Y)`` for the first dotted key whose value differs, and how many others do."""
+    from outrider.observe.report import flatten
+
+    a, b = flatten(saved), flatten(given)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    more = f" and {len(keys) - 1} more key(s)" if len(keys) > 1 else ""
+    return f"{keys[0]} (saved {a.get(keys[0])!r}, given {b.get(keys[0])!r}){more}"
+
+
 def _looks_like_run(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() or (path / "checkpoints").is_dir()
 
@@ -60,7 +70,8 @@ def train(
         ours, theirs = resolve(rec), resolve(base)
         ours["train"]["steps"] = theirs["train"]["steps"] = 0
         if ours != theirs:
-            raise OutriderError(f"--resume: the recipe differs from {saved} (only train.steps may change)")
+            raise OutriderError(f"--resume: the recipe differs from {saved} at {_first_difference(theirs, ours)}; "
+                                "only train.steps may change")
     else:
         if recipe is None:
             raise OutriderError("train: a RECIPE is needed (or --resume with an existing --out)")
@@ -116,6 +127,8 @@ def eval_(
         raise OutriderError(f"--samples: must be at least 1 (got {samples})")
     if prompts is not None and prompts < 1:
         raise OutriderError(f"--prompts: must be at least 1 (got {prompts})")
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise OutriderError(f"--temperature: must be >= 0 (0: greedy; got {temperature})")
     if not (run / "recipe.yaml").exists():
         raise OutriderError(f"eval: '{run}' is not a run directory (no recipe.yaml)")
     rec = load_recipe(run / "recipe.yaml")
@@ -247,8 +260,8 @@ def compare(
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories, or directories "
                                                    "holding them (e.g. a compare --out).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.html, summary.json, PNGs.")]
-    = Path("report"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for report.html, summary.json, PNGs "
+                                                    "(default: the RUN_DIR given, when there is one).")] = None,
     metrics: Annotated[list[str], typer.Option("--metrics", help="Metric key to plot (repeatable or "
                                                "comma-separated).")] = [],
 ) -> None:
@@ -257,6 +270,10 @@ def report(
     from outrider.observe.report import build_report
     from outrider.rundir import check_writable
 
+    if out_dir is None:
+        if len(run_dirs) != 1:
+            raise OutriderError("report: with several RUN_DIRs, say where the report goes with --out")
+        out_dir = run_dirs[0]
     check_writable(out_dir)
     _report_done(out_dir, build_report(run_dirs, out_dir, _metric_list(metrics)))
 

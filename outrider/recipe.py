@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from outrider.credit import CREDIT
 from outrider.envs import ENVS
@@ -24,14 +24,14 @@ from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
 from outrider.policy.sft import WarmStartConfig
-from outrider.registry import format_validation_error
+from outrider.registry import Options, format_validation_error
 from outrider.score import SCORE
 from outrider.update import ENTROPY, LOSSES, TERMS
 from outrider.update.learner import UpdateConfig
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(Options):
+    """A recipe section (unknown keys and booleans given for numbers are errors)."""
 
 
 class PolicyConfig(Strict):
@@ -146,9 +146,27 @@ class Recipe(Strict):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; in a recipe it is a number."""
+    """YAML as a recipe reads it: ``1e-4`` (an exponent without a dot, a string in YAML 1.1) is a number; only
+    true/false are booleans (YAML 1.1 also reads yes/no/on/off/y/n as booleans, which then pass as numbers:
+    ``temperature: yes`` was 1.0); a key given twice in one mapping is an error, not silently the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice in one mapping (lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
@@ -190,7 +208,9 @@ def _piece_defaults() -> dict[str, str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``{a: 1}``)."""
+    """Apply ``key.path=value`` overrides. Values are parsed as YAML (``1e-4``, ``true``, ``[1, 2]``, ``{a: 1}``);
+    text that is not valid YAML stays text, and so does a braced value without a colon (``{question}``, a
+    template); quote a value to force text (``--set 'task.template="{question} ="'``)."""
     if not isinstance(data, dict):
         return data  # not a recipe at all: parse_recipe says so
     for item in overrides:
@@ -200,6 +220,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = _yaml_load(raw)
         except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and ":" not in raw:  # `{question}`: a template, not a YAML mapping of nulls
             value = raw
         for section, default in _piece_defaults().items():
             if key.strip().startswith(section + "."):  # options of a piece the recipe leaves at its default
@@ -239,17 +261,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def _recipe_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    if err["type"] == "extra_forbid" or err["type"] == "extra_forbidden":
-        model: type[BaseModel] = Recipe
-        for part in loc[:-1]:
-            ann = model.model_fields.get(part)
-            nxt = getattr(ann, "annotation", None) if ann else None
-            if isinstance(nxt, type) and issubclass(nxt, BaseModel):
-                model = nxt
-        return f"{'.'.join(loc)}: unknown option; valid: {', '.join(model.model_fields)}"
-    return format_validation_error(e, "", Recipe).lstrip(".")
+    return format_validation_error(e, "", Recipe)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -80,6 +80,9 @@ class Trainer:
         self.nonfinite_streak = 0  # steps in a row whose update was skipped for a NaN/inf loss or gradient
         self.warned_no_action = False
         checkpoints = list_checkpoints(run_dir) if resume else []
+        if resume and not checkpoints:
+            print(f"warning: --resume: no checkpoint in {run_dir / 'checkpoints'} (the run stopped before its first "
+                  "one); starting it over from step 0", file=sys.stderr)
         state: dict[str, Any] = {}
         if checkpoints:
             _, state = newest_intact(checkpoints, self._load_checkpoint, "resuming from")

@@ -105,6 +105,12 @@ class Policy(nn.Module):
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / VALUE_HEAD_FILE)
+        # safetensors creates its files private (0600); the others follow the umask (0644 by default): give the
+        # weights the same mode, so whoever may read the run may read its model
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in path.glob("*.safetensors"):
+            file.chmod(0o666 & ~umask)
 
     # --- tokens ---------------------------------------------------------------------------------------------
     @property

@@ -7,16 +7,17 @@ the built-in terms and their formula.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from outrider.data import Batch
 from outrider.policy.model import Policy
-from outrider.registry import Piece
+from outrider.registry import Options, Piece
 from outrider.stats import masked_mean
 from outrider.update import TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
@@ -24,8 +25,7 @@ from outrider.update.cov import token_covariance
 from outrider.update.off_policy import OffPolicyConfig
 
 
-class KLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KLConfig(Options):
 
     @model_validator(mode="after")
     def _k1_only_in_reward(self) -> "KLConfig":
@@ -41,10 +41,8 @@ class KLConfig(BaseModel):
         "loss", description="loss: β·KL added to the loss; reward: −β·KL added to each action token's reward.")
 
 
-class UpdateConfig(BaseModel):
+class UpdateConfig(Options):
     """How the policy is updated from a batch with advantages."""
-
-    model_config = ConfigDict(extra="forbid")
     loss: dict = Field(default_factory=lambda: {"name": "ppo"},
                        description="Policy surrogate: {name: ppo|gspo|clip_cov|kl_cov, ...options} "
                                    "(a bare name is accepted).")
@@ -169,14 +167,28 @@ def minibatch_rows(batch: Batch, minibatches: int, generator: torch.Generator, b
     stay together."""
     order = torch.randperm(batch.size, generator=generator)
     if not by_group:
+        _warn_fewer(minibatches, batch.size, "rows")
         return list(order.chunk(minibatches))
     _, group = torch.unique(batch.group_index.cpu(), return_inverse=True)
     members = [(group == g).nonzero().squeeze(-1) for g in range(int(group.max()) + 1)]
+    _warn_fewer(minibatches, len(members), "groups")
     chunks = torch.randperm(len(members), generator=generator).chunk(minibatches)
     return [torch.cat([members[int(g)] for g in c]) for c in chunks]
 
 
 SKIPPED_NONFINITE = "update/skipped_nonfinite_steps"  # optimiser steps skipped for a NaN/inf loss or gradient
+
+
+_WARNED: set[tuple[int, int, str]] = set()
+
+
+def _warn_fewer(minibatches: int, units: int, what: str) -> None:
+    """Say once (per run and batch size) that a batch has fewer rows (groups) than `update.minibatches`: it is
+    split into one minibatch per row instead, fewer optimiser steps than asked for."""
+    if minibatches > units and (minibatches, units, what) not in _WARNED:
+        _WARNED.add((minibatches, units, what))
+        print(f"warning: update.minibatches={minibatches}, but a step's batch has {units} {what}: it is split into "
+              f"{units} minibatches of one instead (set update.minibatches <= {units})", file=sys.stderr)
 
 
 def _term_name(term: Piece) -> str:
