@@ -29,13 +29,22 @@ def test_piece_name_that_is_not_a_string(tmp_path, monkeypatch, capsys, override
     assert_main_error(code, out, err, f"{where}: unknown ", "; valid: ")
 
 
+def _logged_run(tmp_path):
+    """The least `report` reads: a directory with metrics.jsonl."""
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 0, "eval/pass@1": 0.5}\n{"step": 1, "eval/pass@1": 0.75}\n')
+    return run
+
+
 @pytest.mark.parametrize("command", ["train", "sft", "compare", "report"])
 def test_out_under_a_file(tmp_path, monkeypatch, capsys, command):
     recipe = write_recipe(tmp_path)
     (tmp_path / "afile").write_text("keep")
     target = tmp_path / "afile" / "sub"
     args = {"train": ["train", recipe, "--out", target], "sft": ["sft", recipe, "--out", target],
-            "compare": ["compare", recipe, "--out", target], "report": ["report", tmp_path, "--out", target]}[command]
+            "compare": ["compare", recipe, "--out", target],
+            "report": ["report", _logged_run(tmp_path), "--out", target]}[command]
     code, out, err = call_main(monkeypatch, capsys, *map(str, args))
     assert_main_error(code, out, err, f"--out: '{target}' is under '{tmp_path / 'afile'}', which is a file")
     assert (tmp_path / "afile").read_text() == "keep"
@@ -46,7 +55,7 @@ def test_out_at_a_file(tmp_path, monkeypatch, capsys, command):
     recipe = write_recipe(tmp_path)
     target = tmp_path / "afile"
     target.write_text("keep")
-    args = {"sft": ["sft", recipe], "compare": ["compare", recipe], "report": ["report", tmp_path]}[command]
+    args = {"sft": ["sft", recipe], "compare": ["compare", recipe], "report": ["report", _logged_run(tmp_path)]}[command]
     code, out, err = call_main(monkeypatch, capsys, *map(str, args), "--out", str(target))
     assert_main_error(code, out, err, f"--out: '{target}' is a file, not a directory")
     assert target.read_text() == "keep"
