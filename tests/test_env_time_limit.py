@@ -125,3 +125,26 @@ def test_step_timeout_must_be_positive_or_null():
     assert cfg.step_timeout_s is None
     with pytest.raises(OutriderError, match=r"task.step_timeout_s: Input should be greater than 0"):
         ENVS.build({**tiny_recipe()["task"], "step_timeout_s": 0}, "task")
+
+
+def _hang() -> None:
+    time.sleep(60)
+
+
+def test_a_child_object_that_does_not_start_in_time_leaves_no_process():
+    import multiprocessing
+
+    from outrider.envs.child import ChildError, ChildObject
+
+    before = set(multiprocessing.active_children())
+    with TimeLimit(0.5) as clock, pytest.raises(EnvTimeout):
+        clock.call(ChildObject, _hang)
+    assert set(multiprocessing.active_children()) == before
+    with pytest.raises(ChildError, match="ZeroDivisionError: division by zero"):
+        ChildObject(lambda: 1 / 0)
+    child = ChildObject(lambda: [3, 1, 2])
+    assert child.call("index", 2) == 2 and child.call("__len__") == 3
+    with pytest.raises(ChildError, match="ValueError"):
+        child.call("index", 7)
+    child.close()
+    assert set(multiprocessing.active_children()) == before

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import signal
 from typing import Any, Callable
 
 # fork: the child starts from the parent's memory, with every module already imported (a fresh interpreter would
@@ -24,6 +25,7 @@ _CONTEXT = multiprocessing.get_context("fork")
 
 def _serve(conn: Any, factory: Callable[[], Any], reply: Callable[[str, Any], Any]) -> None:
     gc.disable()  # the serving loop makes no cycles; collections would copy the parent's pages for nothing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent decides
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
@@ -63,7 +65,11 @@ class ChildObject:
         self._process = _CONTEXT.Process(target=_serve, args=(child_end, factory, reply), daemon=True)
         self._process.start()
         child_end.close()
-        self._receive()  # the factory's outcome
+        try:
+            self._receive()  # the factory's outcome
+        except BaseException:  # it failed, or the env time limit (or Ctrl-C) stopped the wait: no child is left
+            self.kill()
+            raise
 
     @property
     def pid(self) -> int | None:
