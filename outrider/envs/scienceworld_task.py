@@ -39,7 +39,8 @@ from typing import Any, Hashable, Literal
 from pydantic import Field
 
 from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
-from outrider.envs.textworld_task import HandlePool, clean_text
+from outrider.envs.pool import HandlePool
+from outrider.envs.textworld_task import clean_text
 from outrider.errors import OutriderError
 
 
@@ -74,6 +75,8 @@ def _kill_simulator(sim: Any) -> None:
         gateway.java_process.wait()
     gateway.close()
     gateway.shutdown_callback_server()
+    # every Java object's finalizer would try to reach the dead JVM (logging a traceback per object, at GC time)
+    gateway._gateway_client.is_connected = False
     sim.close = lambda: None  # its __del__ would ask the dead JVM to shut down
 
 
