@@ -156,9 +156,14 @@ class Trainer:
                         {"summary": self.summary, "pieces": self.pieces.state_dict()},
                         keep=self.recipe.observe.keep_checkpoints)
 
-    def _nonfinite_guard(self, step: int, metrics: dict[str, float]) -> None:
-        """Stop after `train.max_nonfinite_steps` steps in a row whose update was skipped for a NaN/inf loss or
-        gradient: the run has diverged, and going on would only log NaN."""
+    def _check_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After a step is logged: say (once) when it made no action token at all, and stop after
+        `train.max_nonfinite_steps` steps in a row whose update was skipped for a NaN/inf loss or gradient (the run
+        has diverged: going on would only log NaN)."""
+        if metrics.get("episode/response_length") == 0.0 and not self.warned_no_action:
+            self.warned_no_action = True
+            print(f"warning: step {step} trained nothing: no episode made an action token (context_full_frac "
+                  f"{metrics.get('episode/context_full_frac', 0.0):.2f}); said once", file=sys.stderr)
         self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get(SKIPPED_NONFINITE, 0) > 0 else 0
         if self.nonfinite_streak >= self.recipe.train.max_nonfinite_steps:
             newest = list_checkpoints(self.run_dir)
@@ -213,11 +218,7 @@ class Trainer:
                     end = self._evaluate()
                     metrics.update({f"eval/{k}": v for k, v in end.items()})
                 writer.write(step, metrics)
-                self._nonfinite_guard(step, metrics)
-                if metrics.get("episode/response_length") == 0.0 and not self.warned_no_action:
-                    self.warned_no_action = True
-                    print(f"warning: step {step} trained nothing: no episode made an action token (context_full_frac "
-                          f"{metrics.get('episode/context_full_frac', 0.0):.2f}); said once", file=sys.stderr)
+                self._check_step(step, metrics)
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0
