@@ -98,13 +98,14 @@ class _StuckVerifier(ReasoningGymTask):
         return 0.0
 
 
-if "test_stuck_verifier" not in ENVS.names():
-    ENVS.register("test_stuck_verifier", config=ReasoningGymConfig)(_StuckVerifier)
-
-
-def test_run_counts_timeouts_and_finishes(tmp_path):
+def test_run_counts_timeouts_and_finishes(tmp_path, monkeypatch):
     from outrider.recipe import parse_recipe
+    from outrider.registry import Entry
     from outrider.trainer import Trainer
+
+    # registered for this test only: other tests compare the registry's names with a fresh process's
+    monkeypatch.setitem(ENVS._entries, "test_stuck_verifier",
+                        Entry("test_stuck_verifier", _StuckVerifier, ReasoningGymConfig))
 
     recipe = tiny_recipe(train={"steps": 1}, policy={"warm_start": {"steps": 0}},
                          observe={"eval_prompts": 1, "eval_samples": 2, "pass_at": [1]})

@@ -14,6 +14,7 @@ from outrider.credit import CREDIT, CreditOutput
 from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.recipe import load_recipe, parse_recipe
+from outrider.registry import Entry
 from outrider.update import LOSSES
 from outrider.update.learner import UpdateConfig, learner_step
 from test_learner import small_batch
@@ -39,7 +40,6 @@ def test_a_nan_loss_skips_the_optimiser_step():
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v))
 
 
-@CREDIT.register("test_nan_credit")
 def _nan_credit(batch, cfg) -> CreditOutput:
     """Advantages that are NaN on every action token (a diverged credit piece)."""
     nan = torch.full_like(batch.action_mask, float("nan"), dtype=torch.float32)
@@ -48,6 +48,9 @@ def _nan_credit(batch, cfg) -> CreditOutput:
 
 def test_run_stops_after_consecutive_nonfinite_updates_without_a_nonfinite_checkpoint(tmp_path, monkeypatch,
                                                                                       capsys):
+    # registered for this test only: other tests compare the registry's names with a fresh process's
+    grpo = CREDIT.get("grpo")
+    monkeypatch.setitem(CREDIT._entries, "test_nan_credit", Entry("test_nan_credit", _nan_credit, grpo.config))
     write_recipe(tmp_path, "nan.yaml", credit={"name": "test_nan_credit"}, train={"steps": 8},
                  observe={"checkpoint_every": 1})
     run = tmp_path / "run"
