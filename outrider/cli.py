@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +43,16 @@ def _eval_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _first_difference(saved: dict, given: dict) -> str:
+    """``key (saved X, given Y)`` for the first dotted key whose value differs, and how many others do."""
+    from outrider.observe.report import flatten
+
+    a, b = flatten(saved), flatten(given)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    more = f" and {len(keys) - 1} more key(s)" if len(keys) > 1 else ""
+    return f"{keys[0]} (saved {a.get(keys[0])!r}, given {b.get(keys[0])!r}){more}"
+
+
 def _looks_like_run(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() or (path / "checkpoints").is_dir()
 
@@ -59,6 +69,7 @@ def train(
     """Warm-start (if the recipe asks), then run RL; writes recipe.yaml, metrics.jsonl, summary.json, tb/,
     checkpoints/ into the run directory."""
     from outrider.recipe import load_recipe, resolve
+    from outrider.rundir import ReplacedRun, check_writable, report_interrupt
     from outrider.trainer import Trainer
 
     saved = out_dir / "recipe.yaml"
@@ -71,7 +82,8 @@ def train(
         ours, theirs = resolve(rec), resolve(base)
         ours["train"]["steps"] = theirs["train"]["steps"] = 0
         if ours != theirs:
-            raise OutriderError(f"--resume: the recipe differs from {saved} (only train.steps may change)")
+            raise OutriderError(f"--resume: the recipe differs from {saved} at {_first_difference(theirs, ours)}; "
+                                "only train.steps may change")
     else:
         if recipe is None:
             raise OutriderError("train: a RECIPE is needed (or --resume with an existing --out)")
@@ -85,10 +97,22 @@ def train(
             if not _looks_like_run(out_dir):
                 raise OutriderError(f"--overwrite: '{out_dir}' is not an outrider run directory (no recipe.yaml "
                                     "or checkpoints/); refusing to delete it, choose another --out")
+    check_writable(out_dir)
     trainer = Trainer(rec, out_dir, resume=resume, quiet=quiet)  # builds the task: bad options fail here
-    if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
-        shutil.rmtree(out_dir)
-    summary = trainer.run()
+    # the run being replaced is moved aside, and deleted only once the new one has done its first step
+    replaced = ReplacedRun(out_dir) if not resume and overwrite and out_dir.is_dir() and any(out_dir.iterdir()) \
+        else None
+    try:
+        summary = trainer.run(on_started=replaced.drop if replaced else None)
+    except KeyboardInterrupt:
+        raise SystemExit(report_interrupt(out_dir, trainer.completed, rec.train.steps, replaced)) from None
+    except BaseException as e:
+        if replaced is not None:
+            replaced.restore()
+        if isinstance(e, OSError):  # a full disk, a file removed under the run: one line and how to go on
+            raise OutriderError(f"train: {e.strerror or e}: '{e.filename or out_dir}'; fix it and resume with: "
+                                f"outrider train --resume --out {out_dir}") from None
+        raise
     start, end = summary["eval_start"], summary["eval_end"]
     out.print(_eval_table(f"held-out evaluation ({out_dir})", {"start": start, "end": end}))
     out.print(f"pass@1 {start['pass@1']:.3f} -> {end['pass@1']:.3f}   "
@@ -106,7 +130,7 @@ def eval_(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Unbiased pass@k on held-out prompts of the run's task, from a checkpoint of the run."""
-    from outrider.checkpoint import list_checkpoints
+    from outrider.checkpoint import list_checkpoints, newest_intact
     from outrider.observe.evaluate import eval_episodes, evaluate
     from outrider.observe.progress import RunProgress
     from outrider.policy.model import Policy
@@ -117,6 +141,8 @@ def eval_(
         raise OutriderError(f"--samples: must be at least 1 (got {samples})")
     if prompts is not None and prompts < 1:
         raise OutriderError(f"--prompts: must be at least 1 (got {prompts})")
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise OutriderError(f"--temperature: must be >= 0 (0: greedy; got {temperature})")
     if not (run / "recipe.yaml").exists():
         raise OutriderError(f"eval: '{run}' is not a run directory (no recipe.yaml)")
     rec = load_recipe(run / "recipe.yaml")
@@ -125,7 +151,10 @@ def eval_(
         found = [p for p in found if p.name == checkpoint]
     if not found:
         raise OutriderError(f"eval: no checkpoint {checkpoint or ''} in '{run}/checkpoints'".replace("  ", " "))
-    policy = Policy.load(found[-1], chat_template=rec.policy.chat_template).to(rec.train.device)
+    # the newest readable one (an asked-for checkpoint that is unreadable is an error, not replaced)
+    chosen, policy = newest_intact(found, partial(Policy.load, chat_template=rec.policy.chat_template,
+                                                  where="checkpoint"), "evaluating")
+    policy = policy.to(rec.train.device)
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= samples]
     params = sampling_params(rec, rec.observe.eval_temperature if temperature is None else temperature)
     task, n = build_task(rec), prompts or rec.observe.eval_prompts
@@ -133,9 +162,9 @@ def eval_(
         result = evaluate(policy, task, n, samples, ks, params, seed=rec.train.seed, diagnostics=True,
                           on_episodes=advance)
     if as_json:
-        print(json.dumps({"checkpoint": found[-1].name, **result}))
+        print(json.dumps({"checkpoint": chosen.name, **result}))
     else:
-        out.print(_eval_table(f"{run} {found[-1].name}", {"value": result}))
+        out.print(_eval_table(f"{run} {chosen.name}", {"value": result}))
 
 
 @app.command()
@@ -144,18 +173,35 @@ def sft(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the fine-tuned model.")],
     steps: Annotated[Optional[int], typer.Option(help="Override policy.warm_start.steps.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Recipe override (repeatable).")] = [],
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
 ) -> None:
     """Supervised warm start on the task's demonstrations; saves a from_pretrained-loadable model."""
     from outrider.observe.progress import RunProgress
     from outrider.policy.sft import warm_start
     from outrider.recipe import load_recipe
+    from outrider.rundir import check_writable, save_model_dir
     from outrider.trainer import build_policy, build_task
 
     rec = load_recipe(recipe, set_ + ([f"policy.warm_start.steps={steps}"] if steps is not None else []))
+    check_writable(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutriderError(f"--out: '{out_dir}' is not empty; choose another directory or use --overwrite to "
+                                "replace the model in it")
+        if not (out_dir / "config.json").exists():
+            raise OutriderError(f"--overwrite: '{out_dir}' holds no model (no config.json); refusing to replace it, "
+                                "choose another --out")
     policy, task = build_policy(rec, value_head=False), build_task(rec)
-    with RunProgress(0).phase("sft", rec.policy.warm_start.steps) as advance:
-        losses = warm_start(policy, task, rec.policy.warm_start, on_step=lambda s, loss: advance(loss=loss))
-    policy.save(out_dir)
+    losses: list[float] = []
+    try:
+        with RunProgress(0).phase("sft", rec.policy.warm_start.steps) as advance:
+            warm_start(policy, task, rec.policy.warm_start,
+                       on_step=lambda s, loss: (losses.append(loss), advance(loss=loss)))
+    except KeyboardInterrupt:
+        print(f"interrupted after SFT step {len(losses)} of {rec.policy.warm_start.steps}; nothing was saved "
+              f"(sft saves once, at the end)", file=sys.stderr)
+        raise SystemExit(130) from None
+    save_model_dir(policy, out_dir)
     out.print(f"saved {out_dir} ({len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.3f})")
 
 
@@ -214,7 +260,9 @@ def compare(
     """Run recipes x seeds in parallel processes, then write DIR/report.html (curves with 95% bootstrap bands, a
     final table, the recipe diff) and DIR/summary.json. Exits 1 if any run failed."""
     from outrider.compare import compare as run_compare
+    from outrider.rundir import check_writable
 
+    check_writable(out_dir)
     try:
         summary, failed = run_compare(recipes_, seeds, out_dir, set_, jobs, threads, _metric_list(metrics), resume)
     except KeyboardInterrupt:
@@ -228,15 +276,21 @@ def compare(
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Run directories, or directories "
                                                    "holding them (e.g. a compare --out).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.html, summary.json, PNGs.")]
-    = Path("report"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for report.html, summary.json, PNGs "
+                                                    "(default: the RUN_DIR given, when there is one).")] = None,
     metrics: Annotated[list[str], typer.Option("--metrics", help="Metric key to plot (repeatable or "
                                                "comma-separated).")] = [],
 ) -> None:
     """Build the compare report from existing runs. Runs named seed<k> are grouped by their parent directory;
     other runs by identical resolved recipes (seed and threads aside)."""
     from outrider.observe.report import build_report
+    from outrider.rundir import check_writable
 
+    if out_dir is None:
+        if len(run_dirs) != 1:
+            raise OutriderError("report: with several RUN_DIRs, say where the report goes with --out")
+        out_dir = run_dirs[0]
+    check_writable(out_dir)
     _report_done(out_dir, build_report(run_dirs, out_dir, _metric_list(metrics)))
 
 
@@ -263,9 +317,15 @@ def _report_done(out_dir: Path, summary: dict) -> None:
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer returns the exit code (130 on Ctrl-C) instead of raising
+            sys.exit(code)
     except OutriderError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the disk or the file system (full, read-only, a path under a file): one line
+        where = f": '{e.filename}'" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))

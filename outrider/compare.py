@@ -231,5 +231,5 @@ def compare(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str] | No
     if not good:
         raise OutriderError(f"compare: every run failed; see {out_dir}/<recipe>/seed<k>/stderr.log")
     title = "outrider compare: " + ", ".join(Path(p).stem for p in recipes)
-    summary = build_report(good, out_dir, metrics, title=title, failed=failed)
+    summary = build_report(good, out_dir, metrics, title=title, failed=failed, drop_unknown=True)
     return summary, failed

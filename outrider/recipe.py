@@ -8,12 +8,13 @@ registers. `resolve` returns the recipe with every default filled in, which is w
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from outrider import RECIPES_DIR
 from outrider.credit import CREDIT
@@ -23,14 +24,14 @@ from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
 from outrider.observe.trackers import TensorBoardOptions, TrackerOptions, tracker_sections
 from outrider.policy.sft import WarmStartConfig
-from outrider.registry import format_validation_error, import_user_module
+from outrider.registry import Options, format_validation_error, import_user_module
 from outrider.score import SCORE
 from outrider.update import ENTROPY, LOSSES, TERMS
 from outrider.update.learner import UpdateConfig
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(Options):
+    """A recipe section (unknown keys and booleans given for numbers are errors)."""
 
 
 class PolicyConfig(Strict):
@@ -90,9 +91,13 @@ class ObserveConfig(Strict):
 
 class TrainConfig(Strict):
     steps: int = Field(200, ge=0, description="RL steps.")
-    seed: int = Field(0, description="Seed of model init, prompts, sampling and minibatch order.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of model init, prompts, sampling and minibatch order: "
+                                                       "0 to 2^32 - 1 (numpy's seed range).")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop the run (one-line error, exit 2) after this many "
+                                                          "steps in a row whose update was skipped for a NaN/inf "
+                                                          "loss or gradient (update/skipped_nonfinite_steps).")
 
     @field_validator("device")
     @classmethod
@@ -146,8 +151,9 @@ class Recipe(Strict):
         LOOPS.build(self.loop, "loop")
         for i, comp in enumerate(self.score):
             SCORE.build({k: v for k, v in comp.items() if k != "weight"}, f"score[{i}]")
-            if not isinstance(comp.get("weight", 1.0), (int, float)):
-                raise OutriderError(f"score[{i}].weight: must be a number (got {comp['weight']!r})")
+            weight = comp.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+                raise OutriderError(f"score[{i}].weight: must be a finite number (got {weight!r})")
         if not self.score:
             raise OutriderError("score: at least one reward component is needed; valid: " + ", ".join(SCORE.names()))
         if not self.observe.pass_at or min(self.observe.pass_at) < 1:
@@ -159,9 +165,27 @@ class Recipe(Strict):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-4`` (an exponent without a dot) as a string; in a recipe it is a number."""
+    """YAML as a recipe reads it: ``1e-4`` (an exponent without a dot, a string in YAML 1.1) is a number; only
+    true/false are booleans (YAML 1.1 also reads yes/no/on/off/y/n as booleans, which then pass as numbers:
+    ``temperature: yes`` was 1.0); a key given twice in one mapping is an error, not silently the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice in one mapping (lines {seen[key] + 1} and "
+                                f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
@@ -203,7 +227,9 @@ def _piece_defaults() -> dict[str, str]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: ``1e-4``, ``true``, ``[1, 2]``, ``{a: 1}``)."""
+    """Apply ``key.path=value`` overrides. Values are parsed as YAML (``1e-4``, ``true``, ``[1, 2]``, ``{a: 1}``);
+    text that is not valid YAML stays text, and so does a braced value without a colon (``{question}``, a
+    template); quote a value to force text (``--set 'task.template="{question} ="'``)."""
     if not isinstance(data, dict):
         return data  # not a recipe at all: parse_recipe says so
     for item in overrides:
@@ -213,6 +239,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = _yaml_load(raw)
         except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and ":" not in raw:  # `{question}`: a template, not a YAML mapping of nulls
             value = raw
         for section, default in _piece_defaults().items():
             if key.strip().startswith(section + "."):  # options of a piece the recipe leaves at its default
@@ -250,17 +278,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def _recipe_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    if err["type"] == "extra_forbid" or err["type"] == "extra_forbidden":
-        model: type[BaseModel] = Recipe
-        for part in loc[:-1]:
-            ann = model.model_fields.get(part)
-            nxt = getattr(ann, "annotation", None) if ann else None
-            if isinstance(nxt, type) and issubclass(nxt, BaseModel):
-                model = nxt
-        return f"{'.'.join(loc)}: unknown option; valid: {', '.join(model.model_fields)}"
-    return format_validation_error(e, "", Recipe).lstrip(".")
+    return format_validation_error(e, "", Recipe)
 
 
 def shipped_recipes() -> list[Path]:
@@ -284,7 +302,13 @@ def find_recipe(path: str | Path) -> Path:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     p = find_recipe(path)
     try:
-        data = _yaml_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OutriderError(f"{path}: not a YAML text file (not UTF-8 at byte {e.start})") from None
+    except OSError as e:
+        raise OutriderError(f"recipe: cannot read '{path}' ({e.strerror or e})") from None
+    try:
+        data = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -21,13 +21,14 @@ import importlib.metadata
 import pkgutil
 import re
 import sys
+import typing
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from outrider.errors import OutriderError
 
@@ -39,10 +40,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 Level = Literal["trajectory", "step", "token"]
 
 
-class PieceConfig(BaseModel):
-    """Base of every piece's options: unknown keys are errors, not silently ignored."""
+class Options(BaseModel):
+    """Base of every recipe section's model: unknown keys are errors, not silently ignored, and a boolean is not
+    a number (pydantic would take ``true`` as 1.0 for a temperature)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and any(t in (int, float) for t in (annotation, *typing.get_args(annotation))):
+            raise ValueError("expected a number, not a boolean")
+        return value
+
+
+class PieceConfig(Options):
+    """Base of every piece's options."""
 
 
 class NoOptions(PieceConfig):
@@ -215,12 +229,27 @@ def validate_options(entry: Entry, options: dict[str, Any], where: str) -> Piece
         raise OutriderError(format_validation_error(e, where, entry.config)) from None
 
 
+def nested_model(model: type[BaseModel], loc: tuple | list) -> type[BaseModel]:
+    """The options model at `loc` inside `model` (``turn_cap`` of an explore config: `TurnCapConfig`), following
+    fields whose type is a model or an optional one; where the path leaves the models, the last one reached."""
+    for part in loc:
+        field_ = model.model_fields.get(str(part))
+        if field_ is None:
+            break
+        found = [t for t in (field_.annotation, *typing.get_args(field_.annotation))
+                 if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
+            break
+        model = found[0]
+    return model
+
+
 def format_validation_error(e: ValidationError, where: str, model: type[BaseModel]) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    field_ = f"{where}.{loc}" if loc else where
-    if err["type"] == "extra_forbidden":
-        valid = ", ".join(model.model_fields) or "(none)"
+    field_ = f"{where}.{loc}" if loc and where else loc or where
+    if err["type"] in ("extra_forbidden", "extra_forbid"):
+        valid = ", ".join(nested_model(model, err["loc"][:-1]).model_fields) or "(none)"
         return f"{field_}: unknown option; valid: {valid}"
     msg = err["msg"].removeprefix("Value error, ")  # a validator's own message reads as the whole message
     return f"{field_}: {msg} (got {err.get('input')!r})"

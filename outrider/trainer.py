@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
-from outrider.checkpoint import list_checkpoints, load_state, save_checkpoint
+from outrider.checkpoint import list_checkpoints, newest_intact, read_state, restore_rng, save_checkpoint
 from outrider.envs import ENVS
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
+from outrider.explore.rollout import check_prompts_fit
 from outrider.loops import Run
 from outrider.observe.evaluate import EvalRecord, eval_episodes, evaluate_detailed
 from outrider.observe.metrics import MetricsWriter
@@ -28,6 +30,7 @@ from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import warm_start
 from outrider.recipe import Recipe, resolve
 from outrider.registry import BuildContext
+from outrider.update.learner import SKIPPED_NONFINITE
 
 
 BASE_EVAL_FILE = "eval_base.json"
@@ -75,14 +78,16 @@ class Trainer:
                                 "temperature); use observe.eval_temperature: 0 for greedy evaluation")
         self.device = torch.device(recipe.train.device)
         self.start_step, self.summary, self.reference = 0, {}, None
+        self.nonfinite_streak = 0  # steps in a row whose update was skipped for a NaN/inf loss or gradient
+        self.warned_no_action = False
         checkpoints = list_checkpoints(run_dir) if resume else []
+        if resume and not checkpoints:
+            print(f"warning: --resume: no checkpoint in {run_dir / 'checkpoints'} (the run stopped before its first "
+                  "one); starting it over from step 0", file=sys.stderr)
         state: dict[str, Any] = {}
         if checkpoints:
-            self.policy = Policy.load(checkpoints[-1], value_head=self.needs.values,
-                                      chat_template=recipe.policy.chat_template).to(self.device)
-            self.optimizer = self._make_optimizer()
-            state = load_state(checkpoints[-1])
-            self.optimizer.load_state_dict(state["optimizer"])
+            _, state = newest_intact(checkpoints, self._load_checkpoint, "resuming from")
+            restore_rng(state)
             self.start_step, self.summary = state["step"], state["summary"]
             if recipe.train.steps < self.start_step:
                 raise OutriderError(f"train.steps: {recipe.train.steps} is below the step of the newest checkpoint "
@@ -90,13 +95,24 @@ class Trainer:
         else:
             self.policy = build_policy(recipe, self.needs.values).to(self.device)
             self.optimizer = self._make_optimizer()
+        check_prompts_fit(self.policy, self.task, self.params, recipe.train.seed)  # before the run dir is touched
         self.pieces = build_pieces(recipe, BuildContext(self.task, self.policy, self.device, recipe.train.seed))
         self.pieces.load_state_dict(piece_states(state))
         if self.needs.ref_logprobs and checkpoints:
-            self.reference = Policy.load(run_dir / "checkpoints" / "reference").to(self.device)
+            self.reference = Policy.load(run_dir / "checkpoints" / "reference", where="reference").to(self.device)
         self.resumed = bool(checkpoints)
+        self.completed = self.start_step
         # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
+
+    def _load_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
+        """Load the policy and the optimiser of a checkpoint (raising if any file is unreadable); its state."""
+        self.policy = Policy.load(checkpoint, value_head=self.needs.values,
+                                  chat_template=self.recipe.policy.chat_template, where="checkpoint").to(self.device)
+        self.optimizer = self._make_optimizer()
+        state = read_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         u = self.recipe.update
@@ -135,19 +151,50 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------------------
     def _checkpoint(self, step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.policy.parameters()):
+            raise OutriderError(f"train: the model's parameters are not finite (NaN/inf) at step {step}; no "
+                                f"checkpoint was written (update.lr is {self.recipe.update.lr:g})")
         save_checkpoint(self.run_dir, step, self.policy, self.optimizer,
                         {"summary": self.summary, "pieces": self.pieces.state_dict()},
                         keep=self.recipe.observe.keep_checkpoints)
 
-    def _write_summary(self) -> None:
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2))
-        tmp.replace(self.run_dir / "summary.json")
+    def _check_step(self, step: int, metrics: dict[str, float]) -> None:
+        """After a step is logged: say (once) when it made no action token at all, and stop after
+        `train.max_nonfinite_steps` steps in a row whose update was skipped for a NaN/inf loss or gradient (the run
+        has diverged: going on would only log NaN)."""
+        if metrics.get("episode/response_length") == 0.0 and not self.warned_no_action:
+            self.warned_no_action = True
+            print(f"warning: step {step} trained nothing: no episode made an action token (context_full_frac "
+                  f"{metrics.get('episode/context_full_frac', 0.0):.2f}); said once", file=sys.stderr)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if metrics.get(SKIPPED_NONFINITE, 0) > 0 else 0
+        if self.nonfinite_streak >= self.recipe.train.max_nonfinite_steps:
+            newest = list_checkpoints(self.run_dir)
+            raise OutriderError(
+                f"update: the loss or gradients were NaN/inf in {self.nonfinite_streak} steps in a row (steps "
+                f"{step - self.nonfinite_streak + 1}-{step}; each update skipped), so the run stopped; newest "
+                f"checkpoint: {newest[-1].name if newest else 'none'}. Lower update.lr (now "
+                f"{self.recipe.update.lr:g})")
 
-    def run(self) -> dict[str, Any]:
+    def _write_atomic(self, name: str, text: str) -> None:
+        """Write a file of the run directory whole or not at all (a full disk leaves the previous one)."""
+        tmp = self.run_dir / f"{name}.tmp"
+        try:
+            tmp.write_text(text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(self.run_dir / name)
+
+    def _write_summary(self) -> None:
+        self._write_atomic("summary.json", json.dumps(self.summary, indent=2))
+
+    def run(self, on_started: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Warm start, evaluate, train, checkpoint; `on_started` is called once the first step is done (the run
+        has started successfully: `--overwrite` then drops the run it replaces). `completed` is the last step
+        done, for a message when the run is interrupted."""
         r, o = self.recipe, self.recipe.observe
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolve(r), sort_keys=False))
+        self._write_atomic("recipe.yaml", yaml.safe_dump(resolve(r), sort_keys=False))
         progress = self.progress
         # trackers start first: one that cannot start stops the run before any work
         writer = MetricsWriter(self.run_dir, o.report_to, resume_step=self.truncate_after, config=resolve(r))
@@ -174,10 +221,14 @@ class Trainer:
                     end = self._evaluate()
                     metrics.update({f"eval/{k}": v for k, v in end.items()})
                 writer.write(step, metrics)
+                self._check_step(step, metrics)
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0
-                self.summary["steps"] = step
+                self.summary["steps"] = self.completed = step
+                if on_started is not None:
+                    on_started()
+                    on_started = None
                 if o.checkpoint_every and step % o.checkpoint_every == 0 and step != r.train.steps:
                     self._checkpoint(step)
         writer.close()
@@ -188,4 +239,6 @@ class Trainer:
         if self.start_step < r.train.steps:  # a finished run's final checkpoint already exists: leave it be
             self._checkpoint(r.train.steps)
         self._write_summary()
+        if on_started is not None:  # no step to run (train.steps 0, or a finished run resumed)
+            on_started()
         return self.summary

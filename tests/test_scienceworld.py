@@ -4,6 +4,7 @@ is shared by the module (starting a simulator costs ~1 s, loading a variation ~0
 
 from __future__ import annotations
 
+import gc
 import random
 import shutil
 import sys
@@ -143,3 +144,20 @@ def test_bad_simplification_is_one_line_naming_the_field():
         assert valid in message
     with pytest.raises(OutriderError, match="task.simplification noElectricalAction cannot be used"):
         make_task(task_name="power-component", simplification="noElectricalAction")
+
+
+def test_a_simulator_call_past_the_time_limit_kills_its_jvm(task, capfd):
+    from outrider.envs.time_limit import EnvTimeout, TimeLimit
+
+    env = task.make_env("train")
+    env.reset(0)
+    jvm = env._sim._gateway.java_process
+    with TimeLimit(0.001) as clock, pytest.raises(EnvTimeout):
+        clock.call(env.step, "look around")  # interrupted while waiting on the JVM's socket
+    assert env._sim is None and jvm.poll() is not None  # killed, not returned to the pool
+    env.close()
+    assert env.reset(1).startswith("Your task is to")  # a fresh simulator
+    env.close()
+    del jvm
+    gc.collect()  # the dead simulator's Java-object finalizers: silent, not a traceback each
+    assert "Traceback" not in capfd.readouterr().err

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ pytest.importorskip("textworld", reason="textworld not installed (pip install 'o
 import yaml  # noqa: E402
 from conftest import read_jsonl, run_cli, tiny_recipe  # noqa: E402
 from outrider.envs import ENVS  # noqa: E402
+from outrider.envs.time_limit import EnvTimeout, TimeLimit  # noqa: E402
 from outrider.errors import OutriderError  # noqa: E402
 
 SECTION = {"name": "textworld", "challenge": "coin_collector", "level": 3, "train_games": 2, "eval_games": 1,
@@ -209,6 +212,41 @@ def test_meta_commands_are_refused_and_not_sent(task, tmp_path, monkeypatch):
     other.restore(state)
     assert other.state_key() == moved and other.step(go)[0] == after
     env.close(), other.close()
+
+
+def test_backslash_commands_are_refused_not_sent(task, capfd):
+    # regression: dumb-frotz reads a line starting with `\` as its own command; on an unknown one (`\zz`) the
+    # interpreter's step never returned, printing "unknown command" to stderr at full CPU
+    env = task.make_env("train")
+    env.reset(0)
+    before = env.state_key()
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(out=[env.step(c) for c in ("\\zz", " \\help me")]),
+                              daemon=True)
+    worker.start()
+    worker.join(10)
+    assert "out" in box, "step('\\zz') did not return"
+    for command, (obs, reward, done, info) in zip(("\\zz", "\\help"), box["out"]):
+        assert info["invalid"] and not done and reward == 0.0
+        assert obs.startswith(f"'{command}' is not allowed in this game.") and "exits:" in obs
+    assert env.state_key() == before
+    env.close()
+    assert "unknown command" not in capfd.readouterr().err
+
+
+def test_a_hung_interpreter_is_killed_and_its_output_discarded(task, capfd):
+    env = task.make_env("train")
+    env.reset(0)
+    game = env._game
+    t0 = time.perf_counter()
+    with TimeLimit(1.0) as clock, pytest.raises(EnvTimeout):
+        clock.call(env._call, "step", "\\zz")  # sent past the filter: frotz loops, printing "unknown command"
+    assert time.perf_counter() - t0 < 5
+    assert env._game is None and not game._process.is_alive()  # killed, not returned to the pool
+    out = capfd.readouterr()
+    assert "unknown command" not in out.err + out.out
+    assert "exits:" in env.reset(0)  # a fresh interpreter
+    env.close()
 
 
 def test_compact_names_are_ascii_and_no_feedback_means_no_space(task, cache):

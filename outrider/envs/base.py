@@ -9,6 +9,7 @@ from typing import Literal, Protocol, TypedDict, runtime_checkable
 
 from pydantic import Field
 
+from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
 from outrider.registry import PieceConfig, Registry
 
 Split = Literal["train", "eval"]
@@ -89,6 +90,11 @@ class TaskConfig(PieceConfig):
 
     eval_size: int = Field(512, ge=1, description="Number of held-out prompts/seeds in the eval split.")
     max_turns: int = Field(1, ge=1, description="Horizon: the most turns in one episode (1 for single-turn tasks).")
+    step_timeout_s: float | None = Field(
+        DEFAULT_STEP_TIMEOUT_S, gt=0, description="Time limit of one env call (reset, step, restore), in seconds: "
+                                                  "a call past it ends its episode as failed (info timed_out, "
+                                                  "counted as env/timeouts) and the env is closed and restarted "
+                                                  "(null: no limit).")
 
 
 class Task(ABC):
@@ -96,6 +102,11 @@ class Task(ABC):
 
     max_turns: int = 1
     eval_size: int = 512
+
+    @property
+    def step_timeout_s(self) -> float | None:
+        """The time limit of one env call: the task's `step_timeout_s` option (its `cfg`), else the default."""
+        return getattr(getattr(self, "cfg", None), "step_timeout_s", DEFAULT_STEP_TIMEOUT_S)
 
     @abstractmethod
     def make_env(self, split: Split) -> Env: ...

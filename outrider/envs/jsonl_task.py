@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import Field
@@ -27,7 +28,13 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     for n, row in json_objects(path, "task.path"):
         if "prompt" not in row or "answer" not in row:
             raise OutriderError(f"{path}:{n}: expected an object with keys \"prompt\" and \"answer\"")
-        rows.append({"question": str(row["prompt"]), "answer": str(row["answer"])})
+        prompt, answer = row["prompt"], row["answer"]
+        if not isinstance(prompt, str):
+            raise OutriderError(f"{path}:{n}: \"prompt\" must be a string (got {json.dumps(prompt)})")
+        # a number is an answer as its text (42, 0.5); null, true/false, lists and objects are not answers
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise OutriderError(f"{path}:{n}: \"answer\" must be a string or a number (got {json.dumps(answer)})")
+        rows.append({"question": prompt, "answer": str(answer)})
     if not rows:
         raise OutriderError(f"{path}: no problems in the file")
     return rows

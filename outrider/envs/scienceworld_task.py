@@ -39,7 +39,8 @@ from typing import Any, Hashable, Literal
 from pydantic import Field
 
 from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
-from outrider.envs.textworld_task import HandlePool, clean_text
+from outrider.envs.pool import HandlePool
+from outrider.envs.textworld_task import clean_text
 from outrider.errors import OutriderError
 
 
@@ -65,6 +66,20 @@ def _close_pool(pool: HandlePool) -> None:
     pool.close()
 
 
+def _kill_simulator(sim: Any) -> None:
+    """Stop a simulator that may be busy: its JVM is killed (a shutdown request would wait for it, or fail loudly
+    once it is gone), then the Python side's sockets are closed."""
+    gateway = sim._gateway
+    if gateway.java_process is not None:
+        gateway.java_process.kill()
+        gateway.java_process.wait()
+    gateway.close()
+    gateway.shutdown_callback_server()
+    # every Java object's finalizer would try to reach the dead JVM (logging a traceback per object, at GC time)
+    gateway._gateway_client.is_connected = False
+    sim.close = lambda: None  # its __del__ would ask the dead JVM to shut down
+
+
 class ScienceWorldEnv(ReplaySnapshot):
     """One episode at a time on a pooled ScienceWorld simulator."""
 
@@ -85,14 +100,25 @@ class ScienceWorldEnv(ReplaySnapshot):
     def close(self) -> None:
         self._release()
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A call to the simulator; one that does not finish (the env time limit, Ctrl-C) discards it: its JVM
+        is stopped, never re-used."""
+        sim = self._sim
+        try:
+            return self.task.pool.call(sim, lambda: getattr(sim, method)(*args, **kwargs))
+        except BaseException:
+            if self._sim is sim:
+                self._sim = None
+            raise
+
     def reset(self, seed: int, gold: bool = False) -> str:
         self._release()
         self.seed = int(seed)
         variations = self.task.variations(self.split)
         self._sim = self.task.pool.acquire("sim")
-        self._sim.load(self.task.cfg.task_name, variations[self.seed % len(variations)],
-                       self.task.cfg.simplification, generateGoldPath=gold)
-        obs, info = self._sim.reset()
+        self._call("load", self.task.cfg.task_name, variations[self.seed % len(variations)],
+                   self.task.cfg.simplification, generateGoldPath=gold)
+        obs, info = self._call("reset")
         self.history, self._score = [], float(info.get("score", 0) or 0)
         self._update(info)
         return self.task.render(f"{self._sim.get_task_description()}\n\n{obs}")
@@ -107,7 +133,7 @@ class ScienceWorldEnv(ReplaySnapshot):
             if self.task.cfg.admissible:
                 out["admissible"] = list(self.admissible)
             return self.task.render(f"'{command.lower()}' is not allowed in this episode."), 0.0, False, out
-        obs, _, done, info = self._sim.step(command)
+        obs, _, done, info = self._call("step", command)
         # the parser's refusal, not membership in the valid list: the simulator accepts phrasings (and actions
         # such as opening an open door) that its enumerated list does not contain, gold actions included
         invalid = obs.strip().startswith(NO_MATCH)
@@ -152,7 +178,7 @@ class ScienceWorldTask(Task):
         self.max_turns = cfg.max_turns
         # the simulator's limit counts ticks (a `wait` is 10+): far above any horizon, which max_turns sets
         self.pool = HandlePool(lambda _: Simulator("", envStepLimit=STEP_LIMIT), lambda sim: sim.close(),
-                               max_idle=cfg.max_simulators)
+                               max_idle=cfg.max_simulators, kill=_kill_simulator)
         atexit.register(_close_pool, self.pool)  # JVMs are child processes: stop them even without close()
         weakref.finalize(self, _close_pool, self.pool)
         sim = self.pool.acquire("sim")

@@ -10,6 +10,10 @@ place (the ``.json`` first, the ``.z8`` last, and a game counts as present only 
 mid-generation leaves no broken game and concurrent runs may share one cache. Generation costs about 1.2 s per
 game on the dev CPU (2 s for the first one in a process, which loads TextWorld's grammar); starting a game
 interpreter costs ~0.1 s and resetting one ~0.01 s, so started interpreters are pooled per game file and re-used.
+Each interpreter (jericho's frotz, a C library) runs in a forked child process (`envs/child.py`), not in-process:
+a call that never returns (the env time limit, `task.step_timeout_s`) can then be ended by killing the child, and
+its output goes to /dev/null; the pipe adds ~0.6 ms per step. A handle whose call did not finish is killed, never
+pooled again.
 
 Observations. ``format: verbose`` is the game's own text (banner and status line removed). ``format: compact``
 is a short line built from what the game reports, for a char-level model with a 512-token context::
@@ -28,8 +32,10 @@ Rewards: the score delta of each step (Coin Collector and Treasure Hunter score 
 e.g. "You can't see any such thing.") and marked ``invalid``, except Inform's out-of-world (meta) commands
 (``META_VERBS``: quit, restart, save, restore, undo, score, transcript, verbose/brief, notify, again, ...): they
 are not sent (quit/restart would leave the game waiting for a yes/no answer and take the next command as it,
-save writes a file, verbose/brief/notify change later texts); the step is marked ``invalid``, the observation
-is an error line (plus, in compact format, the room line), and the episode goes on unchanged.
+save writes a file, verbose/brief/notify change later texts), and neither is a command starting with a backslash
+(dumb-frotz reads such a line as its own command, and on one it does not know, e.g. backslash-zz, it loops
+forever printing "unknown command"); the step is marked ``invalid``, the observation is an error line (plus, in compact format, the room
+line), and the episode goes on unchanged.
 
 Demonstrations are the walkthroughs (``policy_commands``) replayed through the env; one that does not win, or is
 longer than ``max_turns``, raises an OutriderError (it is not cut: a cut walkthrough would teach a loss).
@@ -48,12 +54,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Hashable, Literal
+from typing import Any, Hashable, Literal
 
 from pydantic import Field, model_validator
 
 from outrider.activity import work_item
 from outrider.envs.base import ENVS, Demonstration, ReplaySnapshot, Split, StepInfo, Task, TaskConfig
+from outrider.envs.child import ChildObject
+from outrider.envs.pool import HandlePool
 from outrider.errors import OutriderError
 
 CACHE_ENV_VAR = "OUTRIDER_TEXTWORLD_CACHE"
@@ -62,6 +70,8 @@ _PRINTABLE = re.compile(r"[^\n\x20-\x7e]")  # the built-in tokenizer knows print
 _ROOM = re.compile(r"-= (.+?) =-")
 # the status line the interpreter pads with ~130 spaces after every answer: "-= Cubicle =-0/1" (room, score/moves)
 _STATUS = re.compile(r"\s*-= [^\n]+? =-\s*-?\d+/\d+\s*$")
+_STATE_KEYS = ("feedback", "description", "inventory", "admissible_commands", "score", "max_score", "won", "lost",
+               "objective", "policy_commands")
 _PROMPT = re.compile(r"\s*>\s*$")  # the input prompt left before it ("\n\n>", or "... yes or no.>")
 # Inform 7's out-of-world actions (Standard Rules) and the parser's own commands, by first word
 META_VERBS = frozenset({
@@ -77,36 +87,15 @@ def clean_text(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-class HandlePool:
-    """Started game interpreters (or simulators), kept per key for re-use, because starting one costs much more
-    than resetting it. At most `max_idle` idle handles are kept in all; extra ones are closed."""
-
-    def __init__(self, start: Callable[[Hashable], Any], close: Callable[[Any], None], max_idle: int = 256):
-        self._start, self._close, self.max_idle = start, close, max_idle
-        self._idle: dict[Hashable, list[Any]] = {}
-        self.started = 0
-
-    def acquire(self, key: Hashable) -> Any:
-        free = self._idle.get(key)
-        if free:
-            return free.pop()
-        self.started += 1
-        return self._start(key)
-
-    def release(self, key: Hashable, handle: Any) -> None:
-        if sum(len(v) for v in self._idle.values()) >= self.max_idle:
-            self._close(handle)
-        else:
-            self._idle.setdefault(key, []).append(handle)
-
-    def close(self) -> None:
-        for handles in self._idle.values():
-            for h in handles:
-                try:
-                    self._close(h)
-                except Exception:  # a handle whose process already died: nothing left to close
-                    pass
-        self._idle.clear()
+def _game_reply(method: str, result: Any) -> Any:
+    """What crosses the pipe from the game process: the state's fields this module reads (TextWorld's whole
+    `GameState` is ~25 kB pickled; these are ~2 kB)."""
+    if method == "reset":
+        return {k: result.get(k) for k in _STATE_KEYS}
+    if method == "step":
+        state, score, done = result
+        return {k: state.get(k) for k in _STATE_KEYS}, score, done
+    return result
 
 
 class TextWorldConfig(TaskConfig):
@@ -157,6 +146,17 @@ class TextWorldEnv(ReplaySnapshot):
     def close(self) -> None:
         self._release()
 
+    def _call(self, method: str, *args: Any) -> Any:
+        """A call to the game interpreter; one that does not finish (the env time limit, Ctrl-C) discards it
+        (`HandlePool.call`)."""
+        game = self._game
+        try:
+            return self.task.pool.call(game, game.call, method, *args)
+        except BaseException:
+            if self._game is game:
+                self._game = None
+            raise
+
     # --- Env protocol --------------------------------------------------------------------------------------
     def reset(self, seed: int) -> str:
         self._release()
@@ -164,7 +164,7 @@ class TextWorldEnv(ReplaySnapshot):
         self._key = self.task.game_path(self.split, self.seed)
         self._game = self.task.pool.acquire(self._key)
         self.history = []
-        self._state = self._game.reset()
+        self._state = self._call("reset")
         self._score = self._state["score"] or 0
         self.admissible = list(self._state["admissible_commands"] or [])
         return self.task.render(self._state, first=True, moved=True)
@@ -174,7 +174,7 @@ class TextWorldEnv(ReplaySnapshot):
             raise RuntimeError("step() before reset()")
         command = " ".join(action.strip().lower().split())
         invalid = command not in self.admissible
-        if invalid and command.split(" ", 1)[0] in META_VERBS:  # not sent: see the module docstring
+        if invalid and (command.split(" ", 1)[0] in META_VERBS or command.startswith("\\")):  # not sent: see above
             self.history.append(command)  # replay refuses it again: the game gets the same commands
             verb = command.split(" ", 1)[0]
             obs = self.task.render({**self._state, "feedback": f"'{verb}' is not allowed in this game."},
@@ -182,7 +182,7 @@ class TextWorldEnv(ReplaySnapshot):
             return obs, 0.0, False, {"success": False, "invalid": True, "admissible": list(self.admissible),
                                      "events": []}
         before = self._room()
-        self._state, score, done = self._game.step(command)
+        self._state, score, done = self._call("step", command)
         self.history.append(command)
         score = score or 0
         reward = float(score - self._score)
@@ -227,11 +227,14 @@ class TextWorldTask(Task):
         self.infos = textworld.EnvInfos(admissible_commands=True, won=True, lost=True, score=True, max_score=True,
                                         policy_commands=True, description=True, inventory=True, feedback=True,
                                         objective=True)
-        self.pool = HandlePool(lambda path: textworld.start(str(path), request_infos=self.infos),
-                               lambda env: env.close())
+        self.pool = HandlePool(self._start_game, lambda game: game.close(), kill=lambda game: game.kill())
         self._demos: dict[int, Demonstration] = {}
 
     # --- games ---------------------------------------------------------------------------------------------
+    def _start_game(self, path: Path) -> ChildObject:
+        """A game interpreter in a child process (see the module docstring)."""
+        return ChildObject(lambda: self._tw.start(str(path), request_infos=self.infos), _game_reply)
+
     def game_seed(self, split: Split, index: int) -> int:
         c = self.cfg
         digest = hashlib.sha256(f"textworld:{c.challenge}:{c.level}:{split}:{index}:{c.seed}".encode()).digest()

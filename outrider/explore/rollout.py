@@ -10,17 +10,26 @@ Single-turn tasks are the one-turn case of the same loop.
 A `Start` may begin mid-trajectory: its prefix turns are in the episode (the model sees them) and its env is put
 in their end state by ``restore(snapshot)`` or by replaying their actions; a response prefix is continued; extra
 context is shown to the sampler alone unless the start keeps it. Every env is closed when its episode is over.
+
+Every env call (reset, restore, step) runs under the task's time limit (`envs/time_limit.py`): an env that does not
+answer within it ends its episode, failed, marked ``info["timed_out"]`` on the turn and ``metadata["timed_out"]``
+on the episode, and is closed at once (a pooled interpreter is killed, not re-used); the next episode gets a new
+env.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import sys
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from outrider.data import Episode, Start, Turn
 from outrider.envs.base import Env, close_env
+from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S, EnvTimeout, TimeLimit
+from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
 
@@ -44,17 +53,17 @@ def _given_turn(turn: Turn) -> Turn:
     return out
 
 
-def _reach(env: Env, start: Start) -> str:
+def _reach(env: Env, start: Start, clock: TimeLimit) -> str:
     """Reset the env to the start's seed and bring it to the end of the start's prefix; return the observation
-    there."""
-    obs = env.reset(start.seed)
+    there (each env call under the time limit)."""
+    obs = clock.call(env.reset, start.seed)
     if start.snapshot is not None:
         restore = getattr(env, "restore", None)
         if not callable(restore):
             raise ValueError(f"a start with a snapshot needs an env with restore(); {type(env).__name__} has none")
-        return restore(start.snapshot)
+        return clock.call(restore, start.snapshot)
     for k, turn in enumerate(start.prefix):
-        obs, _, done, _ = env.step(turn.action)
+        obs, _, done, _ = clock.call(env.step, turn.action)
         if done:
             raise ValueError(f"a start's prefix ends the episode at its turn {k} (seed {start.seed}); a prefix must "
                              "lead to a state where the episode goes on")
@@ -63,29 +72,53 @@ def _reach(env: Env, start: Start) -> str:
 
 def rollout(policy: Policy, make_env: Callable[[], Env], starts: list[Start], params: SamplingParams,
             generator: torch.Generator, max_turns: int = 1, snapshots: bool = False,
+            step_timeout_s: float | None = DEFAULT_STEP_TIMEOUT_S,
             on_finished: Callable[[int], None] | None = None) -> list[Episode]:
     """Play one episode per start and return them, in order, with their turns filled in.
 
     The horizon `max_turns` counts a start's prefix turns too. With `snapshots`, every new turn keeps the env's
     ``snapshot()`` from before its action (archives of restart points). An episode whose next observation plus a
     full action would exceed the model's context ends there, marked ``metadata["context_full"]`` (not done: its
-    success is what the env said so far). ``on_finished(n)`` is told each time n more episodes are over
-    (progress displays)."""
-    envs = [make_env() for _ in starts]
+    success is what the env said so far). An env call past `step_timeout_s` seconds ends its episode as failed,
+    marked ``metadata["timed_out"]`` (see the module docstring). ``on_finished(n)`` is told each time n more
+    episodes are over (progress displays)."""
+    envs: list[Env | None] = [make_env() for _ in starts]
     try:
-        return _play(policy, envs, starts, params, generator, max_turns, snapshots, on_finished or (lambda n: None))
+        with TimeLimit(step_timeout_s) as clock:
+            return _play(policy, envs, starts, params, generator, max_turns, snapshots, clock,
+                         on_finished or (lambda n: None))
     finally:
         for env in envs:
-            close_env(env)
+            if env is not None:
+                close_env(env)
 
 
-def _play(policy: Policy, envs: list[Env], starts: list[Start], params: SamplingParams, generator: torch.Generator,
-          max_turns: int, snapshots: bool, on_finished: Callable[[int], None]) -> list[Episode]:
+def _timed_out(envs: list[Env | None], i: int, episode: Episode, turn: Turn) -> None:
+    """End episode `i` as failed after an env call ran past the time limit, and close its env now (a pooled
+    interpreter in an unknown state is killed, not re-used)."""
+    turn.info["timed_out"] = True
+    episode.metadata["timed_out"] = True
+    episode.success = episode.done = False
+    env, envs[i] = envs[i], None
+    close_env(env)
+
+
+def timed_out_frac(episodes: list[Episode]) -> float:
+    """The share of episodes ended by the env time limit (logged as ``episode/timed_out_frac``)."""
+    return sum(bool(e.metadata.get("timed_out")) for e in episodes) / max(len(episodes), 1)
+
+
+def _play(policy: Policy, envs: list[Env | None], starts: list[Start], params: SamplingParams,
+          generator: torch.Generator, max_turns: int, snapshots: bool, clock: TimeLimit,
+          on_finished: Callable[[int], None]) -> list[Episode]:
     bos = [policy.bos_id] if policy.bos_id is not None else []
     limit = policy.max_length
     episodes, contexts, given = [], [], []  # the sampler's token context, and the given ids of the first new action
-    for env, start in zip(envs, starts):
-        obs = _reach(env, start)
+    for n, (env, start) in enumerate(zip(envs, starts)):
+        try:
+            obs, timed_out = _reach(env, start, clock), False
+        except EnvTimeout:
+            obs, timed_out = "", True
         episode = Episode(group_id=start.group_id, seed=start.seed, origin=start.origin, weight=start.weight,
                           metadata=dict(start.metadata), off_policy=start.context is not None and not start.keep_context)
         context = list(bos)
@@ -100,7 +133,11 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
             seen = obs + start.context
         shown_ids = policy.encode_observation(seen, first=first)
         trained_ids = shown_ids if start.keep_context or seen is obs else policy.encode_observation(obs, first=first)
-        episode.turns.append(_new_turn(env, seen if start.keep_context else obs, trained_ids, snapshots))
+        if timed_out:  # no state to ask the env about: an observation-only turn, never sampled from
+            episode.turns.append(Turn(observation=obs, observation_ids=trained_ids))
+            _timed_out(envs, n, episode, episode.turns[-1])
+        else:
+            episode.turns.append(_new_turn(env, seen if start.keep_context else obs, trained_ids, snapshots))
         action_given = list(start.action_prefix)
         context += shown_ids + action_given
         if start.context is not None and start.context_at == "after_prefix":
@@ -112,8 +149,8 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
         episodes.append(episode)
         contexts.append(context)
         given.append(action_given)
-    active = [i for i in range(len(episodes))
-              if len(episodes[i].turns) <= max_turns and _fits(contexts[i], params, limit, episodes[i])]
+    active = [i for i in range(len(episodes)) if envs[i] is not None
+              and len(episodes[i].turns) <= max_turns and _fits(contexts[i], params, limit, episodes[i])]
     on_finished(len(episodes) - len(active))
     while active:
         samples = sample(policy, [contexts[i] for i in active], params, generator)
@@ -127,7 +164,11 @@ def _play(policy: Policy, envs: list[Env], starts: list[Start], params: Sampling
             turn.behaviour_logprobs = [0.0] * len(head) + s.logprobs  # given tokens were not drawn (never trained)
             turn.behaviour_entropy = [0.0] * len(head) + s.entropies
             turn.finish_reason = s.finish_reason
-            obs, reward, done, info = envs[i].step(turn.action)
+            try:
+                obs, reward, done, info = clock.call(envs[i].step, turn.action)
+            except EnvTimeout:
+                _timed_out(envs, i, episode, turn)
+                continue
             turn.reward = float(reward)
             turn.info.update({k: v for k, v in info.items() if k != "state_key"})
             contexts[i] += s.ids
@@ -151,3 +192,34 @@ def _fits(context: list[int], params: SamplingParams, limit: int, episode: Episo
         return True
     episode.metadata["context_full"] = True
     return False
+
+
+def check_prompts_fit(policy: Policy, task: Any, params: SamplingParams, seed: int, samples: int = 8) -> None:
+    """Refuse a run in which no episode could act: reset `samples` train envs and encode their first observation
+    as the rollout does; an episode acts only if its prompt plus a full action (`max_new_tokens`) fits in the
+    model's context. None fitting is an OutriderError with the numbers; some not fitting is a warning on stderr
+    (those episodes end before their first action and train nothing)."""
+    bos = int(policy.bos_id is not None)
+    seeds = [int(x) for x in np.random.default_rng([seed, 0xF17]).integers(0, 2**31 - 1, samples)]
+    lengths = []
+    with TimeLimit(getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S)) as clock:
+        for s in seeds:
+            env = task.make_env("train")
+            try:
+                lengths.append(bos + len(policy.encode_observation(clock.call(env.reset, s), first=True)))
+            except EnvTimeout:
+                continue
+            finally:
+                close_env(env)
+    limit, need = policy.max_length, params.max_new_tokens
+    too_long = [n for n in lengths if n + need > limit]
+    if not too_long:
+        return
+    span = f"{min(too_long)}" if min(too_long) == max(too_long) else f"{min(too_long)}-{max(too_long)}"
+    numbers = (f"{len(too_long)} of {len(lengths)} sampled train prompts are {span} tokens long; with "
+               f"explore.max_new_tokens={need} they exceed the model's {limit}-token context")
+    if len(too_long) == len(lengths):
+        raise OutriderError(f"task: no prompt fits: {numbers}, so no episode could act. Shorten the prompts (e.g. "
+                            "task.template) or lower explore.max_new_tokens, or use a model with a longer context "
+                            "(policy.max_positions for the tiny model)")
+    print(f"warning: {numbers}: those episodes end before acting and train nothing", file=sys.stderr)

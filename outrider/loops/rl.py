@@ -9,7 +9,8 @@ import torch
 
 from outrider.data import Episode, GroupIds, pack
 from outrider.explore import ExploreContext
-from outrider.explore.rollout import rollout
+from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
+from outrider.explore.rollout import rollout, timed_out_frac
 from outrider.loops import LOOPS, Run
 from outrider.observe.metrics import episode_metrics
 from outrider.registry import NoOptions, Piece
@@ -21,6 +22,7 @@ from outrider.update.learner import learner_step, prepare
 def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode], dict[str, float]]:
     """The explore piece's episodes and metrics for one step (its rollouts timed into `timers`)."""
     seed, task, explore = run.seed, run.task, run.pieces.explore
+    timers.setdefault("timeouts", 0.0)
     seed_rng = np.random.default_rng([seed, step])
     generator = torch.Generator(device=run.device).manual_seed(seed * 1_000_003 + step)
     turn_cap = getattr(explore.cfg, "turn_cap", None)
@@ -28,7 +30,9 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
 
     def play(starts: list, snapshots: bool = False) -> list[Episode]:
         t0 = time.perf_counter()
-        out = rollout(run.policy, lambda: task.make_env("train"), starts, run.params, generator, horizon, snapshots)
+        out = rollout(run.policy, lambda: task.make_env("train"), starts, run.params, generator, horizon, snapshots,
+                      getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S))
+        timers["timeouts"] += sum(bool(e.metadata.get("timed_out")) for e in out)
         timers["sample_s"] += time.perf_counter() - t0
         timers["sample_tokens"] += sum(e.num_action_tokens for e in out) - sum(e.prefix_tokens for e in out)
         return out
@@ -47,6 +51,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
     metrics["time/explore_s"] = time.perf_counter() - t0
     metrics["time/score_s"] = timers.get("score_s", 0.0)
     metrics.update(score_step_metrics(run.pieces.components))
+    metrics["env/timeouts"] = timers["timeouts"]  # env calls past task.step_timeout_s, in every rollout of the step
     if task.max_turns > 1:
         metrics["explore/turn_cap"] = float(horizon)
     return episodes, metrics
@@ -64,6 +69,7 @@ class RLStep(Piece):
         timers = {"sample_s": 0.0, "sample_tokens": 0.0}
         episodes, metrics = collect(run, step, timers)
         metrics.update(episode_metrics(episodes))
+        metrics["episode/timed_out_frac"] = timed_out_frac(episodes)
         t_train = time.perf_counter()
         policy, u, needs = run.policy, run.recipe.update, run.pieces.needs
         batch = pack(episodes, policy.pad_id, policy.bos_id).to(run.device)

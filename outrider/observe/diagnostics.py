@@ -96,7 +96,10 @@ def crossover_k(base_correct: Sequence[int], correct: Sequence[int], n: int) -> 
 
 def effective_rank(z: Tensor) -> float:
     """``ER(Z) = exp(−Σ_i p_i log p_i)`` with ``p_i = σ_i / Σ_j σ_j`` the normalised singular values of Z [9]
-    (1 when all rows are parallel, up to min(rows, columns) when spread evenly)."""
+    (1 when all rows are parallel, up to min(rows, columns) when spread evenly); NaN when Z is not finite (a
+    diverged model), where the SVD would fail."""
+    if not bool(torch.isfinite(z).all()):
+        return float("nan")
     s = torch.linalg.svdvals(z.double())
     s = s[s > s.max() * 1e-12] if s.numel() else s
     if s.numel() == 0:

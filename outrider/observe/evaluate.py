@@ -11,6 +11,7 @@ import torch
 
 from outrider.data import Episode, Start, pack
 from outrider.envs.base import Task
+from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
 from outrider.explore.rollout import rollout
 from outrider.observe.diagnostics import (answer_diversity, correct_support, crossover_k, effective_rank,
                                           pass_at_k, support_change, token_entropy_stats)
@@ -69,7 +70,8 @@ def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks
     episodes: list[Episode] = []
     for first in range(0, len(starts), chunk):
         episodes += rollout(policy, lambda: task.make_env("eval"), starts[first:first + chunk], params, generator,
-                            task.max_turns, on_finished=on_episodes)
+                            task.max_turns, step_timeout_s=getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S),
+                            on_finished=on_episodes)
     correct = [0] * prompts
     for e in episodes:
         correct[e.group_id] += int(e.success)

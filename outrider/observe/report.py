@@ -15,12 +15,14 @@ Grouping (which runs are seeds of the same experiment):
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import html
 import json
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -217,13 +219,31 @@ def final_value(run: Run, metric: str) -> float | None:
     return None
 
 
+def logged_metrics(runs: list[Run]) -> set[str]:
+    """Every metric key some run logged."""
+    return {k for run in runs for row in run.rows for k in row if k != "step"}
+
+
+def check_metrics(metrics: list[str], runs: list[Run], drop: bool = False) -> list[str]:
+    """The asked-for metrics that some run logged. One that none logged is an OutriderError naming the closest
+    logged keys, or, with `drop` (compare, whose runs are already done), left out with a warning on stderr."""
+    present = logged_metrics(runs)
+    unknown = [m for m in metrics if m not in present]
+    if not unknown:
+        return metrics
+    close = difflib.get_close_matches(unknown[0], sorted(present), n=3, cutoff=0.4)
+    message = (f"--metrics: no run logged {', '.join(repr(m) for m in unknown)}"
+               + (f"; did you mean {', '.join(close)}?" if close else f"; logged: {', '.join(sorted(present)[:12])}"))
+    if not drop:
+        raise OutriderError(message)
+    print(f"warning: {message} (left out)", file=sys.stderr)
+    return [m for m in metrics if m in present]
+
+
 def default_metrics(runs: list[Run]) -> list[str]:
     """pass@1, the largest pass@k (pass@16 in the shipped recipes), policy entropy, total reward, then every
     other eval/* diagnostic present (entropy, diversity...), keeping only what some run logged."""
-    present: set[str] = set()
-    for run in runs:
-        for row in run.rows:
-            present.update(k for k in row if k != "step")
+    present = logged_metrics(runs)
     pass_ks = sorted((int(k.split("@")[1]) for k in present if re.fullmatch(r"eval/pass@\d+", k)))
     wanted = ["eval/pass@1", "eval/pass@16" if 16 in pass_ks else f"eval/pass@{pass_ks[-1]}" if pass_ks else "",
               "policy/entropy", "reward/total"]
@@ -359,14 +379,16 @@ def _html(title: str, groups: dict[str, list[Run]], metrics: list[str], table: d
 
 
 def build_report(run_dirs: list[Path], out_dir: Path, metrics: list[str] | None = None, *,
-                 title: str = "outrider report", failed: list[str] | None = None) -> dict[str, Any]:
+                 title: str = "outrider report", failed: list[str] | None = None,
+                 drop_unknown: bool = False) -> dict[str, Any]:
     """Write report.html, one PNG per metric and summary.json into ``out_dir``; returns the summary.
 
     ``run_dirs`` may be run directories or directories holding them (see `find_runs`); ``metrics`` defaults to
-    `default_metrics`; ``failed`` lists runs left out (one line each), shown in the report and the summary."""
+    `default_metrics` (asked-for ones that no run logged: `check_metrics`); ``failed`` lists runs left out (one
+    line each), shown in the report and the summary."""
     runs = [load_run(p) for p in find_runs([Path(p) for p in run_dirs])]
     groups = assign_groups(runs)
-    metrics = list(metrics) if metrics else default_metrics(runs)
+    metrics = check_metrics(list(metrics), runs, drop_unknown) if metrics else default_metrics(runs)
     if not metrics:
         raise OutriderError("report: the runs logged no metrics to report (metrics.jsonl has only steps)")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -76,14 +76,21 @@ class Policy(nn.Module):
                    chat_template)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, value_head: bool = False, chat_template: bool = True) -> "Policy":
-        """Load any HF causal LM + tokenizer saved at `path` (a checkpoint of ours included)."""
+    def load(cls, path: str | os.PathLike, value_head: bool = False, chat_template: bool = True,
+             where: str = "policy.model") -> "Policy":
+        """Load any HF causal LM + tokenizer saved at `path` (a checkpoint of ours included). Missing or broken
+        files are an OutriderError that starts with `where`."""
         path = Path(path)
         if not (path / "config.json").exists():
-            raise OutriderError(f"policy.model: no model at '{path}' (expected a directory with config.json), "
-                                "or use 'tiny'")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            raise OutriderError(f"{where}: no model at '{path}' (expected a directory with config.json)"
+                                + (", or use 'tiny'" if where == "policy.model" else ""))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001  (missing or broken weights, config or tokenizer files: one line)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise OutriderError(f"{where}: cannot load the model in '{path}' ({type(e).__name__}: "
+                                f"{first[:200]})") from None
         tokenizer.padding_side = "left"
         policy = cls(model, tokenizer, value_head=value_head or (path / VALUE_HEAD_FILE).exists(),
                      chat_template=chat_template)
@@ -98,6 +105,12 @@ class Policy(nn.Module):
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / VALUE_HEAD_FILE)
+        # safetensors creates its files private (0600); the others follow the umask (0644 by default): give the
+        # weights the same mode, so whoever may read the run may read its model
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in path.glob("*.safetensors"):
+            file.chmod(0o666 & ~umask)
 
     # --- tokens ---------------------------------------------------------------------------------------------
     @property

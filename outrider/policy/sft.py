@@ -7,17 +7,17 @@ import random
 from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from outrider.data import Episode, Turn, pack
 from outrider.envs.base import Demonstration, Task
 from outrider.policy.model import Policy
+from outrider.registry import Options
 
 DEMO_SEED_OFFSET = 10**8  # demonstrations use train indices from 1e8 on; RL draws random indices in [0, 2^31)
 
 
-class WarmStartConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WarmStartConfig(Options):
     steps: int = Field(0, ge=0, description="SFT optimiser steps on demonstrations before RL (0: none).")
     batch_size: int = Field(64, ge=1, description="Demonstrations per SFT step.")
     lr: float = Field(1e-3, gt=0, description="SFT learning rate (AdamW, 10-step linear warm-up).")

@@ -7,16 +7,17 @@ the built-in terms and their formula.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from outrider.data import Batch
 from outrider.policy.model import Policy
-from outrider.registry import Piece
+from outrider.registry import Options, Piece
 from outrider.stats import masked_mean
 from outrider.update import TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
@@ -24,8 +25,7 @@ from outrider.update.cov import token_covariance
 from outrider.update.off_policy import OffPolicyConfig
 
 
-class KLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class KLConfig(Options):
 
     @model_validator(mode="after")
     def _k1_only_in_reward(self) -> "KLConfig":
@@ -41,10 +41,8 @@ class KLConfig(BaseModel):
         "loss", description="loss: β·KL added to the loss; reward: −β·KL added to each action token's reward.")
 
 
-class UpdateConfig(BaseModel):
+class UpdateConfig(Options):
     """How the policy is updated from a batch with advantages."""
-
-    model_config = ConfigDict(extra="forbid")
     loss: dict = Field(default_factory=lambda: {"name": "ppo"},
                        description="Policy surrogate: {name: ppo|gspo|clip_cov|kl_cov, ...options} "
                                    "(a bare name is accepted).")
@@ -169,11 +167,28 @@ def minibatch_rows(batch: Batch, minibatches: int, generator: torch.Generator, b
     stay together."""
     order = torch.randperm(batch.size, generator=generator)
     if not by_group:
+        _warn_fewer(minibatches, batch.size, "rows")
         return list(order.chunk(minibatches))
     _, group = torch.unique(batch.group_index.cpu(), return_inverse=True)
     members = [(group == g).nonzero().squeeze(-1) for g in range(int(group.max()) + 1)]
+    _warn_fewer(minibatches, len(members), "groups")
     chunks = torch.randperm(len(members), generator=generator).chunk(minibatches)
     return [torch.cat([members[int(g)] for g in c]) for c in chunks]
+
+
+SKIPPED_NONFINITE = "update/skipped_nonfinite_steps"  # optimiser steps skipped for a NaN/inf loss or gradient
+
+
+_WARNED: set[tuple[int, int, str]] = set()
+
+
+def _warn_fewer(minibatches: int, units: int, what: str) -> None:
+    """Say once (per run and batch size) that a batch has fewer rows (groups) than `update.minibatches`: it is
+    split into one minibatch per row instead, fewer optimiser steps than asked for."""
+    if minibatches > units and (minibatches, units, what) not in _WARNED:
+        _WARNED.add((minibatches, units, what))
+        print(f"warning: update.minibatches={minibatches}, but a step's batch has {units} {what}: it is split into "
+              f"{units} minibatches of one instead (set update.minibatches <= {units})", file=sys.stderr)
 
 
 def _term_name(term: Piece) -> str:
@@ -189,7 +204,10 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
 
     When every term promises ``zero_at_zero_advantage``, `cfg.skip_zero_advantage` leaves zero-advantage rows out:
     the per-token losses of the kept rows are put back in their places in the minibatch, so every aggregation
-    keeps its full-minibatch denominator."""
+    keeps its full-minibatch denominator.
+
+    An optimiser step whose loss or gradient norm is not finite (NaN, inf) is skipped and counted as
+    ``update/skipped_nonfinite_steps`` (the run stops after `train.max_nonfinite_steps` steps in a row with one)."""
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
@@ -201,6 +219,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    skipped = 0
     for _ in range(cfg.epochs):
         for rows in minibatch_rows(batch, cfg.minibatches, generator, by_group):
             full = batch.select(rows)
@@ -240,7 +259,11 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             loss.backward()
             params = [p for p in policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            optimizer.step()
+            if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+                optimizer.step()
+            else:  # a NaN/inf loss or gradient would corrupt the parameters and the optimiser's moments for good
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
             metrics["loss/total"] = loss.detach()
             metrics["optim/grad_norm"] = grad_norm
             if live is not None:
@@ -252,7 +275,7 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
                     continue
                 sums[k] += float(v)
                 counts[k] += 1
-    return {k: v / counts[k] for k, v in sums.items()}
+    return {**{k: v / counts[k] for k, v in sums.items()}, SKIPPED_NONFINITE: float(skipped)}
 
 
 def _placed(per_token: Tensor, full: Batch, kept: Tensor | None) -> Tensor:

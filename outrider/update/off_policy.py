@@ -26,18 +26,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from outrider.data import ORIGINS
 from outrider.kl import LOG_RATIO_CLAMP
+from outrider.registry import Options
 from outrider.stats import masked_mean
 
 
-class OffPolicyConfig(BaseModel):
+class OffPolicyConfig(Options):
     """How rows whose behaviour log-probs are not the current policy's are corrected."""
 
-    model_config = ConfigDict(extra="forbid")
     correction: Literal["none", "token_clip", "sequence_truncation"] = Field(
         "none", description="none: ratio π_θ/μ under the loss's own clip; token_clip: ratio π_θ/π_old times "
                             "min(π_old/μ, clip) per token; sequence_truncation: times min(Π_t π_old/μ, clip) per "
