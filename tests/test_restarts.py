@@ -141,6 +141,24 @@ def test_a_restarted_episode_keeps_its_prefix_untrained(policy, by):
     assert_untrained_positions_carry_nothing(batch)
 
 
+def test_the_rl_loop_counts_env_calls_of_restarts_and_replays(policy):
+    """`explore/env_steps` counts actions sent to envs (not the given prefix), `restores` the starts reached by a
+    snapshot and `replayed_steps` the prefix actions replayed for the others."""
+    from outrider.loops.rl import count_env_calls
+
+    task = minigrid()
+    prefix, state = prefix_turns(policy, task, 7, 3)
+    starts = [Start(seed=7, group_id=0, prefix=prefix, snapshot=state, origin="restart"),
+              Start(seed=7, group_id=0, prefix=prefix, origin="restart"), Start(seed=7, group_id=1)]
+    episodes = rollout(policy, lambda: task.make_env("train"), starts, SamplingParams(max_new_tokens=3),
+                       torch.Generator().manual_seed(0), max_turns=6)
+    timers = {"env_steps": 0.0, "restores": 0.0, "replayed_steps": 0.0}
+    count_env_calls(starts, episodes, timers)
+    new = [sum(bool(t.action_ids) for t in e.turns) - len(s.prefix) for s, e in zip(starts, episodes)]
+    assert new[:2] == [3, 3] and 1 <= new[2] <= 6  # restarts have 6 - 3 turns left (the horizon counts the prefix)
+    assert timers == {"env_steps": float(sum(new)), "restores": 1.0, "replayed_steps": 3.0}
+
+
 def test_a_response_prefix_is_continued_and_not_trained(policy):
     task = spell_backward()
     head = policy.encode("ab")

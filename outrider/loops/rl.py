@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from outrider.data import Episode, GroupIds, pack
+from outrider.data import Episode, GroupIds, Start, pack
 from outrider.explore import ExploreContext
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
 from outrider.explore.rollout import rollout, timed_out_frac
@@ -22,7 +22,8 @@ from outrider.update.learner import learner_step, prepare
 def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode], dict[str, float]]:
     """The explore piece's episodes and metrics for one step (its rollouts timed into `timers`)."""
     seed, task, explore = run.seed, run.task, run.pieces.explore
-    timers.setdefault("timeouts", 0.0)
+    for k in ("timeouts", "env_steps", "restores", "replayed_steps"):
+        timers.setdefault(k, 0.0)
     seed_rng = np.random.default_rng([seed, step])
     generator = torch.Generator(device=run.device).manual_seed(seed * 1_000_003 + step)
     turn_cap = getattr(explore.cfg, "turn_cap", None)
@@ -33,6 +34,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
         out = rollout(run.policy, lambda: task.make_env("train"), starts, run.params, generator, horizon, snapshots,
                       getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S))
         timers["timeouts"] += sum(bool(e.metadata.get("timed_out")) for e in out)
+        count_env_calls(starts, out, timers)
         timers["sample_s"] += time.perf_counter() - t0
         timers["sample_tokens"] += sum(e.num_action_tokens for e in out) - sum(e.prefix_tokens for e in out)
         return out
@@ -52,9 +54,26 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
     metrics["time/score_s"] = timers.get("score_s", 0.0)
     metrics.update(score_step_metrics(run.pieces.components))
     metrics["env/timeouts"] = timers["timeouts"]  # env calls past task.step_timeout_s, in every rollout of the step
+    # the step's cost in env calls and sampled tokens, whatever the explore piece did (restarts, retries)
+    metrics["explore/env_steps"] = timers["env_steps"]
+    metrics["explore/restores"] = timers["restores"]
+    metrics["explore/replayed_steps"] = timers["replayed_steps"]
+    metrics["explore/sampled_tokens"] = timers["sample_tokens"]
     if task.max_turns > 1:
         metrics["explore/turn_cap"] = float(horizon)
     return episodes, metrics
+
+
+def count_env_calls(starts: list[Start], episodes: list[Episode], timers: dict[str, float]) -> None:
+    """Add a rollout's env calls to `timers`: ``env_steps`` (actions sent to an env: the new turns that hold an
+    action), ``restores`` (starts reached by ``restore(snapshot)``) and ``replayed_steps`` (prefix actions replayed
+    to reach a start without a snapshot)."""
+    for start, episode in zip(starts, episodes):
+        timers["env_steps"] += sum(bool(t.action_ids) for t in episode.turns[len(start.prefix):])
+        if start.snapshot is not None:
+            timers["restores"] += 1
+        else:
+            timers["replayed_steps"] += len(start.prefix)
 
 
 @LOOPS.register("rl", config=NoOptions)
