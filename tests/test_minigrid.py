@@ -161,3 +161,50 @@ def test_max_turns_default_and_too_short() -> None:
     assert task().max_turns == 64 and task("BabyAI-GoToObj-v0").max_turns >= 1
     with pytest.raises(OutriderError, match="task.max_turns"):
         task(max_turns=2).demonstrations(SEEDS)
+
+
+def test_random_walk_demos_show_no_solution_and_are_deterministic() -> None:
+    """`demos: random_walk` teaches the format on the level's own observations and reveals no solution."""
+    t = task("MiniGrid-DoorKey-6x6-v0", demos="random_walk", max_turns=24)
+    demos = t.demonstrations(list(range(40)))
+    assert [d.turns for d in demos[:3]] == [d.turns for d in t.demonstrations([0, 1, 2])]
+    env = t.make_env("train")
+    actions = set()
+    for seed, demo in enumerate(demos):
+        obs = env.reset(seed)
+        for o, a in demo.turns:
+            assert o == obs and a in "lrfpdtx"
+            actions.add(a)
+            obs, _, done, info = env.step(a)
+        assert not info.get("success")
+        assert done or len(demo.turns) == 24
+    assert actions == set("lrfpdtx")
+
+
+def test_position_cells_drop_the_direction() -> None:
+    t = task()
+    env = t.make_env("train")
+    env.reset(3)
+    key = env.state_key()
+    env.step("l")
+    turned = env.state_key()
+    cell = t.cell_functions["position"]
+    assert key != turned and cell(key) == cell(turned) == (key[0], *key[2:])
+
+
+def test_doorkey6_held_out_layouts_are_disjoint_from_train_ones() -> None:
+    """The sparse level of docs/exploration.md: no train seed (RL, demonstrations) reaches a held-out layout."""
+    t = task("MiniGrid-DoorKey-6x6-v0")
+    tr, ev = t.make_env("train"), t.make_env("eval")
+
+    def layout(env) -> bytes:
+        return env.env.grid.encode().tobytes() + bytes([*map(int, env.env.agent_pos), int(env.env.agent_dir)])
+
+    held_out = set()
+    for s in range(128):
+        ev.reset(s)
+        held_out.add(layout(ev))
+    assert len(held_out) > 32
+    for s in list(range(400)) + [10**8 + i for i in range(200)]:
+        tr.reset(s)
+        assert not tr.held_out() and layout(tr) not in held_out
