@@ -14,6 +14,11 @@ def task(env_id: str = DOORKEY, **kw) -> MiniGridTask:
     return MiniGridTask(MiniGridConfig(env_id=env_id, **kw))
 
 
+def layout(env) -> bytes:
+    """What makes a layout: the grid's encoding and the agent's start pose."""
+    return env.env.grid.encode().tobytes() + bytes([*map(int, env.env.agent_pos), int(env.env.agent_dir)])
+
+
 def test_compact_render_and_parse() -> None:
     env = MiniGridTextEnv(DOORKEY)
     obs = env.reset(3)
@@ -86,9 +91,6 @@ def test_determinism_and_disjoint_splits() -> None:
     assert tr.reset(4) == t.make_env("train").reset(4)
     ev.reset(0)
     assert ev.env._np_random_seed >= EVAL_OFFSET and ev.held_out()  # eval seeds sit above every train seed
-
-    def layout(env) -> bytes:
-        return env.env.grid.encode().tobytes() + bytes([*map(int, env.env.agent_pos), int(env.env.agent_dir)])
 
     # DoorKey-5x5 has only 48 layouts: disjoint seeds alone would evaluate on trained layouts
     held_out = set()
@@ -196,9 +198,6 @@ def test_doorkey6_held_out_layouts_are_disjoint_from_train_ones() -> None:
     """The sparse level of docs/exploration.md: no train seed (RL, demonstrations) reaches a held-out layout."""
     t = task("MiniGrid-DoorKey-6x6-v0")
     tr, ev = t.make_env("train"), t.make_env("eval")
-
-    def layout(env) -> bytes:
-        return env.env.grid.encode().tobytes() + bytes([*map(int, env.env.agent_pos), int(env.env.agent_dir)])
 
     held_out = set()
     for s in range(128):
