@@ -7,6 +7,9 @@ randselectors.py``: ``compute_weight(v, w) = w.weight / (v + 1) ** w.power``, su
 
     W(c) = Σ_a w_a / (n_a(c) + 1) ** p_a,   a ∈ {seen, chosen, chosen_since_new}
 
+times ``low_level_weight ** (L_max − L(c))`` (the code's level weight, with the level of a cell the number of
+distinct progress events on its trajectory, ``L_max`` the highest of its layout; 1: off).
+
 ``seen``: episodes in which the cell was visited; ``chosen``: times it was returned to; ``chosen_since_new``: times
 it was returned to since a return from it last found a new cell or a better trajectory. The paper's no-domain-
 knowledge runs use ``seen`` alone with power 0.5 (``phase1_downscaled.sh``: ``--seen_weight=1.0``; power default
@@ -54,6 +57,9 @@ class SelectionConfig(Options):
                                                     "replaced by a better one.")
     floor: float = Field(1e-5, ge=0, description="Added to every weight (the policy-based code's +1e-5), so no "
                                                  "cell's chance is exactly 0.")
+    low_level_weight: float = Field(1.0, gt=0, le=1, description="W × this^(L_max − L(c)), L(c) the distinct "
+                                    "progress events on the cell's trajectory and L_max the most of its layout "
+                                    "(the code's low_level_weight, 0.1 in its Montezuma runs; 1: off).")
 
 
 def count_weight(n: float, w: CountWeight) -> float:
@@ -167,19 +173,34 @@ class Archive:
                 up.solved = True
         return up
 
+    def probabilities(self, cfg: SelectionConfig) -> tuple[list[tuple[int, Hashable]], np.ndarray]:
+        """The cell keys and their selection probabilities W(c)/ΣW (an empty archive: no keys)."""
+        keys = list(self.cells)
+        w = np.array([self.cells[k].weight(cfg) for k in keys], dtype=np.float64)
+        if keys and cfg.low_level_weight < 1:
+            top: dict[int, int] = {}
+            for c in self.cells.values():
+                top[c.seed] = max(top.get(c.seed, 0), len(c.events))
+            w *= np.array([cfg.low_level_weight ** (top[c.seed] - len(c.events))
+                           for c in (self.cells[k] for k in keys)])
+        if keys and w.sum() <= 0:  # every weight 0 (all counts' weights and the floor 0): uniform
+            w = np.ones_like(w)
+        return keys, w / w.sum() if keys else w
+
     def choose(self, n: int, rng: np.random.Generator, cfg: SelectionConfig) -> list[tuple[int, Hashable]]:
         """`n` cell keys drawn with probability W(c)/ΣW, without replacement while there are enough cells; each
         chosen cell's ``chosen`` counts go up by one."""
-        keys = list(self.cells)
-        if not keys:
+        keys, p = self.probabilities(cfg)
+        if not keys or n <= 0:
             return []
-        w = np.array([self.cells[k].weight(cfg) for k in keys], dtype=np.float64)
-        idx = rng.choice(len(keys), size=n, replace=n > len(keys), p=w / w.sum())
-        out = [keys[i] for i in idx]
+        out = [keys[i] for i in rng.choice(len(keys), size=n, replace=n > len(keys), p=p)]
         for k in out:
-            self.cells[k].chosen += 1
-            self.cells[k].chosen_since_new += 1
+            self.mark_chosen(k)
         return out
+
+    def mark_chosen(self, key: tuple[int, Hashable]) -> None:
+        self.cells[key].chosen += 1
+        self.cells[key].chosen_since_new += 1
 
     def found_new(self, key: tuple[int, Hashable]) -> None:
         """A return from `key` found a new or better cell: its chosen-since-new count starts over."""
