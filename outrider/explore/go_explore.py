@@ -47,7 +47,7 @@ from outrider.registry import BuildContext, Options, Piece
 class RobustifyConfig(Options):
     """How archive solutions become a policy that succeeds from the start state."""
 
-    method: Literal["none", "imitation", "backward"] = Field("imitation", description="none; imitation (NLL on the "
+    method: Literal["none", "imitation", "backward"] = Field("none", description="none; imitation (NLL on the "
                                                              "best solutions from the start state, through "
                                                              "update.terms nll rows: chosen); backward (the "
                                                              "backward algorithm: starts along each solution, "
