@@ -32,7 +32,7 @@ are the piece's state: every checkpoint carries them.
 from __future__ import annotations
 
 import time
-from typing import Any, Hashable, Literal
+from typing import Any, Callable, Hashable, Literal
 
 from pydantic import Field, model_validator
 
@@ -169,7 +169,8 @@ class GoExplore(Piece):
         """`n` cells to return to, as (seed, cell key): drawn by weight (`Archive.choose`)."""
         return [(seed, key) for seed, key in self.archive.choose(n, ctx.rng, self.cfg.selection)] if n > 0 else []
 
-    def accept(self, ctx: ExploreContext):  # noqa: ANN201  (a judge's hook; plain Go-Explore keeps every new cell)
+    def accept(self, ctx: ExploreContext) -> Callable[[Cell], bool] | None:
+        """A filter of new cells (a judge's hook); plain Go-Explore keeps every new cell."""
         return None
 
     def _start_pool(self, ctx: ExploreContext) -> None:
