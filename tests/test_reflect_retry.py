@@ -273,3 +273,13 @@ def test_warm_start_hints_name_the_demonstrated_action():
         (obs, action), (new_obs, new_action) = changed[0]
         assert new_action == action and new_obs == f"Hint: {action}\n" + obs
     assert add_hints(demos, 0.0, "Hint: {hint}\n", random.Random(0)) == demos
+
+
+def test_fill_fresh_replaces_a_first_attempt_without_retry(task, policy):
+    """The authors' workflow keeps every group at 2 x first attempts: a success gets a fresh rollout instead."""
+    episodes, metrics, starts = step_with(task, policy, first_attempts(task, policy), fill="fresh")
+    assert len(starts) == 3 and len(episodes) == 6
+    fresh = starts[2]
+    assert fresh.prefix == [] and fresh.context is None and fresh.origin == "on_policy" and fresh.group_id == 0
+    assert metrics["explore/retries"] == 2 and metrics["explore/fresh"] == 1
+    assert not episodes[5].off_policy and episodes[5].origin == "on_policy"

@@ -25,8 +25,10 @@ The retry joins its parent's group. Three parts, each switched off for ablation:
   gets A = 1 under their mean-baseline OPMD, a cap not reproduced under GRPO's std normalisation);
   ``amplify_rows: successful_retries`` amplifies only the retries that succeeded. 1 turns it off.
 
-Constants from the authors' code (shiweijiezero/R3L, Trinity-RFT): α = 3, one retry per failed first attempt,
-half the group as first attempts, the reflection placed before the retried turn (a system message there).
+Constants from the authors' code (shiweijiezero/R3L, Trinity-RFT): α = 3 (``opmd_reweight_adv``), one retry per
+failed first attempt, half the group as first attempts (``n // 2``), the reflection placed before the retried turn
+(a system message there). Their workflow also samples a fresh rollout for a first attempt that gets no retry, so a
+group always has n members: ``fill: fresh`` (default ``none``: the group is smaller, and the step cheaper).
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class ReflectRetryConfig(ExploreConfig):
                                                    "env's snapshot (first attempts keep one per turn) or a replay "
                                                    "of the prefix's actions.")
     reflection_tokens: int = Field(96, ge=1, description="reflection: model: token limit of the reflection.")
+    fill: Literal["none", "fresh"] = Field("none", description="A first attempt that gets no retry (a success, no "
+                                           "pivot): none (the group is smaller) or fresh (one more on-policy "
+                                           "episode from the start in its place, as the authors' workflow does, "
+                                           "so every group has 2 x first_attempts).")
 
     @field_validator("template")
     @classmethod
@@ -222,12 +228,15 @@ class ReflectRetry(Piece):
         ctx.score(first)
         generator = torch.Generator().manual_seed(int(ctx.rng.integers(2**31 - 1)))
         retry_starts, parents, pivots, checker_steps, reflection_chars = [], [], [], 0, []
+        fresh_starts = []
         for parent in first:
-            if parent.success or parent.metadata.get("timed_out") or not parent.turns:
-                continue
-            k, used = self.pivot(ctx.task, parent)
-            checker_steps += used
+            k = None
+            if not (parent.success or parent.metadata.get("timed_out") or not parent.turns):
+                k, used = self.pivot(ctx.task, parent)
+                checker_steps += used
             if k is None:
+                if cfg.fill == "fresh":
+                    fresh_starts.append(Start(seed=parent.seed, group_id=parent.group_id))
                 continue
             k = min(k, len(parent.turns) - 1)
             context, steps, tokens = self.reflect(ctx.task, parent, k, generator)
@@ -242,9 +251,11 @@ class ReflectRetry(Piece):
             parents.append(parent)
             pivots.append(k)
         self.cost.env_steps += checker_steps
-        retries = ctx.rollout(retry_starts) if retry_starts else []
+        rolled = ctx.rollout(retry_starts + fresh_starts) if retry_starts or fresh_starts else []
+        retries, fresh = rolled[:len(retry_starts)], rolled[len(retry_starts):]
         retry_steps, retry_tokens = self.cost.episodes(retries, pivots, replayed=not snapshots)
-        ctx.score(retries)
+        self.cost.episodes(fresh, [0] * len(fresh), replayed=False)
+        ctx.score(rolled)
         for parent, retry, k in zip(parents, retries, pivots):
             if not cfg.pivot_mask:
                 retry.prefix_tokens = 0  # the replayed prefix trains too (its μ: the parent's own log-probs)
@@ -252,14 +263,14 @@ class ReflectRetry(Piece):
                 parent.prefix_tokens = max(parent.prefix_tokens, sum(len(t.action_ids) for t in parent.turns[:k]))
             if cfg.retry_ratio == "current":
                 retry.off_policy = False
-        episodes = first + retries
+        episodes = first + retries + fresh
         amplified = amplify_weights(episodes, cfg.amplify, cfg.amplify_rows)
         n_fail = sum(not e.success for e in first)
         self._count("retries", len(retries))
         self._count("retry_successes", sum(r.success for r in retries))
         metrics = {"explore/groups_sampled": float(cfg.prompts_per_step),
                    "explore/first_success": sum(e.success for e in first) / max(len(first), 1),
-                   "explore/retries": float(len(retries)),
+                   "explore/retries": float(len(retries)), "explore/fresh": float(len(fresh)),
                    "explore/retry_success": sum(r.success for r in retries) / max(len(retries), 1),
                    "explore/pivot_found_frac": len(retries) / max(n_fail, 1),
                    "explore/pivot_mean": sum(pivots) / max(len(pivots), 1),
