@@ -10,7 +10,7 @@ from outrider.data import Episode, Start, Turn, pack, sequence_ids
 from outrider.envs.base import Demonstration
 from outrider.explore import TurnCapConfig
 from outrider.explore.rollout import rollout
-from outrider.observe.metrics import agent_metrics
+from outrider.observe.metrics import agent_metrics, error_repeat_rates
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import demo_episode
@@ -123,6 +123,20 @@ def test_agent_metrics_on_hand_made_episodes(policy):
     assert m["env/regret"] == 3.0
     assert m["event/key"] == 1.0 and m["event/door"] == 0.5
     assert m["episode/distinct_states"] == 3.0
+
+
+def test_error_repeat_rates_on_hand_made_episodes():
+    """Over the turns right after an invalid action: the share invalid again, and the share repeating its text."""
+    def ep(*turns):
+        return Episode(group_id=0, seed=0, turns=[Turn("o", [1], a, [2], info={"invalid": bad}) for a, bad in turns])
+
+    eps = [ep(("x", True), ("x", True), ("y", True), ("ok", False)),  # after errors: x (same, bad), y (bad), ok
+           ep(("z", True), ("calc", False)),                          # recovers at once
+           ep(("fine", False), ("z", True))]                          # nothing follows its error
+    m = error_repeat_rates(eps)
+    assert m == {"episode/invalid_after_error_rate": 2 / 4, "episode/repeat_error_rate": 1 / 4}
+    assert agent_metrics(eps)["episode/repeat_error_rate"] == 0.25
+    assert error_repeat_rates([ep(("a", False), ("b", True))]) == {}  # no action follows an error: absent
 
 
 def test_turn_cap_schedule():

@@ -179,7 +179,7 @@ def test_existing_run_is_untouched_by_refused_commands(tmp_path, monkeypatch, ca
     ({"policy": {"warm_start": {"bogus": 1}}}, ["policy.warm_start.bogus: unknown option; valid: steps, batch_size"]),
     ({"update": {"kl": {"estimator": "k9"}}}, ["update.kl.estimator", "k1", "k3"]),
     ({"update": {"loss": "nope"}}, ["update.loss: unknown update.loss 'nope'; valid: clip_cov, gspo, kl_cov, none, ppo"]),
-    ({"explore": "nope"}, ["explore: unknown explore 'nope'; valid: ", "dynamic", "go_explore", "group"]),
+    ({"explore": "nope"}, ["explore: unknown explore 'nope'; valid: ", "dynamic", "go_explore", "group", "reflect_retry"]),
     ({"score": [{"weight": 1.0}]}, ["score[0]: missing 'name'; valid: exact_match"]),
     ({"score": [{"name": "format"}]}, ["score[0].pattern: Field required"]),
     ({"score": []}, ["score: at least one reward component is needed"]),

@@ -98,7 +98,19 @@ class TaskConfig(PieceConfig):
 
 
 class Task(ABC):
-    """Makes envs and demonstrations. Train seeds and eval seeds index disjoint sets of problems."""
+    """Makes envs and demonstrations. Train seeds and eval seeds index disjoint sets of problems.
+
+    Optional step hooks, for the pieces that locate or fix a wrong step (R³L's checker pivot, SCOPE's first-error
+    correction, Fission's cut, hint reflections: `outrider.explore.step_check`); each takes an env of this task
+    in the state *before* an action, and must not change it:
+
+    - ``step_ok(env, action) -> bool``: a step checker: is `action` a right step from here (on some optimal
+      solution, or a correct partial result)?
+    - ``oracle_step(env) -> str``: the oracle's action from here (an expert's next step).
+    - ``hint(env) -> str``: a hint text for this state (a reflection a piece may show the sampler).
+
+    A piece that needs a hook the task lacks stops the run with one line naming its option.
+    """
 
     max_turns: int = 1
     eval_size: int = 512

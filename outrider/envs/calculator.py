@@ -330,6 +330,16 @@ class CalculatorEnv:
         return self.last_observation
 
 
+def partial_results(expr: str) -> frozenset[Fraction]:
+    """The values of every operation in `expr`'s parse tree (its per-step partial results, the last one the
+    answer): ``12*34+56`` gives {408, 464}."""
+    out = set()
+    for node in ast.walk(ast.parse(expr, mode="eval")):
+        if isinstance(node, ast.BinOp):
+            out.add(_eval(node))
+    return frozenset(out)
+
+
 def malformed(expr: str, rng: random.Random) -> str:
     """A broken version of `expr` that `safe_eval` rejects (for recovery demonstrations)."""
     kind = rng.randrange(3)
@@ -375,6 +385,31 @@ class CalculatorTask(Task):
         turns.append((obs, action))
         _, _, _, info = env.step(action)
         return Demonstration(turns), info
+
+    # --- step hooks (envs/base.py `Task`): the question's arithmetic is the step checker and the oracle -------
+    def step_ok(self, env: CalculatorEnv, action: str) -> bool:
+        """A right step: a tool call whose value is a partial result of the question (the value of one of its
+        operations, in the question's own precedence: 12*34 or the whole of 12*34+56, never 34+56), or the exact
+        answer. Invalid actions and wrong calls or answers are wrong steps."""
+        text = action.strip()
+        if text.startswith("calc:"):
+            try:
+                return safe_eval(text[len("calc:"):]) in partial_results(env.question["expr"])
+            except CalcError:
+                return False
+        if text.startswith("answer:"):
+            number = parse_number(text[len("answer:"):].strip())
+            return number is not None and number == env.question["answer"]
+        return False
+
+    def oracle_step(self, env: CalculatorEnv) -> str:
+        """The expert's next action: the answer once the tool has shown it, else the call of the whole question."""
+        answer = format_number(env.question["answer"])
+        return f"answer: {answer}" if env.last_result == answer else f"calc: {env.question['expr']}"
+
+    def hint(self, env: CalculatorEnv) -> str:
+        """The oracle's next action as the hint."""
+        return self.oracle_step(env)
 
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         out = []

@@ -371,6 +371,36 @@ class MiniGridTask(Task):
         except PlanError as e:
             raise OutriderError(f"task.env_id: the minigrid expert cannot solve {self.cfg.env_id}: {e}") from None
 
+    # --- step hooks (envs/base.py `Task`): the BFS expert is the step checker and the oracle ------------------
+    def step_ok(self, env: MiniGridTextEnv, action: str) -> bool:
+        """A right step: one that ends the episode in success, or after which the expert's shortest plan is one
+        step shorter (the action lies on some shortest path). Invalid actions, bumps, detours and failures are
+        wrong steps; `env` is left as it was (the step is tried on a copy)."""
+        name = env.parse(action)
+        if name is None:
+            return False
+        try:
+            before = len(plan(env.env))
+        except PlanError:
+            return False
+        trial = copy.deepcopy(env.env)
+        _, reward, terminated, truncated, _ = trial.step(ACTION_IDS[name])
+        if terminated or truncated:
+            return bool(terminated and reward > 0)
+        try:
+            return len(plan(trial)) == before - 1
+        except PlanError:
+            return False
+
+    def oracle_step(self, env: MiniGridTextEnv) -> str:
+        """The BFS expert's next action from `env`'s state (the short letter in the compact format)."""
+        name = self.expert_actions(env)[0]
+        return SHORT[name] if self.cfg.format == "compact" else name
+
+    def hint(self, env: MiniGridTextEnv) -> str:
+        """The expert's next action as the hint."""
+        return self.oracle_step(env)
+
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         if self.cfg.demos == "random_walk":
             return [self.random_walk(seed) for seed in seeds]

@@ -67,11 +67,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def error_repeat_rates(episodes: list[Episode]) -> dict[str, float]:
+    """After an error, does the policy recover or repeat it ([17]'s failure mode)? Over the turns that directly
+    follow an invalid action: ``episode/invalid_after_error_rate``, the share that are invalid again, and
+    ``episode/repeat_error_rate``, the share that repeat the same action text. Absent when no action follows an
+    invalid one."""
+    after = repeated = invalid = 0
+    for e in episodes:
+        for prev, turn in zip(e.turns, e.turns[1:]):
+            if prev.info.get("invalid") and turn.action_ids:
+                after += 1
+                invalid += bool(turn.info.get("invalid"))
+                repeated += turn.action.strip() == prev.action.strip()
+    if not after:
+        return {}
+    return {"episode/invalid_after_error_rate": invalid / after, "episode/repeat_error_rate": repeated / after}
+
+
 def agent_metrics(episodes: list[Episode]) -> dict[str, float]:
     """Multi-turn measures: invalid actions per turn, the env's own final-step metrics (``env/<name>``, e.g.
     regret), the share of episodes in which each progress event happened (``event/<name>``; absent in a batch
     where it never happened), distinct (group, env state) pairs visited across the batch (a state key is only
-    comparable within one prompt/seed), and episodes cut short by the model's context."""
+    comparable within one prompt/seed), episodes cut short by the model's context, and what follows an invalid
+    action (`error_repeat_rates`)."""
     n = max(len(episodes), 1)
     turns = [t for e in episodes for t in e.turns if t.action_ids]
     out: dict[str, float] = defaultdict(float)
@@ -85,6 +103,7 @@ def agent_metrics(episodes: list[Episode]) -> dict[str, float]:
         for name in {ev for t in e.turns for ev in t.info.get("events", ())}:
             out[f"event/{name}"] += 1 / n
     out.update({f"env/{name}": sum(v) / len(v) for name, v in env_sums.items()})
+    out.update(error_repeat_rates(episodes))
     keys = {(e.group_id, t.state_key) for e in episodes for t in e.turns if t.state_key is not None}
     if keys:
         out["episode/distinct_states"] = float(len(keys))

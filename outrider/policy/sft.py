@@ -24,6 +24,13 @@ class WarmStartConfig(Options):
     wrong_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose action is taken "
                                                                "from another problem (usually wrong).")
     seed: int = Field(0, description="Seed of the choice of which demonstrations get a wrong answer (the demonstrations themselves are fixed train problems; model init follows train.seed).")
+    hint_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations in which one turn's "
+                                                              "observation is preceded by a hint naming the "
+                                                              "demonstrated action (hint_template), so the policy "
+                                                              "learns to follow a hint shown in context, as a "
+                                                              "retry's reflection is (explore: reflect_retry).")
+    hint_template: str = Field("Hint: {hint}\n", description="The hint text; {hint} is the demonstrated action. "
+                                                             "Use the explore piece's template.")
 
 
 def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
@@ -41,6 +48,22 @@ def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
             break
         ep.turns.append(turn)
     return ep
+
+
+def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: random.Random) -> list[Demonstration]:
+    """In `fraction` of the demonstrations, prefix one random turn's observation with `template` naming that
+    turn's action (a tiny model learns to follow a hint only if it has seen one)."""
+    out = []
+    for d in demos:
+        if d.turns and rng.random() < fraction:
+            turns = list(d.turns)
+            j = rng.randrange(len(turns))
+            obs, action = turns[j]
+            turns[j] = (template.format(hint=action) + obs, action)
+            out.append(Demonstration(turns))
+        else:
+            out.append(d)
+    return out
 
 
 def corrupt(demos: list[Demonstration], fraction: float, rng: random.Random) -> list[Demonstration]:
@@ -62,6 +85,7 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
     if cfg.steps == 0:
         return []
     rng = random.Random(cfg.seed)
+    hint_rng = random.Random(f"hints:{cfg.seed}")  # its own stream: runs without hints draw exactly as before
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     policy.train()
@@ -69,6 +93,8 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
     for step in range(cfg.steps):
         seeds = [DEMO_SEED_OFFSET + step * cfg.batch_size + i for i in range(cfg.batch_size)]
         demos = corrupt(task.demonstrations(seeds), cfg.wrong_fraction, rng)
+        if cfg.hint_fraction:
+            demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng)
         batch = pack([demo_episode(policy, d, i) for i, d in enumerate(demos)], policy.pad_id, policy.bos_id)
         batch = batch.to(policy.device)
         lp = policy.score(batch.input_ids, batch.attention_mask).logprobs
