@@ -1,4 +1,4 @@
-"""Tokens-to-success curves for docs/exploration_retries.md: on-policy training success from the start state (GRPO's
+"""Tokens-to-success curves for docs/exploration.md ("Retries"): on-policy training success from the start state (GRPO's
 episode/accuracy; a retry piece's explore/first_success, its first attempts, no hint) and a metric of choice,
 against cumulative sampled tokens and against RL steps, mean over seeds (thin lines: each seed).
 

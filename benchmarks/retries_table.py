@@ -1,4 +1,4 @@
-"""The tables of docs/exploration_retries.md from `outrider compare` directories: per recipe, held-out metrics at
+"""The tables of docs/exploration.md ("Retries") from `outrider compare` directories: per recipe, held-out metrics at
 the start and the end (mean over seeds with its 95% bootstrap interval), the paired end-minus-GRPO difference per
 seed, and each method's cost per RL step (env steps, sampled tokens, step time).
 
