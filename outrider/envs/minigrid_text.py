@@ -383,7 +383,7 @@ class MiniGridTask(Task):
             before = len(plan(env.env))
         except PlanError:
             return False
-        trial = copy.deepcopy(env.env)
+        trial = pickle.loads(pickle.dumps(env.env, pickle.HIGHEST_PROTOCOL))  # faster than a deep copy
         _, reward, terminated, truncated, _ = trial.step(ACTION_IDS[name])
         if terminated or truncated:
             return bool(terminated and reward > 0)
