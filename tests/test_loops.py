@@ -68,8 +68,7 @@ def test_pairs_loop_errors_are_one_line(tmp_path):
     with pytest.raises(OutriderError, match="loop.path: no such file"):
         Trainer(parse_recipe(base), tmp_path / "run", quiet=True)
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n')
-    with pytest.raises(OutriderError, match="pairs.jsonl:2: expected an object with string fields prompt, "
-                                            "chosen, rejected"):
+    with pytest.raises(OutriderError, match="pairs.jsonl:2: field 'chosen' must be a string or "):
         Trainer(parse_recipe(base), tmp_path / "run", quiet=True)
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     with pytest.raises(OutriderError, match="loop pairs: update.terms is empty"):
