@@ -217,7 +217,7 @@ def merge(
     a: Annotated[Path, typer.Argument(metavar="A", help="A model directory, or a run directory (its newest checkpoint).")],
     b: Annotated[Path, typer.Argument(metavar="B", help="The other model (same architecture and tokenizer).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged model (from_pretrained-loadable).")],
-    weight: Annotated[float, typer.Option(help="B's share w in [0, 1]: (1 - w) A + w B.")] = 0.5,
+    weight: Annotated[float, typer.Option(help="B's share w, between 0 and 1: (1 - w) A + w B.")] = 0.5,
     base: Annotated[Optional[Path], typer.Option(help="Task arithmetic: the model A and B were tuned from; "
                                                  "base + scale ((1 - w)(A - base) + w (B - base)).")] = None,
     scale: Annotated[float, typer.Option(help="λ of task arithmetic (needs --base; 1 equals interpolation, 2 with "

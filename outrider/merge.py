@@ -129,7 +129,7 @@ def merge(a: Path, b: Path, out: Path, weight: float, base: Path | None = None, 
     from outrider.rundir import save_model_dir
 
     if not 0.0 <= weight <= 1.0:
-        raise OutriderError(f"--weight: must be in [0, 1] (B's share; A gets 1 − weight), got {weight}")
+        raise OutriderError(f"--weight: must be between 0 and 1 (B's share; A gets 1 − weight), got {weight}")
     if base is None and scale != 1.0:
         raise OutriderError("--scale: scales task vectors, so it needs --base (the model A and B were tuned from)")
     if not scale > 0:

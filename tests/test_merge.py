@@ -95,7 +95,7 @@ def test_cli_merge_is_loadable_and_exact(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--weight", "1.5"], ("--weight", "[0, 1]")),
+    (["--weight", "1.5"], ("--weight", "between 0 and 1")),
     (["--scale", "2"], ("--scale", "--base")),
 ])
 def test_cli_bad_options(tmp_path, monkeypatch, capsys, argv, fragments):
