@@ -64,7 +64,8 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict]:
         if not (run / "summary.json").exists():
             cli("train", RECIPES / recipe, "--out", run, "--quiet", "--overwrite", "--set", f"train.seed={seed}",
                 "--set", f"policy.model={warm}", "--set", "policy.warm_start.steps=0",
-                "--set", f"train.steps={args.steps}", *sets(args))
+                "--set", f"train.steps={args.steps}", *sets(args),
+                *(x for o in (args.dpo_set if arm != "grpo_length" else []) for x in ("--set", o)))
         models[arm] = list_checkpoints(run)[-1]
     for w in args.weights:
         merged = root / f"merged_{w:g}"
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--set", action="append", default=[], help="override for the sft and every train (repeatable)")
+    ap.add_argument("--dpo-set", action="append", default=[], help="override for the two DPO runs only (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     per_seed = {}
