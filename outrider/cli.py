@@ -1,4 +1,4 @@
-"""The `outrider` command line: train, eval, sft, recipes, compare, report."""
+"""The `outrider` command line: train, eval, sft, merge, recipes, compare, report."""
 
 from __future__ import annotations
 
@@ -167,6 +167,20 @@ def eval_(
         out.print(_eval_table(f"{run} {chosen.name}", {"value": result}))
 
 
+def check_model_out(out_dir: Path, overwrite: bool) -> None:
+    """A model's --out: writable, and empty unless --overwrite replaces a model (config.json) already there."""
+    from outrider.rundir import check_writable
+
+    check_writable(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutriderError(f"--out: '{out_dir}' is not empty; choose another directory or use --overwrite to "
+                                "replace the model in it")
+        if not (out_dir / "config.json").exists():
+            raise OutriderError(f"--overwrite: '{out_dir}' holds no model (no config.json); refusing to replace it, "
+                                "choose another --out")
+
+
 @app.command()
 def sft(
     recipe: Annotated[Path, typer.Argument(help="Recipe whose task and policy.warm_start to use.")],
@@ -179,18 +193,11 @@ def sft(
     from outrider.observe.progress import RunProgress
     from outrider.policy.sft import warm_start
     from outrider.recipe import load_recipe
-    from outrider.rundir import check_writable, save_model_dir
+    from outrider.rundir import save_model_dir
     from outrider.trainer import build_policy, build_task
 
     rec = load_recipe(recipe, set_ + ([f"policy.warm_start.steps={steps}"] if steps is not None else []))
-    check_writable(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise OutriderError(f"--out: '{out_dir}' is not empty; choose another directory or use --overwrite to "
-                                "replace the model in it")
-        if not (out_dir / "config.json").exists():
-            raise OutriderError(f"--overwrite: '{out_dir}' holds no model (no config.json); refusing to replace it, "
-                                "choose another --out")
+    check_model_out(out_dir, overwrite)
     policy, task = build_policy(rec, value_head=False), build_task(rec)
     losses: list[float] = []
     try:
@@ -203,6 +210,28 @@ def sft(
         raise SystemExit(130) from None
     save_model_dir(policy, out_dir)
     out.print(f"saved {out_dir} ({len(losses)} steps, final loss {losses[-1] if losses else float('nan'):.3f})")
+
+
+@app.command()
+def merge(
+    a: Annotated[Path, typer.Argument(metavar="A", help="A model directory, or a run directory (its newest checkpoint).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="The other model (same architecture and tokenizer).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the merged model (from_pretrained-loadable).")],
+    weight: Annotated[float, typer.Option(help="B's share w, between 0 and 1: (1 - w) A + w B.")] = 0.5,
+    base: Annotated[Optional[Path], typer.Option(help="Task arithmetic: the model A and B were tuned from; "
+                                                 "base + scale ((1 - w)(A - base) + w (B - base)).")] = None,
+    scale: Annotated[float, typer.Option(help="λ of task arithmetic (needs --base; 1 equals interpolation, 2 with "
+                                         "weight 0.5 adds both task vectors).")] = 1.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
+) -> None:
+    """Merge two fine-tunes of one model: linear interpolation, or task arithmetic with --base."""
+    from outrider.merge import merge as merge_models
+
+    check_model_out(out_dir, overwrite)
+    done = merge_models(a, b, out_dir, weight, base, scale)
+    how = (f"{1 - weight:g} A + {weight:g} B" if base is None else
+           f"base + {scale:g} ({1 - weight:g} (A - base) + {weight:g} (B - base))")
+    out.print(f"merged {done['A']} and {done['B']} as {how} into {out_dir}")
 
 
 @app.command()

@@ -68,15 +68,14 @@ def test_pairs_loop_errors_are_one_line(tmp_path):
     with pytest.raises(OutriderError, match="loop.path: no such file"):
         Trainer(parse_recipe(base), tmp_path / "run", quiet=True)
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n')
-    with pytest.raises(OutriderError, match="pairs.jsonl:2: expected an object with string fields prompt, "
-                                            "chosen, rejected"):
+    with pytest.raises(OutriderError, match="pairs.jsonl:2: field 'chosen' must be a string or "):
         Trainer(parse_recipe(base), tmp_path / "run", quiet=True)
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     with pytest.raises(OutriderError, match="loop pairs: update.terms is empty"):
         Trainer(parse_recipe({**base, "update": {"loss": "none"}}), tmp_path / "run", quiet=True)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump({**base, "loop": {"name": "offline"}}))
-    with pytest.raises(OutriderError, match="loop: unknown loop 'offline'; valid: pairs, rft, rl"):
+    with pytest.raises(OutriderError, match=r"loop: unknown loop 'offline'; valid: (\w+, )*pairs, (\w+, )*rl"):
         load_recipe(recipe_file)
 
 

@@ -1,0 +1,126 @@
+"""StepSum: add a chain of one-digit numbers, step by step. A task whose demonstrations show the reasoning steps in
+two styles, long and short, so a warm-started model writes multi-step traces of varying length: what ReCUT [108]
+needs (stepwise trials, long/short switched sampling, accuracy and brevity preferences).
+
+The prompt ``3+5+2+4=`` asks for the sum. A long trace restates each addition, a short one only the running
+sums; both end with ``#`` and the answer:
+
+    long:   3+5=8,8+2=10,10+4=14,#14        short:  8,10,14,#14
+
+Steps are separated by ``,`` (`STEP_SEPARATOR`); the answer is the text after the last ``#`` and the verifier is
+exact (1.0 for the right integer, else 0.0). Untagged demonstrations are long with probability ``long_fraction``
+(by default mostly long: the warm start "overthinks"); a share ``instruction_fraction`` of demonstrations carries
+an instruction after the prompt (``instructions.long`` / ``instructions.short``) and then shows that style, so the
+instruction switches the style as ReCUT's long and short prompts do. Evaluation prompts carry no instruction.
+
+Splits. Each term tuple is assigned by a hash of (terms, seed) to train (most), test or validation (the held-out
+shares); train problems are drawn from the train tuples only, and the eval split is the test tuples, or the
+validation tuples with ``holdout: validation`` (for choosing e.g. a merge weight without touching the test set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from outrider.envs.base import ENVS, Demonstration, Split
+from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask
+
+STEP_SEPARATOR = ","
+ANSWER_MARK = "#"
+
+
+class StepSumConfig(SingleTurnConfig):
+    template: str = Field("{question}=", description="Prompt shown to the policy: `{question}` is the chain, e.g. "
+                                                     "`3+5+2+4`.")
+    min_terms: int = Field(3, ge=2, le=12, description="Fewest numbers to add.")
+    max_terms: int = Field(5, ge=2, le=12, description="Most numbers to add.")
+    max_digit: int = Field(9, ge=1, le=9, description="Numbers are drawn from 1..max_digit.")
+    long_fraction: float = Field(0.7, ge=0, le=1, description="Share of untagged demonstrations in the long style "
+                                                              "(each addition restated); the rest are short.")
+    instruction_fraction: float = Field(0.5, ge=0, le=1, description="Share of demonstrations whose prompt ends "
+                                                                     "with a style instruction (and that style).")
+    instructions: dict[str, str] = Field(default_factory=lambda: {"long": " L", "short": " S"},
+                                         description="Text appended to the prompt to ask for each style: keys long "
+                                                     "and short.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of term tuples held out for test, and "
+                                                                   "again for validation (by hash).")
+    holdout: Literal["test", "validation"] = Field("test", description="Which held-out tuples the eval split uses.")
+    seed: int = Field(0, description="Seed of the train/test/validation assignment of term tuples.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StepSumConfig":
+        if self.min_terms > self.max_terms:
+            raise ValueError(f"min_terms ({self.min_terms}) > max_terms ({self.max_terms})")
+        if set(self.instructions) != {"long", "short"}:
+            raise ValueError(f"instructions must have exactly the keys long and short, got {sorted(self.instructions)}")
+        return self
+
+
+def trace(terms: list[int], style: str) -> str:
+    """The worked solution of `terms` in a style: ``a+b=s,`` per step (long) or ``s,`` (short), then ``#answer``."""
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        steps.append(f"{total}+{t}={total + t}" if style == "long" else str(total + t))
+        total += t
+    return STEP_SEPARATOR.join(steps + [f"{ANSWER_MARK}{total}"])
+
+
+def split_steps(text: str) -> list[str]:
+    """A response's steps, each with its trailing separator (the last one without): concatenated they give the
+    text back."""
+    parts = text.split(STEP_SEPARATOR)
+    return [p + STEP_SEPARATOR for p in parts[:-1]] + [parts[-1]]
+
+
+def _bucket(terms: tuple[int, ...], seed: int, fraction: float) -> str:
+    h = int(hashlib.sha256(f"stepsum:{seed}:{terms}".encode()).hexdigest()[:8], 16) / 2**32
+    return "test" if h < fraction else "validation" if h < 2 * fraction else "train"
+
+
+@ENVS.register("stepsum", config=StepSumConfig)
+class StepSumTask(SingleTurnTask):
+    """Add a chain of digits 1..max_digit step by step; long and short worked demonstrations, instructions that switch the
+    style, exact verifier on the text after the last ``#`` (ReCUT [108]'s stepwise task, at toy scale)."""
+
+    def __init__(self, cfg: StepSumConfig):
+        super().__init__(cfg)
+        self.cfg: StepSumConfig = cfg
+        self.instructions = dict(cfg.instructions)
+        self.check_template()
+
+    def _terms(self, split: str, index: int) -> list[int]:
+        want = "train" if split == "train" else self.cfg.holdout
+        rng = random.Random(f"stepsum:{self.cfg.seed}:{want}:{index}")
+        while True:  # rejection: a tuple belongs to exactly one of train, test, validation
+            n = rng.randint(self.cfg.min_terms, self.cfg.max_terms)
+            terms = [rng.randint(1, self.cfg.max_digit) for _ in range(n)]
+            if _bucket(tuple(terms), self.cfg.seed, self.cfg.holdout_fraction) == want:
+                return terms
+
+    def problem(self, split: Split, index: int) -> dict[str, Any]:
+        terms = self._terms(split, index)
+        return {"question": "+".join(map(str, terms)), "answer": str(sum(terms)), "metadata": {"terms": terms}}
+
+    def parse(self, response: str) -> str | None:
+        return response.rsplit(ANSWER_MARK, 1)[1].strip() if ANSWER_MARK in response else None
+
+    def verify(self, problem: dict[str, Any], answer: str | None) -> float:
+        return float(answer is not None and answer == problem["answer"])
+
+    def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
+        out = []
+        for s in seeds:
+            p = self.problem("train", s)
+            rng = random.Random(f"stepsum-demo:{self.cfg.seed}:{s}")
+            prompt = self.prompt(p)
+            if rng.random() < self.cfg.instruction_fraction:
+                style = rng.choice(["long", "short"])
+                prompt += self.instructions[style]
+            else:
+                style = "long" if rng.random() < self.cfg.long_fraction else "short"
+            out.append(Demonstration([(prompt, trace(p["metadata"]["terms"], style))]))
+        return out
