@@ -12,8 +12,8 @@ import time
 import pytest
 
 from outrider.envs import ENVS
-from outrider.envs.calculator import (REDRAW_STRIDE, CalcError, format_number, make_question, parse_number,
-                                      safe_eval)
+from outrider.envs.arithmetic import CalcError, format_number, parse_number, safe_eval
+from outrider.envs.calculator import REDRAW_STRIDE, make_question
 from outrider.errors import OutriderError
 from outrider.recipe import load_recipe
 

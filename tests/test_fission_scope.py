@@ -14,7 +14,7 @@ from outrider.explore import EXPLORE, ExploreContext
 from outrider.explore.fission import Fission, FissionConfig, first_error
 from outrider.explore.rollout import rollout
 from outrider.explore.step_correction import StepCorrection, StepCorrectionConfig
-from outrider.envs.calculator import partial_results
+from outrider.envs.arithmetic import partial_results
 from outrider.policy.sampler import SamplingParams
 from outrider.registry import BuildContext
 from test_reflect_retry import NoHooks, answer, played, policy, task  # noqa: F401 (fixtures)

@@ -15,7 +15,7 @@ import yaml
 from conftest import read_jsonl, tiny_recipe
 from outrider.data import Episode, GroupIds, Turn, pack
 from outrider.envs import ENVS
-from outrider.envs.calculator import format_number
+from outrider.envs.arithmetic import format_number
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE, ExploreContext
 from outrider.explore.reflect_retry import ReflectRetry, ReflectRetryConfig, amplify_weights

@@ -23,6 +23,7 @@ keeps the state space small.
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
 from typing import Any, Hashable
 
@@ -163,3 +164,21 @@ def plan(env: Any, max_states: int = 400_000) -> list[str]:
         if len(parent) > max_states:
             break
     raise PlanError(f"no plan found for {env.mission!r} (searched {len(parent)} states)")
+
+
+def on_a_shortest_path(env: Any, action_id: int) -> bool:
+    """Whether MiniGrid action `action_id` is a right step in `env` (a gym env, left unchanged): it ends the episode
+    in success, or the expert's shortest plan is one step shorter after it. Bumps, detours, failures and states
+    the expert cannot solve are wrong steps."""
+    try:
+        before = len(plan(env))
+    except PlanError:
+        return False
+    trial = pickle.loads(pickle.dumps(env, pickle.HIGHEST_PROTOCOL))  # the step is tried on a copy
+    _, reward, terminated, truncated, _ = trial.step(action_id)
+    if terminated or truncated:
+        return bool(terminated and reward > 0)
+    try:
+        return len(plan(trial)) == before - 1
+    except PlanError:
+        return False

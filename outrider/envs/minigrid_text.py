@@ -55,7 +55,7 @@ from typing import Any, Callable, Hashable, Literal
 from pydantic import Field, field_validator
 
 from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, StepInfo, Task, TaskConfig
-from outrider.envs.minigrid_expert import DIR_VEC, PlanError, plan
+from outrider.envs.minigrid_expert import DIR_VEC, PlanError, on_a_shortest_path, plan
 from outrider.errors import OutriderError
 
 LAYOUT_STRIDE = 7_919  # a seed whose layout belongs to the other split moves on by this much
@@ -377,20 +377,7 @@ class MiniGridTask(Task):
         step shorter (the action lies on some shortest path). Invalid actions, bumps, detours and failures are
         wrong steps; `env` is left as it was (the step is tried on a copy)."""
         name = env.parse(action)
-        if name is None:
-            return False
-        try:
-            before = len(plan(env.env))
-        except PlanError:
-            return False
-        trial = pickle.loads(pickle.dumps(env.env, pickle.HIGHEST_PROTOCOL))  # faster than a deep copy
-        _, reward, terminated, truncated, _ = trial.step(ACTION_IDS[name])
-        if terminated or truncated:
-            return bool(terminated and reward > 0)
-        try:
-            return len(plan(trial)) == before - 1
-        except PlanError:
-            return False
+        return name is not None and on_a_shortest_path(env.env, ACTION_IDS[name])
 
     def oracle_step(self, env: MiniGridTextEnv) -> str:
         """The BFS expert's next action from `env`'s state (the short letter in the compact format)."""
