@@ -259,6 +259,38 @@ def test_killed_r3l_run_resumes_to_identical_metrics(tmp_path):
     assert_same_run(reference, run)
 
 
+RETRY_FAMILY = {
+    "fission": {"name": "fission", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8,
+                "recovery_group_size": 2, "max_fissions": 2, "feedback": "hint"},
+    "step_correction": {"name": "step_correction", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8,
+                        "near_miss": 0, "max_corrections": 2},
+}
+
+
+@pytest.mark.slow  # three runs of 40 small steps each, ~15 s per piece
+@pytest.mark.parametrize("piece", sorted(RETRY_FAMILY))
+def test_killed_fission_and_scope_runs_resume_to_identical_metrics(tmp_path, piece):
+    """The retry family's other pieces (their counts and cost totals in checkpoints) survive kill -9 + --resume."""
+    from outrider.recipe import load_recipe
+    from outrider.trainer import Trainer
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dict(tiny_recipe(**dict(R3L_OVERRIDES, explore=RETRY_FAMILY[piece])),
+                                          task=CALC), sort_keys=False))
+    reference = tmp_path / "A"
+    Trainer(load_recipe(recipe), reference, quiet=True).run()
+    total = {"fission": "explore/fissions_total", "step_correction": "explore/corrections_total"}[piece]
+    assert read_jsonl(reference / "metrics.jsonl")[-1][total] > 0  # the piece acted, so its state matters
+    run = tmp_path / "B"
+
+    def check_first(caught, first):
+        assert caught and first.returncode == -signal.SIGKILL, first.stderr
+
+    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
+    assert second.returncode == 0, second.stderr
+    assert_same_run(reference, run)
+
+
 def test_warm_start_hints_name_the_demonstrated_action():
     import random
 
