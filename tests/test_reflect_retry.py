@@ -237,6 +237,18 @@ R3L_OVERRIDES = dict(RESUME_OVERRIDES,
                      score=[{"name": "verifier", "weight": 1.0}])
 
 
+def killed_run_resumes_like(reference, recipe, tmp_path) -> None:
+    """RECIPE trained again, killed with SIGKILL mid-run and resumed, ends bit-identical to REFERENCE."""
+    run = tmp_path / "B"
+
+    def check_first(caught, first):
+        assert caught and first.returncode == -signal.SIGKILL, first.stderr
+
+    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
+    assert second.returncode == 0, second.stderr
+    assert_same_run(reference, run)
+
+
 @pytest.mark.slow  # three runs of 40 small steps, ~1 min
 def test_killed_r3l_run_resumes_to_identical_metrics(tmp_path):
     from outrider.recipe import load_recipe
@@ -249,14 +261,7 @@ def test_killed_r3l_run_resumes_to_identical_metrics(tmp_path):
     rows = read_jsonl(reference / "metrics.jsonl")
     assert sum(r.get("explore/retries", 0) for r in rows) > STEPS  # retries happen every step
     assert rows[-1]["explore/retries_total"] == sum(r.get("explore/retries", 0) for r in rows)
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-
-    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
+    killed_run_resumes_like(reference, recipe, tmp_path)
 
 
 RETRY_FAMILY = {
@@ -281,14 +286,7 @@ def test_killed_fission_and_scope_runs_resume_to_identical_metrics(tmp_path, pie
     Trainer(load_recipe(recipe), reference, quiet=True).run()
     total = {"fission": "explore/fissions_total", "step_correction": "explore/corrections_total"}[piece]
     assert read_jsonl(reference / "metrics.jsonl")[-1][total] > 0  # the piece acted, so its state matters
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-
-    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
+    killed_run_resumes_like(reference, recipe, tmp_path)
 
 
 def test_warm_start_hints_name_the_demonstrated_action():
