@@ -3,6 +3,7 @@
 import pytest
 
 from outrider.envs.base import ENVS
+from outrider.envs.minigrid_render import egocentric_offset
 from outrider.envs.minigrid_text import EVAL_OFFSET, MiniGridConfig, MiniGridTask, MiniGridTextEnv
 from outrider.errors import OutriderError
 
@@ -39,10 +40,10 @@ def test_offsets_follow_the_agent_frame() -> None:
     env.reset(0)
     e = env.env
     fx, fy = e.front_pos
-    assert env._offset(fx, fy) == (1, 0)
+    assert egocentric_offset(env.env, fx, fy) == (1, 0)
     env.step("r")  # turning right: the cell that was ahead is now on the left
-    assert env._offset(fx, fy) == (0, -1)
-    from outrider.envs.minigrid_text import _off
+    assert egocentric_offset(env.env, fx, fy) == (0, -1)
+    from outrider.envs.minigrid_render import _off
     assert [_off(v) for v in (0, 3, -1, -2, 12)] == ["0", "3", "a", "b", "9"]
 
 

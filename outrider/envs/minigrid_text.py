@@ -55,19 +55,17 @@ from typing import Any, Callable, Hashable, Literal
 from pydantic import Field, field_validator
 
 from outrider.envs.base import ENVS, EVAL_OFFSET, Demonstration, Split, StepInfo, Task, TaskConfig
-from outrider.envs.minigrid_expert import DIR_VEC, PlanError, on_a_shortest_path, plan
+from outrider.envs.minigrid_render import ACTION_NAMES, door_state, render_compact, render_verbose
+from outrider.envs.minigrid_expert import PlanError, on_a_shortest_path, plan
 from outrider.errors import OutriderError
 
 LAYOUT_STRIDE = 7_919  # a seed whose layout belongs to the other split moves on by this much
 MAX_REDRAWS = 2_000
-ACTION_IDS = {"left": 0, "right": 1, "forward": 2, "pickup": 3, "drop": 4, "toggle": 5, "done": 6}
+ACTION_IDS = {name: i for i, name in enumerate(ACTION_NAMES)}  # MiniGrid's action numbers
 ALIASES = {"l": "left", "r": "right", "f": "forward", "p": "pickup", "d": "drop", "t": "toggle", "x": "done"}
 SHORT = {v: k for k, v in ALIASES.items()}
 PHRASES = {"turn left": "left", "turn right": "right", "move forward": "forward", "go forward": "forward",
            "pick up": "pickup", "open": "toggle", "open door": "toggle", "stop": "done"}
-LETTER = {"key": "k", "ball": "b", "box": "x", "goal": "g", "lava": "v", "wall": "#"}
-ORDER = {"key": 0, "ball": 1, "box": 2, "door": 3, "goal": 4, "lava": 5}  # listing order in the compact format
-DOOR_LETTER = ("O", "C", "L")  # open, closed, locked
 EXAMPLES = ("MiniGrid-DoorKey-5x5-v0", "MiniGrid-DoorKey-8x8-v0", "MiniGrid-KeyCorridorS3R1-v0",
             "MiniGrid-MultiRoom-N2-S4-v0", "BabyAI-GoToObj-v0")
 
@@ -106,10 +104,6 @@ class MiniGridConfig(TaskConfig):
         if v not in ids or not (v.startswith("MiniGrid-") or v.startswith("BabyAI-")):
             raise ValueError(f"unknown MiniGrid/BabyAI env {v!r}; valid e.g. {', '.join(EXAMPLES)}")
         return v
-
-
-def _door_state(door: Any) -> int:
-    return 0 if door.is_open else (2 if door.is_locked else 1)
 
 
 class MiniGridTextEnv:
@@ -182,7 +176,7 @@ class MiniGridTextEnv:
             if c is None:
                 continue
             if c.type == "door":
-                doors.append((i, _door_state(c)))
+                doors.append((i, door_state(c)))
             elif c.type in ("key", "ball", "box"):
                 objs.append((i, c.type, c.color))
         return (tuple(int(v) for v in env.agent_pos), int(env.agent_dir), carry, tuple(doors), tuple(objs))
@@ -217,77 +211,11 @@ class MiniGridTextEnv:
         return (f"Invalid action {action.strip()[:40]!r}. Answer with one of: {', '.join(ACTION_IDS)}.\n")
 
     def render(self, first: bool = False) -> str:
-        return self._compact() if self.fmt == "compact" else self._verbose(first)
-
-    def _offset(self, x: int, y: int) -> tuple[int, int]:
-        """(steps forward, steps right) of cell (x, y) in the agent's frame."""
-        ax, ay = self.env.agent_pos
-        dx, dy = DIR_VEC[self.env.agent_dir]
-        ox, oy = x - ax, y - ay
-        return ox * dx + oy * dy, ox * -dy + oy * dx
-
-    def _letter(self, c: Any) -> str:
-        if c is None:
-            return "."
-        if c.type == "door":
-            return DOOR_LETTER[_door_state(c)]
-        return LETTER.get(c.type, "?")
-
-    def _compact(self) -> str:
-        env = self.env
-        front = self._letter(env.grid.get(*env.front_pos))
-        carry = self._letter(env.carrying) if env.carrying is not None else "_"
-        items = []
-        for i, c in enumerate(env.grid.grid):
-            if c is None or c.type in ("wall", "floor"):
-                continue
-            f, r = self._offset(i % env.grid.width, i // env.grid.width)
-            items.append((ORDER.get(c.type, 9), i, f"{self._letter(c)}{_off(f)}{_off(r)}"))
-        # a fixed order by kind (not by grid position), so the key's offsets always sit in the same chars
-        return f"{front}{carry}{''.join(t for _, _, t in sorted(items))}>"
-
-    def _verbose(self, first: bool) -> str:
-        env = self.env
-        grid, vis = env.gen_obs_grid()
-        size = env.agent_view_size
-        seen, walls = [], {}
-        for j in range(size):
-            for i in range(size):
-                c = grid.get(i, j)
-                if not vis[i, j] or c is None or c.type == "floor":
-                    continue
-                fwd, right = size - 1 - j, i - size // 2
-                if c.type == "wall":
-                    continue
-                seen.append(f"{self._name(c)} {_where(fwd, right)}")
-        for label, vec in (("ahead", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):
-            i, j, k = size // 2, size - 1, 0
-            while True:
-                i, j, k = i + vec[0], j + vec[1], k + 1
-                if not (0 <= i < size and 0 <= j < size) or (grid.get(i, j) is not None
-                                                              and not grid.get(i, j).can_overlap()):
-                    walls[label] = k - 1
-                    break
-        carry = self._name(env.carrying) if env.carrying is not None else "nothing"
-        front = env.grid.get(*env.front_pos)
-        lines = [f"Mission: {env.mission}."] if first else []
-        lines += [f"You carry {carry}. In front of you: {self._name(front) if front else 'an empty cell'}.",
-                  "You see: " + ("; ".join(seen) if seen else "nothing but walls") + ".",
-                  f"Free steps ahead: {walls['ahead']}, to the left: {walls['left']}, to the right: {walls['right']}.",
-                  f"Actions: {', '.join(ACTION_IDS)}.", "Your action:"]
-        return "\n".join(lines) + " "
-
-    @staticmethod
-    def _name(c: Any) -> str:
-        if c.type == "door":
-            return f"a {('open', 'closed', 'locked')[_door_state(c)]} {c.color} door"
-        if c.type in ("goal", "lava", "wall"):
-            return f"the {c.type}" if c.type == "goal" else f"a {c.type}"
-        return f"a {c.color} {c.type}"
+        return render_compact(self.env) if self.fmt == "compact" else render_verbose(self.env, first)
 
     # --- events ---------------------------------------------------------------------------------------------
     def _tracked(self) -> tuple[Any, dict[int, int]]:
-        doors = {i: _door_state(c) for i, c in enumerate(self.env.grid.grid) if c is not None and c.type == "door"}
+        doors = {i: door_state(c) for i, c in enumerate(self.env.grid.grid) if c is not None and c.type == "door"}
         return self.env.carrying, doors
 
     @staticmethod
@@ -306,21 +234,6 @@ class MiniGridTextEnv:
             elif b == 0 and s == 1:
                 out.append("closed_door")
         return out
-
-
-def _off(v: int) -> str:
-    """One char per offset: 0-9, then a-i for -1..-9 (larger grids clip; compact targets small levels)."""
-    v = max(-9, min(9, v))
-    return str(v) if v >= 0 else "abcdefghi"[-v - 1]
-
-
-def _where(fwd: int, right: int) -> str:
-    parts = []
-    if fwd:
-        parts.append(f"{fwd} step{'s' * (fwd != 1)} ahead")
-    if right:
-        parts.append(f"{abs(right)} step{'s' * (abs(right) != 1)} to the {'right' if right > 0 else 'left'}")
-    return " and ".join(parts) or "here"
 
 
 @ENVS.register("minigrid", config=MiniGridConfig)
