@@ -5,7 +5,6 @@ killed mid-round resumes bit-identically."""
 from __future__ import annotations
 
 import shutil
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from outrider.checkpoint import STATE_FILE, list_checkpoints
 from outrider.policy.model import Policy
 from outrider.recipe import load_recipe
 from outrider.trainer import Trainer
-from test_resume import RESUME_OVERRIDES, STEPS, assert_same_run, kill_then_resume
+from test_resume import RESUME_OVERRIDES, STEPS, killed_run_resumes_like
 
 DNO_OVERRIDES = dict(
     RESUME_OVERRIDES,
@@ -78,15 +77,7 @@ def test_resuming_without_the_rounds_pairs_changes_the_run(reference, tmp_path):
 
 @pytest.mark.slow  # two real processes, ~20 s
 def test_killed_dno_run_resumes_mid_round_to_identical_metrics(reference, tmp_path):
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-        assert not (run / "summary.json").exists()
-
-    _, _, second = kill_then_resume(write_recipe(tmp_path, **DNO_OVERRIDES), run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
+    killed_run_resumes_like(reference, write_recipe(tmp_path, **DNO_OVERRIDES), tmp_path)
 
 
 def test_dno_without_terms_is_one_line(tmp_path):

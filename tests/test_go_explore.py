@@ -4,14 +4,13 @@ imitation rows, metrics), bad options as one-line errors, and the archive surviv
 
 from __future__ import annotations
 
-import math
-import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import write_recipe
-from outrider.data import Episode, GroupIds, Start, Turn
+from outrider.data import Episode, GroupIds, Turn
 from outrider.errors import OutriderError
 from outrider.explore import ExploreContext
 from outrider.explore.archive import Archive, Cell, CountWeight, SelectionConfig, better, cell_function
@@ -320,14 +319,6 @@ def test_archive_is_in_every_checkpoint(reference) -> None:
 
 @pytest.mark.slow  # two real processes, ~30 s
 def test_killed_go_explore_run_resumes_to_identical_metrics(reference, tmp_path) -> None:
-    from test_resume import assert_same_run, kill_then_resume
+    from test_resume import killed_run_resumes_like
 
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-        assert not (run / "summary.json").exists()
-
-    _, _, second = kill_then_resume(go_explore_recipe(tmp_path), run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
+    killed_run_resumes_like(reference, go_explore_recipe(tmp_path), tmp_path)

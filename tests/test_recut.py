@@ -4,7 +4,6 @@ the merge weight, the task's traces and disjoint splits, and a killed run resumi
 
 from __future__ import annotations
 
-import signal
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from outrider.loops.recut import ReCUTConfig, choose_weight, first_step, recut_p
 from outrider.policy.sampler import Sample, SamplingParams
 from outrider.recipe import load_recipe
 from outrider.trainer import Trainer
-from test_resume import RESUME_OVERRIDES, assert_same_run, kill_then_resume
+from test_resume import RESUME_OVERRIDES, killed_run_resumes_like
 
 
 def test_trial_reward_by_hand():
@@ -169,14 +168,7 @@ def test_recut_run_makes_pairs_once_and_trains(reference):
 
 @pytest.mark.slow  # two real processes
 def test_killed_recut_run_resumes_identically(reference, tmp_path):
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-
-    _, _, second = kill_then_resume(recut_recipe(tmp_path), run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
+    killed_run_resumes_like(reference, recut_recipe(tmp_path), tmp_path)
 
 
 def test_recut_needs_terms_and_instructions(tmp_path):

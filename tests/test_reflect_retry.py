@@ -4,7 +4,6 @@ amplification by hand, each part switched off, bad options, and kill -9 + --resu
 
 from __future__ import annotations
 
-import signal
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from outrider.explore.step_check import after_last_progress, first_invalid, firs
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 from outrider.registry import BuildContext
-from test_resume import RESUME_OVERRIDES, STEPS, assert_same_run, kill_then_resume
+from test_resume import RESUME_OVERRIDES, STEPS, killed_run_resumes_like
 
 CALC = {"name": "calculator", "digits": 2, "terms": 2, "ops": ["*"], "style": "expression", "format": "compact",
         "max_turns": 4, "eval_size": 16}
@@ -235,18 +234,6 @@ R3L_OVERRIDES = dict(RESUME_OVERRIDES,
                      explore={"name": "reflect_retry", "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 8,
                               "pivot": ["invalid", "checker"], "reflection": "hint"},
                      score=[{"name": "verifier", "weight": 1.0}])
-
-
-def killed_run_resumes_like(reference, recipe, tmp_path) -> None:
-    """RECIPE trained again, killed with SIGKILL mid-run and resumed, ends bit-identical to REFERENCE."""
-    run = tmp_path / "B"
-
-    def check_first(caught, first):
-        assert caught and first.returncode == -signal.SIGKILL, first.stderr
-
-    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
-    assert second.returncode == 0, second.stderr
-    assert_same_run(reference, run)
 
 
 @pytest.mark.slow  # three runs of 40 small steps, ~1 min

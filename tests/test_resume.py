@@ -122,6 +122,20 @@ def kill_then_resume(recipe: Path, run: Path, cwd: Path, check_first=None):
     return caught, first, run_cli(["train", "--resume", "--out", run, "--quiet"], cwd)
 
 
+def killed_run_resumes_like(reference: Path, recipe: Path, tmp_path: Path) -> None:
+    """RECIPE trained again in a process killed with SIGKILL mid-run (before it finished) and `--resume`d ends
+    bit-identical to REFERENCE, the same recipe run without a kill."""
+    run = tmp_path / "B"
+
+    def check_first(caught, first):
+        assert caught and first.returncode == -signal.SIGKILL, first.stderr
+        assert not (run / "summary.json").exists()
+
+    _, _, second = kill_then_resume(recipe, run, tmp_path, check_first)
+    assert second.returncode == 0, second.stderr
+    assert_same_run(reference, run)
+
+
 @pytest.mark.slow  # two real processes, ~18 s
 def test_killed_run_resumes_to_identical_metrics(reference, tmp_path):
     run = tmp_path / "B"
