@@ -6,7 +6,8 @@ OUT/results.json and OUT/recut_pareto.png (means over seeds with 95% bootstrap i
     python benchmarks/recut_pareto.py --out runs/recut --seeds 3
 
 `outrider sft` once (the warm start every seed shares), then per seed `outrider train` of recut_accuracy.yaml,
-recut_brevity.yaml and grpo_stepsum_length.yaml from it, then `merge` of the two DPO models at each weight.
+recut_brevity.yaml and grpo_stepsum_length.yaml from it, then `merge` of the two DPO models at each weight
+(`--merge-method dare_ties --density 0.25`: the authors' merge; runs already in OUT are reused, not retrained).
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict]:
         models[arm] = list_checkpoints(run)[-1]
     for w in args.weights:
         merged = root / f"merged_{w:g}"
-        merge(models["accuracy"], models["brevity"], merged, w)
+        if args.merge_method == "linear":
+            merge(models["accuracy"], models["brevity"], merged, w)
+        else:  # on the task vectors against the shared warm start, as the authors' DARE-TIES config
+            merge(models["accuracy"], models["brevity"], merged, w, base=warm, method=args.merge_method,
+                  density=args.density, seed=seed, scale=args.scale)
         models[f"merged_{w:g}"] = merged
     results = {name: {"test": evaluate_model(path, "test", args)} for name, path in models.items()}
     validation = {w: evaluate_model(models[f"merged_{w:g}"], "validation", args) for w in args.weights}
@@ -127,6 +132,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--merge-method", choices=["linear", "ties", "dare_ties"], default="linear",
+                    help="how the two DPO models are merged (ties / dare_ties: against the warm start)")
+    ap.add_argument("--density", type=float, default=1.0, help="ties / dare_ties: share of task-vector entries kept")
+    ap.add_argument("--scale", type=float, default=1.0, help="ties / dare_ties: λ on the merged task vector")
     ap.add_argument("--tolerance", type=float, default=0.02, help="validation accuracy a shorter merge may lose")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8)

@@ -222,15 +222,23 @@ def merge(
                                                  "base + scale ((1 - w)(A - base) + w (B - base)).")] = None,
     scale: Annotated[float, typer.Option(help="λ of task arithmetic (needs --base; 1 equals interpolation, 2 with "
                                          "weight 0.5 adds both task vectors).")] = 1.0,
+    method: Annotated[str, typer.Option(help="linear (interpolation / task arithmetic), ties (trim by magnitude, "
+                                        "elect signs, disjoint mean) or dare_ties (random drop and rescale, then "
+                                        "TIES' signs); the last two need --base.")] = "linear",
+    density: Annotated[float, typer.Option(help="ties / dare_ties: the share of each task vector's entries kept, "
+                                           "in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="dare_ties: seed of the random drops.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
 ) -> None:
-    """Merge two fine-tunes of one model: linear interpolation, or task arithmetic with --base."""
+    """Merge two fine-tunes of one model: linear interpolation, or with --base task arithmetic, TIES or
+    DARE-TIES."""
     from outrider.merge import merge as merge_models
 
     check_model_out(out_dir, overwrite)
-    done = merge_models(a, b, out_dir, weight, base, scale)
+    done = merge_models(a, b, out_dir, weight, base, scale, method, density, seed)  # type: ignore[arg-type]
     how = (f"{1 - weight:g} A + {weight:g} B" if base is None else
-           f"base + {scale:g} ({1 - weight:g} (A - base) + {weight:g} (B - base))")
+           f"base + {scale:g} ({1 - weight:g} (A - base) + {weight:g} (B - base))" if method == "linear" else
+           f"{method} (density {density:g}, weights {1 - weight:g} / {weight:g}, scale {scale:g}) on base")
     out.print(f"merged {done['A']} and {done['B']} as {how} into {out_dir}")
 
 

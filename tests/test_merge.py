@@ -49,6 +49,44 @@ def test_task_arithmetic_by_hand():
     assert torch.equal(merged_state(s, 0.0, scale=0.5)["w"], torch.tensor([1.0, 1.5, -2.0]))
 
 
+def test_ties_by_hand():
+    base = {"w": torch.tensor([1.0, 1.0, 0.0]), "b": torch.tensor([[1.0]]), "n": torch.tensor([3])}
+    s = states(base=base)
+    # tau_A = (0, 1, -4), tau_B = (2, -1, 4); w = 0.25: weighted (0, .75, -3) and (.5, -.25, 1), sum (.5, .5, -2):
+    # elected signs (+, +, -); entry 0: only B agrees, .5 / .25 = 2; entry 1: A, .75 / .75 = 1; entry 2: A, -4
+    m = merged_state(s, 0.25, method="ties")
+    assert torch.equal(m["w"], torch.tensor([3.0, 2.0, -4.0]))
+    assert torch.equal(m["b"], torch.tensor([[0.5]]))  # tau_A = -.5 (weighted -.375) outweighs tau_B = .5 (.125)
+    # trimmed to the largest third (one entry of three): (0, 0, -4) and (0, 0, 4); entries 0 and 1 stay at base
+    m = merged_state(s, 0.25, method="ties", density=1 / 3)
+    assert torch.equal(m["w"], torch.tensor([1.0, 1.0, -4.0]))
+    # w = 0.5: entries 1 and 2 cancel exactly (no elected sign): they stay at base; lambda scales what is merged
+    m = merged_state(s, 0.5, scale=0.5, method="ties")
+    assert torch.equal(m["w"], torch.tensor([2.0, 1.0, 0.0]))
+    # agreeing signs are a plain weighted mean: TIES equals task arithmetic there
+    agree = states(base={"w": torch.zeros(3), "b": torch.zeros(1, 1), "n": torch.tensor([3])})
+    agree["B"]["w"] = torch.tensor([2.0, 4.0, -2.0])
+    assert torch.allclose(merged_state(agree, 0.3, method="ties")["w"], merged_state(agree, 0.3)["w"], atol=1e-6)
+
+
+def test_dare_ties_drops_and_rescales():
+    n = 20000
+    base = {"w": torch.zeros(n), "b": torch.zeros(1, 1), "n": torch.tensor([3])}
+    s = {"A": {"w": torch.zeros(n), "b": torch.zeros(1, 1), "n": torch.tensor([3])},
+         "B": {"w": torch.full((n,), 0.5), "b": torch.ones(1, 1), "n": torch.tensor([3])}, "base": base}
+    m = merged_state(s, 0.5, method="dare_ties", density=0.25, seed=3)
+    # A's task vector is 0: every kept entry of B's (1/0.25) * 0.5 = 2 is the merge; the rest stay at base
+    assert set(m["w"].unique().tolist()) == {0.0, 2.0}
+    assert abs((m["w"] == 2.0).float().mean().item() - 0.25) < 0.02
+    assert abs(m["w"].mean().item() - 0.5) < 0.04  # unbiased: the rescaling keeps the task vector's mean
+    assert torch.equal(m["w"], merged_state(s, 0.5, method="dare_ties", density=0.25, seed=3)["w"])
+    assert not torch.equal(m["w"], merged_state(s, 0.5, method="dare_ties", density=0.25, seed=4)["w"])
+    full = states(base={"w": torch.tensor([1.0, 1.0, 0.0]), "b": torch.tensor([[1.0]]), "n": torch.tensor([3])})
+    assert torch.equal(merged_state(full, 0.25, method="dare_ties")["w"], merged_state(full, 0.25, method="ties")["w"])
+    with pytest.raises(OutriderError, match="--method ties: merges task vectors, so it needs --base"):
+        merged_state(states(), 0.5, method="ties")
+
+
 @pytest.mark.parametrize("change, fragments", [
     (lambda s: s["B"].pop("b"), ("A has the parameter b and B has not",)),
     (lambda s: s["B"].update(extra=torch.zeros(1)), ("B has the parameter extra and A has not",)),
@@ -97,6 +135,9 @@ def test_cli_merge_is_loadable_and_exact(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["--weight", "1.5"], ("--weight", "between 0 and 1")),
     (["--scale", "2"], ("--scale", "--base")),
+    (["--method", "dare_ties"], ("--method dare_ties", "needs --base")),
+    (["--method", "slerp"], ("--method", "linear, ties or dare_ties", "'slerp'")),
+    (["--density", "0.5"], ("--density", "not linear")),
 ])
 def test_cli_bad_options(tmp_path, monkeypatch, capsys, argv, fragments):
     a, b = tiny_dir(tmp_path, "a", 1), tiny_dir(tmp_path, "b", 2)
