@@ -65,7 +65,8 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict]:
         if not (run / "summary.json").exists():
             cli("train", RECIPES / recipe, "--out", run, "--quiet", "--overwrite", "--set", f"train.seed={seed}",
                 "--set", f"policy.model={warm}", "--set", "policy.warm_start.steps=0",
-                "--set", f"train.steps={args.steps}", *sets(args),
+                "--set", f"train.steps={args.grpo_steps if arm == 'grpo_length' and args.grpo_steps else args.steps}",
+                *sets(args),
                 *(x for o in (args.dpo_set if arm != "grpo_length" else []) for x in ("--set", o)))
         models[arm] = list_checkpoints(run)[-1]
     for w in args.weights:
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/recut"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--grpo-steps", type=int, default=0, help="steps of the GRPO arm (0: --steps), e.g. to match "
+                    "the sampled tokens of ReCUT's trials")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--merge-method", choices=["linear", "ties", "dare_ties"], default="linear",
                     help="how the two DPO models are merged (ties / dare_ties: against the warm start)")
