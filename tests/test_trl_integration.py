@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,66 @@ def test_grpo_trainer_trains_two_steps_with_an_outrider_reward(tmp_path):
     logged = [row for row in trainer.state.log_history if "rewards/outrider_format/mean" in row]
     assert len(logged) == 2 and all("rewards/outrider_numeric_match/mean" in row for row in logged)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_an_outrider_task_as_trl_environment_steps_like_the_env():
+    from conftest import TINY_RECIPE
+    from outrider.integrations.trl import environment_factory
+    from outrider.envs import ENVS
+
+    factory = environment_factory(TINY_RECIPE["task"])
+    assert factory.__name__ == "outrider_reasoning_gym"
+    entry, cfg = ENVS.build(dict(TINY_RECIPE["task"]), "task")
+    reference = entry.fn(cfg).make_env("train")
+    env = factory()
+    for seed in (0, 3):
+        assert env.reset(prompt="ignored", seed=seed) == reference.reset(seed)
+        info = reference.step("7")
+        assert env.act("7") == (info[0] or "The episode is over.") and env.get_reward() == info[1]
+        assert env.act("8") == "The episode is over." and env.turns == 1
+    with pytest.raises(OutriderError, match="split"):
+        environment_factory(TINY_RECIPE["task"], split="test")
+
+
+@pytest.mark.slow  # TRL's tool-calling loop around a tiny random model: ~20 s
+def test_grpo_trainer_runs_an_outrider_env_through_environment_factory(tmp_path):
+    trl = pytest.importorskip("trl", reason="the outrider[trl] extra (make test installs it)")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.chat_template_utils import add_response_schema
+
+    from conftest import TINY_RECIPE
+    from outrider.integrations.trl import environment_factory
+    from outrider.policy.model import Policy
+
+    torch.manual_seed(0)
+    Policy.tiny().save(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    # a chat template that renders tool calls (TRL ships Qwen2.5's); the tiny tokenizer spells any ASCII
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    tokenizer = add_response_schema(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    seen = []
+    base = environment_factory(TINY_RECIPE["task"])
+
+    class Recorded(base):
+        def reset(self, **row):
+            seen.append(row["seed"])
+            return super().reset(**row)
+
+    Recorded.__name__ = base.__name__
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Solve:"}]] * 4, "seed": [0, 1, 2, 3]})
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, max_steps=2, seed=0,
+                        per_device_train_batch_size=4, num_generations=2, max_completion_length=8, beta=0.0,
+                        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+                        gradient_checkpointing=False, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                          environment_factory=Recorded)
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(seen) == 8 and set(seen) <= {0, 1, 2, 3}
+    assert any(f"rewards/{base.__name__}/mean" in row for row in trainer.state.log_history)

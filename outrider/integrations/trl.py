@@ -95,3 +95,51 @@ def reward_func(section: dict[str, Any] | str, weight: float = 1.0, answer_forma
 
 def trl_version() -> str:
     return require("trl", "trl").__version__
+
+
+def environment_factory(task: dict[str, Any], split: str = "train") -> type:
+    """An outrider task as TRL's ``environment_factory`` (``GRPOTrainer(environment_factory=...)``): a class whose
+    ``reset(**row)`` resets an env of the task's SPLIT at the row's ``seed`` column (0 if absent) and returns the
+    observation (TRL appends it to the prompt's last user message), whose one tool ``act(action)`` steps the env,
+    and whose ``get_reward()`` is the env's reward summed over the episode (TRL's environment-owned reward).
+    TASK is a recipe's ``task`` section. The model must call the tool through its chat template's tool calls."""
+    from outrider.envs import ENVS
+    from outrider.envs.base import close_env
+
+    if split not in ("train", "eval"):
+        raise OutriderError(f"split: '{split}' is not one of train, eval")
+    entry, cfg = ENVS.build(dict(task), "task")
+    built = entry.fn(cfg)
+
+    class OutriderEnvironment:
+        def __init__(self) -> None:
+            self.env = built.make_env(split)
+            self.reward, self.done, self.turns = 0.0, False, 0
+
+        def reset(self, **row: Any) -> str:
+            self.reward, self.done, self.turns = 0.0, False, 0
+            return self.env.reset(int(row.get("seed", 0)))
+
+        def act(self, action: str) -> str:
+            """Take one action in the environment and return what it says back.
+
+            Args:
+                action: The action's text: a command, or the final answer.
+            """
+            if self.done:
+                return "The episode is over."
+            observation, reward, done, _ = self.env.step(action)
+            self.reward, self.done, self.turns = self.reward + float(reward), bool(done), self.turns + 1
+            return observation or ("The episode is over." if done else "")
+
+        def get_reward(self) -> float:
+            return self.reward
+
+        def __del__(self) -> None:
+            try:
+                close_env(self.env)
+            except Exception:  # an env's close at interpreter exit must not print a traceback
+                pass
+
+    OutriderEnvironment.__name__ = OutriderEnvironment.__qualname__ = f"outrider_{task.get('name', 'env')}"
+    return OutriderEnvironment

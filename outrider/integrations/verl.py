@@ -11,9 +11,10 @@ your own, e.g. ``register("outrider_canon_len", {"name": "canon", "metric": "len
 
 Tensors map as: verl's ``token_level_rewards`` → ``batch.token_rewards``, ``response_mask`` → ``action_mask``,
 ``index`` (the prompt uids) → ``group_index`` (ids by first appearance); one turn per response. Credit pieces that
-read the rollout's behaviour entropy or log-probs (CANON's entropy split, RiskPO) take them as the optional keyword
-arguments ``entropys`` / ``old_log_probs`` ([B, T] over the response): verl's ``compute_advantage`` passes only
-rewards, mask, index and config, so a verl run that uses them passes those two from ``data.batch``. Step-level
+read the rollout's behaviour entropy or log-probs (CANON's entropy split, EMPG, PPL-position) take them as the
+optional keyword arguments ``entropys`` / ``old_log_probs`` ([B, T] over the response): verl's
+``compute_advantage`` passes only rewards, mask, index and config, so a verl run that uses them passes those two
+from ``data.batch``. Step-level
 pieces (GiGPO's anchor states) see single-turn responses unless ``step_index`` and ``turn_state_ids`` are given.
 Losses: verl's ``loss_agg_mode`` is outrider's loss aggregation (the same four modes); the loss options are the
 registered ones (verl's actor clip ratios are not read); ``rollout_is_weights``, when given, multiply the per-token
