@@ -87,9 +87,21 @@ def cluster_cpus(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def check_fits(ray: Any, threads: int, gpus: float) -> None:
+    """Refuse a task no node could ever hold (Ray would keep it pending forever): more CPUs or GPUs than the
+    cluster has in all (a node smaller than that still leaves it pending; Ray's status shows it)."""
+    have = ray.cluster_resources()
+    if threads > have.get("CPU", 0):
+        raise OutriderError(f"--threads: each run asks for {threads} CPUs, the Ray cluster has {have.get('CPU', 0):g}")
+    if gpus > have.get("GPU", 0):
+        raise OutriderError(f"--gpus-per-run: each run asks for {gpus:g} GPUs, the Ray cluster has "
+                            f"{have.get('GPU', 0):g}")
+
+
 def run_all_ray(ray: Any, jobs: list[RunJob], sets: list[str], parallel: int, threads: int, gpus: float,
                 console: Console) -> None:
     """Submit the queued jobs as Ray tasks (at most PARALLEL in flight), with the local backend's live table."""
+    check_fits(ray, threads, gpus)
     remote = ray.remote(run_attempt).options(num_cpus=threads, num_gpus=gpus, max_retries=RETRIES,
                                              retry_exceptions=[ChildKilled])
     queue = [j for j in jobs if j.state == "queued"]

@@ -15,18 +15,21 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import write_recipe
+from conftest import call_main, write_recipe
 from outrider.compare import compare
 from outrider.errors import OutriderError
 from test_resume import RESUME_OVERRIDES, STEP_CKPT, assert_same_run
 
 
-def test_missing_ray_extra_is_one_line(tmp_path, monkeypatch):
+def test_missing_ray_extra_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     recipe = write_recipe(tmp_path)
     with pytest.raises(OutriderError, match=r"outrider\[ray\]") as err:
         compare([recipe], 1, tmp_path / "c", backend="ray", console=Console(file=io.StringIO()))
     assert "\n" not in str(err.value) and not (tmp_path / "c").exists()
+    code, _, stderr = call_main(monkeypatch, capsys, "compare", str(recipe), "--backend", "ray", "--out",
+                                str(tmp_path / "c"))
+    assert code != 0 and "pip install 'outrider[ray]'" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("kwargs, field", [({"backend": "slurm"}, "--backend"), ({"gpus": 1.0}, "--gpus-per-run"),
@@ -34,6 +37,19 @@ def test_missing_ray_extra_is_one_line(tmp_path, monkeypatch):
 def test_bad_backend_options_are_refused(tmp_path, kwargs, field):
     with pytest.raises(OutriderError, match=field):
         compare([write_recipe(tmp_path)], 1, tmp_path / "c", console=Console(file=io.StringIO()), **kwargs)
+
+
+def test_a_run_larger_than_the_cluster_is_refused_not_left_pending():
+    from types import SimpleNamespace
+
+    from outrider.compare_ray import check_fits
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0})
+    check_fits(cluster, 4, 0.0)
+    with pytest.raises(OutriderError, match="--threads: each run asks for 5 CPUs, the Ray cluster has 4"):
+        check_fits(cluster, 5, 0.0)
+    with pytest.raises(OutriderError, match="--gpus-per-run: each run asks for 1 GPUs, the Ray cluster has 0"):
+        check_fits(cluster, 1, 1.0)
 
 
 def _ppid(pid: int) -> int:
