@@ -5,7 +5,7 @@ Run directories must lie on a path every node sees (NFS, a shared disk): the tas
 driver reads ``metrics.jsonl`` from there for the live table and the report. A task whose worker dies (a node lost,
 an OOM kill, ``kill -9``) is retried by Ray; the retry finds ``recipe.yaml`` in the run directory and continues
 with ``train --resume`` from the last checkpoint, which ends bit-identical to an uninterrupted run.
-``RAY_ADDRESS`` (or ``--ray-address``) joins an existing cluster; without it a local Ray instance is started for the
+``RAY_ADDRESS`` (or `compare`'s ``ray_address``) joins an existing cluster; without it a local Ray instance is started for the
 command and stopped after it.
 """
 
