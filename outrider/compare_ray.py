@@ -71,7 +71,8 @@ def run_attempt(job: RunJob, sets: list[str], threads: int) -> tuple[int, list[s
 
 
 def connect(address: str | None, cores: int) -> tuple[Any, bool]:
-    """Join the cluster at ADDRESS (or RAY_ADDRESS), else start a local one; returns (ray, started_here)."""
+    """Join the cluster at ADDRESS (or RAY_ADDRESS), else start a local one; returns (ray, connected_here):
+    `ray.shutdown()` then stops a local instance, or only disconnects from a cluster, which keeps running."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
