@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# A pinned local CPU wheel: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# verl for the outrider[verl] tests, without its transformers<5.11 pin (its deps come with dev)
+	$(BIN)/python -m pip install -q --no-deps 'verl>=0.9.1,<0.10'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -293,15 +293,20 @@ def compare(
                                                "policy/entropy, reward/total, eval/* diagnostics).")] = [],
     resume: Annotated[bool, typer.Option(help="Keep finished runs (summary.json) and continue partial ones.")]
     = False,
+    backend: Annotated[str, typer.Option(help="local (child processes here) or ray (one Ray task per run; "
+                                         "RAY_ADDRESS joins a cluster, --out must be a path all nodes see).")]
+    = "local",
+    gpus_per_run: Annotated[float, typer.Option("--gpus-per-run", help="GPUs each Ray task declares.")] = 0.0,
 ) -> None:
-    """Run recipes x seeds in parallel processes, then write DIR/report.html (curves with 95% bootstrap bands, a
-    final table, the recipe diff) and DIR/summary.json. Exits 1 if any run failed."""
+    """Run recipes x seeds in parallel processes (or Ray tasks), then write DIR/report.html (curves with 95%
+    bootstrap bands, a final table, the recipe diff) and DIR/summary.json. Exits 1 if any run failed."""
     from outrider.compare import compare as run_compare
     from outrider.rundir import check_writable
 
     check_writable(out_dir)
     try:
-        summary, failed = run_compare(recipes_, seeds, out_dir, set_, jobs, threads, _metric_list(metrics), resume)
+        summary, failed = run_compare(recipes_, seeds, out_dir, set_, jobs, threads, _metric_list(metrics), resume,
+                                      backend=backend, gpus=gpus_per_run)
     except KeyboardInterrupt:
         raise typer.Abort() from None
     _report_done(out_dir, summary)

@@ -25,6 +25,7 @@ from rich.table import Table
 from outrider.errors import OutriderError
 
 STDERR_TAIL_LINES = 40
+BACKENDS = ("local", "ray")
 
 
 def cpu_cores() -> int:
@@ -77,6 +78,20 @@ def last_step(run_dir: Path) -> int | None:
     return None
 
 
+def settle(job: RunJob) -> str:
+    """Read JOB's run directory as an earlier attempt left it: "kept" (finished: summary.json), "resume" (started:
+    recipe.yaml, continued with `train --resume` at the saved thread count) or "fresh"."""
+    if (job.run_dir / "summary.json").is_file():
+        return "kept"
+    if (job.run_dir / "recipe.yaml").is_file():
+        job.resume = True
+        # `train --resume` refuses a recipe that differs from the saved one, threads included
+        saved = yaml.safe_load((job.run_dir / "recipe.yaml").read_text()) or {}
+        job.threads = (saved.get("train") or {}).get("threads")
+        return "resume"
+    return "fresh"
+
+
 def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume: bool) -> list[RunJob]:
     """Validate every recipe (with the overrides) and lay out the runs, before anything is launched."""
     from outrider.recipe import load_recipe
@@ -97,17 +112,11 @@ def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume
         for k in range(seeds):
             run_dir = out_dir / stem / f"seed{k}"
             job = RunJob(Path(path), stem, k, run_dir, rec.train.steps)
-            if resume and (run_dir / "summary.json").is_file():
+            if resume and settle(job) == "kept":
                 job.state = "kept"
-            elif resume and (run_dir / "recipe.yaml").is_file():
-                job.resume = True
-                # `train --resume` refuses a recipe that differs from the saved one, threads included
-                saved = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-                job.threads = (saved.get("train") or {}).get("threads")
-            elif run_dir.is_dir() and any(p.name != "stderr.log" for p in run_dir.iterdir()):
-                if not resume:
-                    raise OutriderError(f"compare: '{run_dir}' already holds a run; use --resume to keep finished "
-                                        "runs and continue partial ones, or choose another --out")
+            elif not resume and run_dir.is_dir() and any(p.name != "stderr.log" for p in run_dir.iterdir()):
+                raise OutriderError(f"compare: '{run_dir}' already holds a run; use --resume to keep finished "
+                                    "runs and continue partial ones, or choose another --out")
             jobs.append(job)
     return jobs
 
@@ -119,7 +128,8 @@ def _command(job: RunJob, sets: list[str], threads: int) -> list[str]:
     return cmd + (["--resume"] if job.resume else []) + ["--quiet"]
 
 
-def _launch(job: RunJob, sets: list[str], threads: int, log_dir: Path) -> None:
+def child_env(job: RunJob, threads: int) -> dict[str, str]:
+    """Clear what an earlier failed attempt left in JOB's run directory and return the child's environment."""
     stale = job.run_dir / "stderr.log"  # from an earlier failed attempt; `train` wants an empty --out
     if stale.is_file():
         stale.unlink()
@@ -128,6 +138,11 @@ def _launch(job: RunJob, sets: list[str], threads: int, log_dir: Path) -> None:
     env = dict(os.environ)
     # numpy/BLAS pools would otherwise each take every core, oversubscribing the machine J times over
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def _launch(job: RunJob, sets: list[str], threads: int, log_dir: Path) -> None:
+    env = child_env(job, threads)
     job.log = log_dir / f"{job.stem}-seed{job.seed}.stderr"
     with job.log.open("w") as err:
         job.proc = subprocess.Popen(_command(job, sets, threads), stdout=subprocess.DEVNULL, stderr=err,
@@ -135,18 +150,22 @@ def _launch(job: RunJob, sets: list[str], threads: int, log_dir: Path) -> None:
     job.state, job.started = "running", time.monotonic()
 
 
-def _finish(job: RunJob) -> None:
-    """Record the exit; a failure keeps its stderr tail in RUNDIR/stderr.log and one line in job.error."""
-    job.returncode, job.ended = job.proc.returncode, time.monotonic()
-    if job.returncode == 0:
+def record_exit(job: RunJob, returncode: int, lines: list[str]) -> None:
+    """Record an exit; a failure keeps its stderr tail (LINES) in RUNDIR/stderr.log and one line in job.error."""
+    job.returncode, job.ended = returncode, time.monotonic()
+    if returncode == 0:
         job.state = "done"
         return
     job.state = "failed"
-    lines = job.log.read_text(errors="replace").splitlines() if job.log and job.log.is_file() else []
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "stderr.log").write_text("\n".join(lines[-STDERR_TAIL_LINES:]) + "\n")
     last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "no output")
-    job.error = f"{job.name} failed (exit {job.returncode}): {last[:200]} (see {job.run_dir / 'stderr.log'})"
+    job.error = f"{job.name} failed (exit {returncode}): {last[:200]} (see {job.run_dir / 'stderr.log'})"
+
+
+def _finish(job: RunJob) -> None:
+    lines = job.log.read_text(errors="replace").splitlines() if job.log and job.log.is_file() else []
+    record_exit(job, job.proc.returncode, lines)
 
 
 def _elapsed(job: RunJob) -> str:
@@ -201,27 +220,48 @@ def run_all(jobs: list[RunJob], sets: list[str], parallel: int, threads: int, co
 
 def compare(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str] | None = None, jobs: int | None = None,
             threads: int | None = None, metrics: list[str] | None = None, resume: bool = False,
-            console: Console | None = None) -> tuple[dict[str, Any], list[str]]:
+            console: Console | None = None, backend: str = "local", gpus: float = 0.0,
+            ray_address: str | None = None) -> tuple[dict[str, Any], list[str]]:
     """Run recipes × seeds and write DIR/report.html and DIR/summary.json.
 
     ``jobs`` defaults to the core count (capped at the number of runs), ``threads`` per run to
-    max(1, cores // jobs). Returns the report summary and one line per failed run; raises OutriderError when
-    a recipe is invalid (before anything runs) or when no run succeeded."""
+    max(1, cores // jobs); with ``backend="ray"`` the cores are the cluster's, each run a Ray task declaring
+    ``threads`` CPUs and ``gpus`` GPUs (see outrider/compare_ray.py). Returns the report summary and one line per
+    failed run; raises OutriderError when a recipe is invalid (before anything runs) or when no run succeeded."""
     from outrider.observe.report import build_report
 
     sets = list(sets or [])
     console = console or Console(stderr=True)
+    if backend not in BACKENDS:
+        raise OutriderError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
     if jobs is not None and jobs < 1:
         raise OutriderError(f"--jobs: must be at least 1 (got {jobs})")
     if threads is not None and threads < 1:
         raise OutriderError(f"--threads: must be at least 1 (got {threads})")
+    if gpus < 0 or (gpus and backend != "ray"):
+        raise OutriderError(f"--gpus-per-run: a number >= 0, with --backend ray only (got {gpus})")
+    ray = None
+    if backend == "ray":
+        from outrider import compare_ray
+
+        compare_ray.import_ray()  # a missing extra fails before anything is planned
     planned = plan(recipes, seeds, out_dir, sets, resume)
     to_run = sum(j.state == "queued" for j in planned)
-    cores = cpu_cores()
+    started_ray = False
+    if backend == "ray" and to_run:
+        ray, started_ray = compare_ray.connect(ray_address, cpu_cores())
+    cores = compare_ray.cluster_cpus(ray) if ray is not None else cpu_cores()
     parallel = max(1, min(jobs or cores, to_run or 1))
     threads = threads or max(1, cores // parallel)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_all(planned, sets, parallel, threads, console)
+    try:
+        if ray is not None:
+            compare_ray.run_all_ray(ray, planned, sets, parallel, threads, gpus, console)
+        else:
+            run_all(planned, sets, parallel, threads, console)
+    finally:
+        if started_ray:
+            ray.shutdown()
     if not console.is_terminal:
         console.line()  # Live leaves the cursor after its last frame when it cannot redraw in place
     failed = [j.error for j in planned if j.state == "failed"]
