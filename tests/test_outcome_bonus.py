@@ -108,8 +108,13 @@ def test_killed_outcome_ucb_run_resumes_to_identical_metrics(tmp_path):
     from outrider.trainer import Trainer
 
     score = [{"name": "verifier", "weight": 1.0}, {"name": "outcome_ucb", "weight": 0.5, "baseline": "none"}]
+    # four prompts that recur every step (the budget piece's pool), sampled cold, so answers repeat and the
+    # counts matter (at temperature 1 the weak model's answers are nearly all new)
+    explore = {"name": "budget", "allocation": "uniform", "pool": 4, "prompts_per_step": 4, "group_size": 2,
+               "temperature": 0.2}
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(**dict(RESUME_OVERRIDES, score=score)), sort_keys=False))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(**dict(RESUME_OVERRIDES, score=score, explore=explore)),
+                                     sort_keys=False))
     reference = tmp_path / "A"
     Trainer(load_recipe(recipe), reference, quiet=True).run()
     rows = read_jsonl(reference / "metrics.jsonl")
