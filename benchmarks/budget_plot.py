@@ -1,0 +1,60 @@
+"""Uniform vs Knapsack rollout budgets (docs/exploration.md, "Bonuses and budgets"): the share of groups with a
+non-zero GRPO gradient per step (rolling mean over 10 steps) and held-out pass@1, mean over seeds (thin lines:
+each seed), for each recipe of an `outrider compare` directory.
+
+    python benchmarks/budget_plot.py runs/budget_compare --out docs/bonuses/budget_multisol.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def series(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("compare_dir", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--window", type=int, default=10)
+    args = ap.parse_args()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, recipe in enumerate(sorted(p for p in args.compare_dir.iterdir() if p.is_dir())):
+        color = f"C{i}"
+        for ax, key, smooth in ((axes[0], "explore/informative_groups", True), (axes[1], "eval/pass@1", False)):
+            curves = []
+            for run in sorted(recipe.glob("seed*")):
+                x, y = series(run, key)
+                if smooth:
+                    y = np.convolve(y, np.ones(args.window) / args.window, mode="valid")
+                    x = x[args.window - 1:]
+                ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
+                curves.append((x, y))
+            n = min(len(c[1]) for c in curves)
+            ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], 0), color=color, lw=2,
+                    label=f"{recipe.name} (n={len(curves)})")
+    axes[0].set_title(f"groups with a non-zero gradient (rolling {args.window})")
+    axes[1].set_title("held-out pass@1")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
