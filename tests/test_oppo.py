@@ -105,6 +105,15 @@ def test_oppo_alternation_updates_the_right_parts():
     assert any(not torch.equal(before[k], v) for k, v in oppo.state_dict()["policy"].items())
 
 
+def test_z_star_projected_into_the_ball():
+    oppo = OPPO(4, 6, 8, 3, 1e-2, 1e-2, 2.0, 0.5, 0.0, 0.1, 0.1, 1.0, 0.1, seed=0)
+    assert oppo.z_star.norm() > 0.5  # randn · 2 at init
+    obs, act, mask = torch.randn(2, 5, 4), torch.randint(6, (2, 5)), torch.ones(2, 5)
+    oppo.step(2, (obs, act, mask), ((obs, act, mask), (obs.flip(0), act.flip(0), mask), T([1.0, 0.0])),
+              torch.Generator().manual_seed(0))
+    assert oppo.z_star.norm().item() == pytest.approx(0.5, abs=1e-6)
+
+
 def _tiny_dataset() -> Dataset:
     trajs = [Trajectory("x", np.zeros((2, 3), np.float32), np.array([0, 1]), 1.0, "expert", "L1"),
              Trajectory("y", np.ones((1, 3), np.float32), np.array([5]), None)]

@@ -193,7 +193,9 @@ def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | N
         if step % 50 == 0 or "eval/success" in metrics:
             rows.append(metrics)
         if step % cfg.checkpoint_every == 0 or step == total:
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            # each file written aside and renamed: a kill leaves the previous complete version
+            (out / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / "metrics.jsonl.tmp").replace(out / "metrics.jsonl")
             (out / "checkpoints").mkdir(exist_ok=True)
             torch.save({"step": step, "learner": learner.state_dict()}, out / "checkpoints" / f"step_{step}.pt.tmp")
             (out / "checkpoints" / f"step_{step}.pt.tmp").replace(out / "checkpoints" / f"step_{step}.pt")
