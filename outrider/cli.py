@@ -1,4 +1,4 @@
-"""The `outrider` command line: train, eval, sft, merge, recipes, compare, report."""
+"""The `outrider` command line: train, eval, sft, merge, recipes, compare, report, offline."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from rich.table import Table
 
 from outrider import RECIPES_DIR, __version__  # RECIPES_DIR: the shipped recipes (package data)
 from outrider.errors import OutriderError
+from outrider.offline.cli import app as offline_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language-model reasoners and agents.")
+app.add_typer(offline_app, name="offline")
 out = Console()
 
 

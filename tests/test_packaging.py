@@ -25,7 +25,7 @@ def test_every_shipped_recipe_is_package_data_and_the_repository_links_to_it():
     package_dir = Path(outrider.__file__).resolve().parent
     assert RECIPES_DIR.parent == package_dir and (RECIPES_DIR / "quickstart.yaml").is_file()
     globs = _package_data()["outrider"]
-    files = sorted(p.relative_to(package_dir).as_posix() for p in RECIPES_DIR.iterdir())
+    files = sorted(p.relative_to(package_dir).as_posix() for p in RECIPES_DIR.rglob("*") if p.is_file())
     assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
     # one source of truth: the repository's recipes/ (make demo, docs, tests) is a link to the package data
     assert (ROOT / "recipes").is_symlink() and (ROOT / "recipes").resolve() == RECIPES_DIR

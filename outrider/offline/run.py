@@ -1,0 +1,211 @@
+"""`outrider offline`: train OPPO [38] or a baseline on an offline dataset of trajectories with preferences, then
+evaluate the policy on held-out layouts; and `outrider offline data` to generate such a dataset.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one row per logged step), ``checkpoints/step_N.pt``
+(every piece's state_dict: networks, z*, optimisers) and ``summary.json``. Batches are drawn from a generator
+seeded by (seed, step), so ``--resume`` from a checkpoint continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import Field, ValidationError
+
+from outrider.errors import OutriderError
+from outrider.offline.baselines import BC, BTFilteredBC
+from outrider.offline.oppo import OPPO
+from outrider.offline.trajectories import N_ACTIONS, Dataset, features, generate, layout_id, load_dataset, \
+    make_env
+from outrider.recipe import apply_overrides
+from outrider.registry import Options, format_validation_error
+
+METHODS = ("oppo", "bc", "bt_filtered_bc")
+
+
+class DataConfig(Options):
+    """Where the offline dataset comes from."""
+
+    path: str | None = Field(None, description="A dataset directory (trajectories.jsonl + pairs.jsonl, see "
+                                               "docs/preference.md); null: generate one with the fields below.")
+    env: str = Field("MiniGrid-DoorKey-6x6-v0", description="MiniGrid level: the dataset's train layouts and the "
+                                                             "held-out evaluation layouts.")
+    expert: int = Field(100, ge=0, description="Trajectories of the BFS expert.")
+    noisy: int = Field(100, ge=0, description="Trajectories of the ε-noisy expert.")
+    random: int = Field(100, ge=0, description="Trajectories of the uniformly random policy.")
+    epsilon: float = Field(0.5, ge=0, le=1, description="The noisy expert's probability of a random action.")
+    pairs: int = Field(1000, ge=1, description="Preference pairs, drawn uniformly among distinct trajectories.")
+    label_noise: float = Field(0.0, ge=0, le=0.5, description="Rate at which a strict preference label is flipped.")
+    horizon: int = Field(50, ge=1, description="Steps per episode (dataset and evaluation).")
+    seed: int | None = Field(None, description="Generation seed; null: the run's seed.")
+
+
+class OfflineConfig(Options):
+    """An offline preference run: the method, its constants, the data and the evaluation."""
+
+    method: Literal["oppo", "bc", "bt_filtered_bc"] = Field("oppo", description="oppo, bc (plain behaviour "
+                                                            "cloning) or bt_filtered_bc (Bradley–Terry reward + BC "
+                                                            "on the top `keep` trajectories).")
+    data: DataConfig = Field(default_factory=DataConfig, description="The dataset.")
+    seed: int = Field(0, description="Seed of the networks' init, the batches and (by default) the data.")
+    steps: int = Field(2000, ge=1, description="Policy-training steps (bt_filtered_bc adds reward_steps first).")
+    batch: int = Field(32, ge=1, description="Trajectories per HIM / BC batch.")
+    pair_batch: int = Field(32, ge=1, description="Pairs per preference batch (OPPO's encoder and z*, BT reward).")
+    hidden: int = Field(64, ge=4, description="Hidden width of every MLP (encoder, policy, reward).")
+    z_dim: int = Field(8, ge=1, description="OPPO: size of z (the authors' default 8).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the policy, encoder and reward model.")
+    z_init: float = Field(2.0, ge=0, description="OPPO: std of z*'s Gaussian init (the authors' 2).")
+    z_max_norm: float | None = Field(1.0, gt=0, description="OPPO: project z* into the ball of this radius after "
+                                     "each step (the encoder's norm penalty's radius); null: free z*, as in the paper.")
+    z_lr: float = Field(1e-2, gt=0, description="OPPO: AdamW learning rate of z* (the authors' w_lr is 1e-3 over "
+                                                "100k steps; runs here are 2k).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (the authors' 1e-4).")
+    pref_weight: float = Field(0.1, ge=0, description="OPPO: weight of the preference loss in the encoder's loss.")
+    norm_weight: float = Field(0.1, ge=0, description="OPPO: weight of the norm penalty max(‖z‖ − 1, 0).")
+    margin: float = Field(1.0, ge=0, description="OPPO: triplet margin for strict pairs (ties use 0).")
+    state_noise: float = Field(0.1, ge=0, description="OPPO: std of Gaussian noise on states in the HIM step.")
+    reward_steps: int = Field(1000, ge=1, description="bt_filtered_bc: Bradley–Terry steps before cloning.")
+    keep: float = Field(0.3, gt=0, le=1, description="bt_filtered_bc: fraction of trajectories cloned (top by R̂).")
+    eval_episodes: int = Field(100, ge=1, description="Held-out episodes per evaluation (greedy actions).")
+    eval_every: int = Field(500, ge=0, description="Evaluate every this many steps (0: only at the end).")
+    checkpoint_every: int = Field(500, ge=1, description="Checkpoint every this many steps.")
+    threads: int = Field(1, ge=1, description="torch threads (small MLPs: more threads only add contention).")
+
+
+def load_config(path: str | None, overrides: list[str]) -> OfflineConfig:
+    if path and not Path(path).is_file():
+        raise OutriderError(f"no such file '{path}'")
+    data: Any = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = apply_overrides(data or {}, overrides)
+    try:
+        return OfflineConfig.model_validate(data)
+    except ValidationError as e:
+        raise OutriderError(format_validation_error(e, "", OfflineConfig)) from None
+
+
+def get_dataset(cfg: OfflineConfig) -> Dataset:
+    d = cfg.data
+    if d.path:
+        return load_dataset(d.path)
+    return generate(d.env, {"expert": (d.expert, 0.0), "noisy": (d.noisy, d.epsilon), "random": (d.random, 1.0)},
+                    d.pairs, d.label_noise, d.horizon, cfg.seed if d.seed is None else d.seed)
+
+
+def padded(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every trajectory padded to the longest: observations [N, T, D], actions [N, T], mask [N, T]."""
+    n, t = len(ds.trajectories), max(len(tr.actions) for tr in ds.trajectories)
+    obs, act, mask = torch.zeros(n, t, ds.obs_dim), torch.zeros(n, t, dtype=torch.long), torch.zeros(n, t)
+    for i, tr in enumerate(ds.trajectories):
+        k = len(tr.actions)
+        obs[i, :k], act[i, :k], mask[i, :k] = torch.from_numpy(tr.observations), torch.from_numpy(tr.actions), 1
+    return obs, act, mask
+
+
+def build(cfg: OfflineConfig, obs_dim: int) -> Any:
+    if cfg.method == "oppo":
+        return OPPO(obs_dim, N_ACTIONS, cfg.hidden, cfg.z_dim, cfg.lr, cfg.z_lr, cfg.z_init, cfg.z_max_norm,
+                    cfg.weight_decay, cfg.pref_weight, cfg.norm_weight, cfg.margin, cfg.state_noise, cfg.seed)
+    if cfg.method == "bc":
+        return BC(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed)
+    return BTFilteredBC(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed, cfg.reward_steps,
+                        cfg.keep)
+
+
+@torch.no_grad()
+def evaluate(learner: Any, env_id: str, episodes: int, horizon: int, train_layouts: set[str]) -> dict[str, float]:
+    """Greedy episodes on held-out layouts (eval seeds 0..episodes-1); a layout seen in the data is an error."""
+    tenv = make_env(env_id, "eval")
+    successes, returns = [], []
+    for e in range(episodes):
+        tenv.reset(e)
+        env = tenv.env
+        if layout_id(env) in train_layouts:
+            raise OutriderError(f"data: evaluation layout of eval seed {e} appears in the dataset; the splits overlap")
+        ret, won = 0.0, False
+        for _ in range(horizon):
+            a = int(learner.act_logits(torch.from_numpy(features(env))).argmax())
+            _, r, terminated, truncated, _ = env.step(a)
+            ret += float(r)
+            if terminated or truncated:
+                won = terminated and r > 0
+                break
+        successes.append(float(won))
+        returns.append(ret)
+    return {"eval/success": float(np.mean(successes)), "eval/return": float(np.mean(returns))}
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train and evaluate; `stop_after` ends the process's work early (tests: a run cut short, then resumed)."""
+    torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=1) + "\n")
+    t0 = time.time()
+    ds = get_dataset(cfg)
+    data_s = time.time() - t0
+    obs, act, mask = padded(ds)
+    pa = torch.tensor([i for i, _, _ in ds.pairs])
+    pb = torch.tensor([j for _, j, _ in ds.pairs])
+    pref = torch.tensor([p for *_, p in ds.pairs], dtype=torch.float32)
+    train_layouts = {t.layout for t in ds.trajectories if t.layout}
+    learner = build(cfg, ds.obs_dim)
+    total = cfg.steps + (cfg.reward_steps if cfg.method == "bt_filtered_bc" else 0)
+    start, rows = 0, []
+    if resume and _checkpoints(out):
+        state = torch.load(_checkpoints(out)[-1], weights_only=False)
+        learner.load_state_dict(state["learner"])
+        start = state["step"]
+        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] <= start]
+    pool = torch.arange(len(ds.trajectories))
+    if cfg.method == "bt_filtered_bc" and start >= cfg.reward_steps:
+        pool = torch.tensor(learner.select(learner.reward(obs, act, mask).detach()))
+    horizon = cfg.data.horizon if not cfg.data.path else int(mask.sum(1).max())
+    train_s = 0.0
+    for step in range(start + 1, total + 1):
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        t1 = time.time()
+        ti = pool[torch.randint(len(pool), (cfg.batch,), generator=gen)]
+        pi = torch.randint(len(pa), (cfg.pair_batch,), generator=gen)
+        ia, ib = pa[pi], pb[pi]
+        metrics = learner.step(step, (obs[ti], act[ti], mask[ti]),
+                               ((obs[ia], act[ia], mask[ia]), (obs[ib], act[ib], mask[ib]), pref[pi]), gen)
+        if cfg.method == "bt_filtered_bc" and step == cfg.reward_steps:
+            pool = torch.tensor(learner.select(learner.reward(obs, act, mask).detach()))
+            kept = {ds.trajectories[int(i)].source for i in pool}
+            metrics["bt/kept_expert_share"] = float(np.mean([ds.trajectories[int(i)].source == "expert" for i in pool]))
+            metrics["bt/kept_sources"] = len(kept)
+        dt = time.time() - t1
+        train_s += dt
+        metrics.update({"step": step, "time/train_s": dt})
+        if step == total or (cfg.eval_every and step % cfg.eval_every == 0):
+            t2 = time.time()
+            metrics.update(evaluate(learner, cfg.data.env, cfg.eval_episodes, horizon, train_layouts))
+            metrics["time/eval_s"] = time.time() - t2
+        if step % 50 == 0 or "eval/success" in metrics:
+            rows.append(metrics)
+        if step % cfg.checkpoint_every == 0 or step == total:
+            # each file written aside and renamed: a kill leaves the previous complete version
+            (out / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (out / "metrics.jsonl.tmp").replace(out / "metrics.jsonl")
+            (out / "checkpoints").mkdir(exist_ok=True)
+            torch.save({"step": step, "learner": learner.state_dict()}, out / "checkpoints" / f"step_{step}.pt.tmp")
+            (out / "checkpoints" / f"step_{step}.pt.tmp").replace(out / "checkpoints" / f"step_{step}.pt")
+            for old in _checkpoints(out)[:-2]:
+                old.unlink()
+        if stop_after is not None and step >= stop_after:
+            return {}
+    final = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
+    summary = {**final, "method": cfg.method, "seed": cfg.seed, "steps": total, "data_s": data_s,
+               "train_s_per_step": train_s / max(total - start, 1), "trajectories": len(ds.trajectories),
+               "pairs": len(ds.pairs), "data_meta": ds.meta}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
