@@ -78,15 +78,21 @@ def test_prime_credit_by_hand():
     mask = [[0, 1, 1, 1], [0, 1, 1, 0], [1, 1, 0, 0]]
     rewards = [[9.0, 0.5, -0.5, 1.0], [0.0, -1.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]]  # 9 sits outside the mask
     out = entry.fn(_batch(rewards, mask, [0, 0, 1]), cfg)
-    # returns-to-go: row 0: 1, 0.5, 1; row 1: −1, 0; row 2 (alone: baseline 0): 3, 1
-    # baselines: row 0: R_1 = −1; row 1: R_0 = 1
-    centred = torch.tensor([[0.0, 2.0, 1.5, 2.0], [0.0, -2.0, -1.0, 0.0], [3.0, 1.0, 0.0, 0.0]])
-    expected = masked_whiten(centred, torch.tensor(mask, dtype=torch.float32))
+    # group 0 (n = 2): implicit tokens (all but the last): row 0 (0.5, −0.5) mean 0, row 1 (−1) mean −1;
+    #   r' = 2·r − (0 − 1)/1 → row 0: 2, 0; row 1: −1.  Last tokens 1 and 0: RLOO → 2·1 − 1 = 1, 2·0 − 1 = −1.
+    # group 1 (n = 1) keeps its rewards: 2, 1.
+    shaped = [[0.0, 2.0, 0.0, 1.0], [0.0, -1.0, -1.0, 0.0], [2.0, 1.0, 0.0, 0.0]]
+    returns = torch.tensor([[0.0, 3.0, 1.0, 1.0], [0.0, -2.0, -1.0, 0.0], [3.0, 1.0, 0.0, 0.0]])
+    assert returns.tolist() == [[sum(r[t:]) if mask[i][t] else 0.0 for t in range(4)] for i, r in enumerate(shaped)]
+    expected = masked_whiten(returns, torch.tensor(mask, dtype=torch.float32))
     assert torch.allclose(out.advantages, expected, atol=1e-6)
     # on an outcome reward alone (last token) it is RLOO, whitened
     outcome = entry.fn(_batch([[0, 0, 1.0], [0, 0, 0.0], [0, 0, 1.0]], [[1, 1, 1]] * 3, [0, 0, 0]), cfg)
     rloo = torch.tensor([1.0, -1.0, 1.0]) * 3 / 2 - torch.tensor([2.0, 2.0, 2.0]) / 2  # R_i − mean of the others
     assert torch.allclose(outcome.advantages, masked_whiten(rloo[:, None].expand(3, 3), torch.ones(3, 3)), atol=1e-6)
+    # a constant implicit reward per token pays nothing for length: every token's shaped reward is 0
+    const = entry.fn(_batch([[-0.3] * 3 + [0.0] * 3, [-0.3] * 5 + [0.0]], [[1] * 4 + [0] * 2, [1] * 6], [0, 0]), cfg)
+    assert float(const.advantages.abs().max()) < 1e-6
 
 
 # --- the piece ----------------------------------------------------------------------------------------------------
