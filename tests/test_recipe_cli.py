@@ -137,7 +137,7 @@ THE_FOUR = {
                              ["credit.bogus: unknown option; valid: std_normalize, epsilon"]),
     "unknown_registry_name": ({"credit": {"name": "nope"}},
                               ["credit: unknown credit 'nope'; valid: canon, dr_grpo, empg, gae, gigpo, grpo, "
-                               "ppl_position, reinforce_pp, reinforce_pp_baseline, riskpo, rloo, salt"]),
+                               "ppl_position, prime, reinforce_pp, reinforce_pp_baseline, riskpo, rloo, salt"]),
 }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -76,6 +77,36 @@ def split_steps(text: str) -> list[str]:
     return [p + STEP_SEPARATOR for p in parts[:-1]] + [parts[-1]]
 
 
+@dataclass
+class StepCheck:
+    """Per-step verdicts of one response (`check_steps`): ``correct[k]`` for its k-th step (`split_steps`, the
+    answer step last) and ``first_wrong``, the index of the first wrong step (None when every step is right)."""
+
+    correct: list[bool]
+    first_wrong: int | None
+
+
+def check_steps(terms: list[int], response: str) -> StepCheck:
+    """Check a response step by step against the true running sums ``S_k = terms[0] + … + terms[k]``.
+
+    Intermediate step k (0-based, before the answer step) is right when it is ``S_{k+1}`` (short style) or
+    ``S_k+terms[k+1]=S_{k+1}`` (long style), for k < len(terms) − 1; a step beyond the last addition is wrong (an
+    extra step). The last step is the answer step: right when it is ``#`` and the total. A wrong step may follow
+    from an earlier one (a carried error); the first wrong step is where the solution went wrong.
+    """
+    steps = [s.rstrip(STEP_SEPARATOR) for s in split_steps(response)]
+    sums = [sum(terms[:k + 1]) for k in range(len(terms))]
+    correct = []
+    for k, step in enumerate(steps[:-1]):
+        if k + 1 >= len(terms):
+            correct.append(False)
+            continue
+        long_form = f"{sums[k]}+{terms[k + 1]}={sums[k + 1]}"
+        correct.append(step.strip() in (str(sums[k + 1]), long_form))
+    correct.append(steps[-1].strip() == f"{ANSWER_MARK}{sums[-1]}")
+    return StepCheck(correct, next((k for k, ok in enumerate(correct) if not ok), None))
+
+
 def _bucket(terms: tuple[int, ...], seed: int, fraction: float) -> str:
     h = int(hashlib.sha256(f"stepsum:{seed}:{terms}".encode()).hexdigest()[:8], 16) / 2**32
     return "test" if h < fraction else "validation" if h < 2 * fraction else "train"
@@ -110,6 +141,10 @@ class StepSumTask(SingleTurnTask):
 
     def verify(self, problem: dict[str, Any], answer: str | None) -> float:
         return float(answer is not None and answer == problem["answer"])
+
+    def check_steps(self, problem: dict[str, Any], response: str) -> StepCheck:
+        """The step checker (`check_steps`) on one of this task's problems: per-step verdicts, first wrong step."""
+        return check_steps(problem["metadata"]["terms"], response)
 
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         out = []
