@@ -91,6 +91,15 @@ def test_every_step_replays_only_entries_still_above_the_baseline():
     assert [a for _, a in b.draw(np.random.default_rng(0))] == [0.5]
 
 
+def test_prioritized_replay_draws_in_proportion_to_the_recalibrated_advantage():
+    b = buffer(replay_per_step=1, priority="advantage")
+    b.means, b.stds = [0.5], [0.0]
+    b.entries = [(episode(0, r, seed=i), 1, 0.0) for i, r in enumerate((1.0, 0.6, 0.5, 0.55))]  # Â .5 .1 0 .05
+    rng = np.random.default_rng(0)
+    counts = np.bincount([b.draw(rng)[0][0].seed for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5 / 0.65, 0.1 / 0.65, 0.0, 0.05 / 0.65], atol=0.02)
+
+
 def test_the_authors_full_buffer_rule_replays_a_power_of_two_and_empties_the_buffer():
     assert [largest_power_of_two(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [0, 0, 2, 2, 4, 8, 8]
     b = buffer(replay_when="full", buffer_size=2)

@@ -18,7 +18,8 @@ them. Then, following the authors' ``TrajectoryBufferBatch`` (TencentYoutuResear
 - **Replay** (``replay_when``): ``every_step`` adds ``replay_per_step`` entries drawn uniformly from the buffer;
   ``full`` is the authors' rule: once the buffer holds more than 1.5·``buffer_size``, all of it is recalibrated,
   a random power-of-two subset (at most ``buffer_size``) of the positive ones is replayed and the buffer emptied.
-  A replayed episode is a copy of the stored one, alone in a new group, ``origin="replay"``, ``off_policy``,
+  ``priority: advantage`` draws entries with probability ∝ Â instead (SIL's prioritized replay, with the
+  baseline standing in for the value the explore piece does not have). A replayed episode is a copy of the stored one, alone in a new group, ``origin="replay"``, ``off_policy``,
   its recorded log-probs as μ, ``advantage`` = Â and ``weight`` 0: the policy surrogate ignores it and the
   self-imitation term (``update.terms: [spear_sil]``, `outrider.update.self_imitation`) trains it, as the
   authors' separate replay loss does.
@@ -68,6 +69,9 @@ class SpearConfig(ExploreConfig):
         "every_step", description="every_step: replay_per_step entries drawn each step; full: the authors' rule "
                                   "(over 1.5 x buffer_size entries: replay a power-of-two subset, empty the buffer).")
     replay_per_step: int = Field(8, ge=0, description="every_step: entries replayed per step (0: no replay).")
+    priority: Literal["uniform", "advantage"] = Field(
+        "uniform", description="every_step: draw entries uniformly (SPEAR) or with probability proportional to "
+                               "their positive recalibrated advantage (SIL's prioritized replay).")
     success_only: bool = Field(True, description="Only successful episodes enter the buffer.")
     min_advantage: float = Field(0.0, description="An episode enters the buffer when its group advantage "
                                                   "R - mean_g R exceeds this (authors: > 0).")
@@ -177,6 +181,14 @@ class ReplayBuffer:
             scored = [x for x in scored if x[1] > 0]
             k = min(largest_power_of_two(len(scored)), cfg.buffer_size)
             return [scored[i] for i in sorted(rng.permutation(len(scored))[:k])]
+        if cfg.priority == "advantage":
+            scored = [(e, self.advantage(e, a)) for e, _, a in self.entries]
+            scored = [x for x in scored if x[1] > 0]
+            k = min(cfg.replay_per_step, len(scored))
+            if not k:
+                return []
+            p = np.array([a for _, a in scored])
+            return [scored[i] for i in sorted(rng.choice(len(scored), size=k, replace=False, p=p / p.sum()))]
         k = min(cfg.replay_per_step, len(self.entries))
         picks = [self.entries[i] for i in sorted(rng.choice(len(self.entries), size=k, replace=False))] if k else []
         return [(e, adv) for e, _, a in picks if (adv := self.advantage(e, a)) > 0]
