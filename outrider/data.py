@@ -59,6 +59,9 @@ class Episode:
     are not the current policy's on the trained sequence (a replayed episode, or one sampled with context that
     training removes), so the learner takes them as the ratio's old log-probs (`update.off_policy`).
     ``preference``: the episode's side in a pairwise comparison within its group (pairwise learner terms).
+    ``advantage``: an advantage the piece that made the episode fixed for it (a replayed episode's advantage,
+    recomputed against the current baseline), packed as ``Batch.row_advantage`` for the terms that read it; credit
+    pieces ignore it.
     """
 
     group_id: int
@@ -75,6 +78,7 @@ class Episode:
     prefix_tokens: int = 0
     off_policy: bool = False
     preference: Literal["chosen", "rejected"] | None = None
+    advantage: float | None = None
 
     @property
     def response(self) -> str:
@@ -154,6 +158,7 @@ class Batch:
     origin: Tensor | None = None  # [B] long, the index of each episode's origin in `ORIGINS`
     off_policy: Tensor | None = None  # [B] bool, the row's behaviour log-probs serve as its old log-probs
     preference: Tensor | None = None  # [B] long, 1 chosen, -1 rejected, 0 neither (pairwise terms)
+    row_advantage: Tensor | None = None  # [B] float, each episode's `Episode.advantage` (NaN where it has none)
     behaviour_logprobs: Tensor | None = None  # [B, T] log-probs the sampler drew the action tokens with (0 elsewhere)
     behaviour_entropy: Tensor | None = None  # [B, T] entropy of the sampling distribution at action tokens
     old_logprobs: Tensor | None = None  # [B, T] behaviour (or recomputed old-policy) log-probs
@@ -281,6 +286,8 @@ def pack(episodes: list[Episode], pad_id: int, bos_id: int | None = None) -> Bat
         off_policy=torch.tensor([e.off_policy for e in episodes], dtype=torch.bool),
         preference=torch.tensor([{"chosen": 1, "rejected": -1}.get(e.preference or "", 0) for e in episodes],
                                 dtype=torch.long),
+        row_advantage=torch.tensor([float("nan") if e.advantage is None else e.advantage for e in episodes],
+                                   dtype=torch.float),
         behaviour_logprobs=torch.from_numpy(grid(behaviour_lp, 0.0, np.float32, action)),
         behaviour_entropy=torch.from_numpy(grid(behaviour_h, 0.0, np.float32, action)),
         turn_state_ids=state_ids,

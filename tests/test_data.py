@@ -124,3 +124,11 @@ def test_batch_select_takes_rows_of_every_tensor():
     assert sub.old_logprobs is None and sub.values is None and sub.returns is None
     # the original is untouched
     assert batch.size == 3 and batch.group_index.tolist() == [5, 7, 9]
+
+
+def test_pack_carries_each_episodes_fixed_advantage_nan_where_none():
+    fixed = one_turn_episode()
+    fixed.advantage = -0.75
+    batch = pack([one_turn_episode(), fixed], pad_id=PAD)
+    assert torch.isnan(batch.row_advantage[0]) and float(batch.row_advantage[1]) == -0.75
+    assert float(batch.select(torch.tensor([1])).row_advantage[0]) == -0.75

@@ -1,0 +1,128 @@
+"""The retention experiment of docs/exploration.md ("Replay and self-imitation") from `outrider compare` directories
+whose recipes use the `spear` explore piece with a prompt pool (spear_calculator.yaml, grpo_pool_calculator.yaml).
+
+For each run: the training prompts ever solved (a group with a success) during training, from the final
+checkpoint's piece state, are played again by the final policy, `--samples` times each on the train split;
+"retained" is the share of them it still solves at least once, "success" its mean success on them. With held-out
+pass@1, the entropy band (min / mean / max of the training token entropy), the train success of the on-policy rows
+and the cost per step. Means over seeds with 95% bootstrap intervals, and the paired difference to `--baseline`.
+Writes a JSON summary and a two-panel figure (retained share along training, token entropy; mean over
+seeds, band min to max).
+
+    python benchmarks/replay_retention.py runs/retention --baseline grpo_pool_calculator --out docs/replay
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from outrider.api import load_recipe
+from outrider.checkpoint import list_checkpoints, read_state
+from outrider.data import Start
+from outrider.explore.rollout import rollout
+from outrider.observe.report import stat_of
+from outrider.policy.model import Policy
+from outrider.trainer import build_task, sampling_params
+
+STEP_KEYS = ("time/step_s", "time/sample_s", "time/train_s")
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def replay_end(run: Path, samples: int) -> dict[str, float]:
+    """The final policy on the training prompts ever solved: share still solved (>= 1 of `samples`), mean success."""
+    recipe = load_recipe(run / "recipe.yaml")
+    checkpoint = list_checkpoints(run)[-1]
+    solved = sorted(int(s) for s in read_state(checkpoint)["pieces"]["explore"]["first_solved"])
+    task, policy = build_task(recipe), Policy.load(checkpoint)
+    torch.set_num_threads(1)
+    starts = [Start(seed=s, group_id=i) for i, s in enumerate(solved) for _ in range(samples)]
+    episodes = rollout(policy, lambda: task.make_env("train"), starts, sampling_params(recipe),
+                       torch.Generator().manual_seed(12345), task.max_turns)
+    hits = np.array([e.success for e in episodes], dtype=float).reshape(len(solved), samples)
+    return {"ever_solved": float(len(solved)), "retained": float((hits.max(1) > 0).mean()),
+            "retained_success": float(hits.mean())}
+
+
+def run_numbers(run: Path, samples: int) -> dict[str, float]:
+    rows = rows_of(run)
+    steps = [r for r in rows if "time/step_s" in r]
+    evals = [r for r in rows if "eval/pass@1" in r]
+    entropy = [r["policy/entropy"] for r in steps]
+    out = replay_end(run, samples)
+    out.update({"pass@1_start": evals[0]["eval/pass@1"], "pass@1_end": evals[-1]["eval/pass@1"],
+                "pass@8_end": evals[-1].get("eval/pass@8", float("nan")),
+                "entropy_min": min(entropy), "entropy_mean": float(np.mean(entropy)), "entropy_max": max(entropy),
+                "train_success_last10": float(np.mean([r.get("origin/on_policy/accuracy", r.get("reward/verifier"))
+                                                       for r in steps[-10:]])),
+                "retained_frac_training": steps[-1].get("explore/retained_frac", float("nan"))})
+    out.update({k.split("/")[1]: float(np.mean([r[k] for r in steps])) for k in STEP_KEYS})
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    s = stat_of(values)
+    return "-" if s is None else f"{s.mean:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"
+
+
+def plot(groups: dict[str, list[Path]], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for (key, title), ax in zip((("explore/retained_frac", "ever-solved prompts solved at their latest visit"),
+                                 ("policy/entropy", "token entropy (training)")), axes):
+        for name, runs in groups.items():
+            curves = [[(r["step"], r[key]) for r in rows_of(run) if key in r] for run in runs]
+            n = min(len(c) for c in curves)
+            x = np.array([s for s, _ in curves[0][:n]])
+            y = np.array([[v for _, v in c[:n]] for c in curves])
+            ax.plot(x, y.mean(0), label=name)
+            ax.fill_between(x, y.min(0), y.max(0), alpha=0.2)  # the band: min to max over seeds
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--baseline", default="grpo_pool_calculator")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("docs/replay"))
+    ap.add_argument("--name", default="retention", help="file name stem of the JSON summary and the figure")
+    args = ap.parse_args()
+    groups: dict[str, list[Path]] = {}
+    for d in args.dirs:
+        for recipe_dir in sorted(p for p in d.iterdir() if p.is_dir()):
+            runs = sorted(r for r in recipe_dir.glob("seed*") if (r / "summary.json").exists())
+            if runs:
+                groups[recipe_dir.name if recipe_dir.name not in groups else f"{d.name}/{recipe_dir.name}"] = runs
+    numbers = {name: [run_numbers(r, args.samples) for r in runs] for name, runs in groups.items()}
+    base = numbers.get(args.baseline)
+    keys = list(next(iter(numbers.values()))[0])
+    print("| | " + " | ".join(numbers) + " |\n|---|" + "---|" * len(numbers))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(fmt([x[k] for x in v]) for v in numbers.values()) + " |")
+    if base is not None:
+        for name, v in numbers.items():
+            if name != args.baseline and len(v) == len(base):
+                for k in ("retained", "retained_success", "pass@1_end", "step_s", "train_s"):
+                    print(f"paired {name} - {args.baseline} {k}: {fmt([a[k] - b[k] for a, b in zip(v, base)])}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(numbers, indent=1))
+    plot(groups, args.out / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
