@@ -197,7 +197,8 @@ def _probe(kind: str, path: str, model: str) -> None:
 
 
 def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], group_size: int, max_new_tokens: int,
-                     steps: int, lr: float, seed: int, work: Path, **update: object):
+                     steps: int, lr: float, seed: int, work: Path, prompts_per_step: int = 16,
+                     policy: dict | None = None, **update: object):
     """An outrider GRPO trainer with the settings `trl_grpo_step_times` uses (token-mean, beta 0, one update)."""
     from outrider.recipe import parse_recipe
     from outrider.trainer import Trainer
@@ -209,8 +210,8 @@ def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], gro
     held_out.write_text(json.dumps({"prompt": "(no evaluation) ->", "answer": ""}) + "\n")
     recipe = parse_recipe({
         "task": {"name": "jsonl", "path": str(data), "eval_path": str(held_out)},
-        "policy": {"model": model_dir},
-        "explore": {"name": "group", "prompts_per_step": 16, "group_size": group_size, "temperature": 1.0,
+        "policy": {"model": model_dir, **(policy or {})},
+        "explore": {"name": "group", "prompts_per_step": prompts_per_step, "group_size": group_size, "temperature": 1.0,
                     "max_new_tokens": max_new_tokens},
         "score": [{"name": "exact_match"}],
         "credit": {"name": "grpo"},
@@ -221,17 +222,18 @@ def outrider_trainer(model_dir: str, prompts: list[str], answers: list[str], gro
 
 
 def outrider_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
-                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path, **update: object) -> dict:
+                        max_new_tokens: int, steps: int, lr: float, seed: int, work: Path, prompts_per_step: int = 16,
+                        policy: dict | None = None, **update: object) -> dict:
     """Wall-clock seconds, completion tokens and the share of rows left out of training, for each of `steps`
     outrider GRPO steps."""
     trainer = outrider_trainer(model_dir, prompts, answers, group_size, max_new_tokens, steps, lr, seed, work,
-                               **update)
+                               prompts_per_step, policy, **update)
     step_s, tokens, skipped, zero_std = [], [], [], []
     for step in range(1, steps + 1):
         t = time.perf_counter()
         m = trainer.step(step)
         step_s.append(time.perf_counter() - t)
-        tokens.append(round(m["episode/response_length"] * 16 * group_size))
+        tokens.append(round(m["episode/response_length"] * prompts_per_step * group_size))
         skipped.append(m.get("update/skipped_rows_frac", 0.0))
         zero_std.append(m["episode/zero_variance_group_frac"])
     return {"step_s": step_s, "completion_tokens_per_step": tokens, "skipped_rows_frac": skipped,

@@ -25,11 +25,13 @@ PROMPTS_PER_STEP = 16
 
 
 def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
-                        max_new_tokens: int, steps: int, lr: float, seed: int) -> dict:
+                        max_new_tokens: int, steps: int, lr: float, seed: int, prompts_per_step: int = PROMPTS_PER_STEP,
+                        peft_config: object = None, gradient_checkpointing: bool = False) -> dict:
     """Train TRL's GRPOTrainer on CPU for `steps` optimiser steps and time each one.
 
-    Every optimiser step generates `group_size` completions for each of ``min(16, len(prompts))`` prompts
-    (``16 × group_size`` completions, e.g. 128 for group_size 8) and takes one AdamW update on all of them.
+    Every optimiser step generates `group_size` completions for each of ``min(prompts_per_step, len(prompts))``
+    prompts (``16 × group_size`` completions by default, e.g. 128 for group_size 8) and takes one AdamW update on
+    all of them. `peft_config` (a `peft.LoraConfig`) trains LoRA adapters; `gradient_checkpointing` as TRL's own.
     The reward is 1.0 when a completion, stripped of surrounding whitespace, equals its prompt's answer, else 0.0.
 
     Prompts are tokenised without special tokens, as TRL does: to give the model the same ids as outrider (which
@@ -51,7 +53,7 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
         raise ValueError("no prompts")
 
     torch.set_num_threads(2)
-    prompts_per_step = min(PROMPTS_PER_STEP, len(prompts))
+    prompts_per_step = min(prompts_per_step, len(prompts))
     completions_per_step = prompts_per_step * group_size
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -93,7 +95,7 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
             use_cpu=True,
             bf16=False,
             fp16=False,
-            gradient_checkpointing=False,  # TRL defaults this to True
+            gradient_checkpointing=gradient_checkpointing,  # TRL defaults this to True
             seed=seed,
             data_seed=seed,
             max_steps=steps,
@@ -127,7 +129,7 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[timer])
+                              processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
         trainer.train()
 
     tokens = [round(m * completions_per_step) for m in timer.mean_lengths]

@@ -23,6 +23,7 @@ from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.loops import LOOPS
 from outrider.observe.trackers import TensorBoardOptions, TrackerOptions, tracker_sections
+from outrider.policy.adapters import LoraConfig
 from outrider.policy.sft import WarmStartConfig
 from outrider.registry import Options, format_validation_error, import_user_module
 from outrider.score import SCORE
@@ -47,6 +48,12 @@ class PolicyConfig(Strict):
                                              "The first sampling call compiles (about 10-30 s on a 2-core CPU); "
                                              "see docs/benchmarks.md for when it pays.")
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig, description="SFT before RL.")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters through peft instead of every weight "
+                                                      "({r, alpha, target_modules, dropout}; needs outrider[lora]); "
+                                                      "null: full fine-tuning. See docs/models.md.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                                            "pass instead of keeping them (less memory, one more "
+                                                            "forward per update).")
 
     @model_validator(mode="after")
     def _head_dim(self) -> "PolicyConfig":

@@ -25,6 +25,7 @@ from outrider.observe.evaluate import EvalRecord, eval_episodes, evaluate_detail
 from outrider.observe.metrics import MetricsWriter
 from outrider.observe.progress import RunProgress
 from outrider.pieces import build_pieces, recipe_needs
+from outrider.policy.adapters import add_lora
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import warm_start
@@ -45,11 +46,19 @@ def piece_states(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_policy(recipe: Recipe, value_head: bool) -> Policy:
+    """The recipe's policy at its start: the tiny model or `policy.model`, with fresh LoRA adapters
+    (`policy.lora`) and gradient checkpointing (`policy.gradient_checkpointing`) when asked for."""
     p = recipe.policy
     if p.model == "tiny":
-        return Policy.tiny(p.hidden, p.layers, p.heads, p.max_positions, seed=recipe.train.seed,
-                           value_head=value_head, chat_template=p.chat_template)
-    return Policy.load(p.model, value_head=value_head, chat_template=p.chat_template)
+        policy = Policy.tiny(p.hidden, p.layers, p.heads, p.max_positions, seed=recipe.train.seed,
+                             value_head=value_head, chat_template=p.chat_template)
+    else:
+        policy = Policy.load(p.model, value_head=value_head, chat_template=p.chat_template)
+    if p.lora is not None:
+        add_lora(policy, p.lora, recipe.train.seed)
+    if p.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy
 
 
 def build_task(recipe: Recipe):
@@ -106,9 +115,18 @@ class Trainer:
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
 
     def _load_checkpoint(self, checkpoint: Path) -> dict[str, Any]:
-        """Load the policy and the optimiser of a checkpoint (raising if any file is unreadable); its state."""
-        self.policy = Policy.load(checkpoint, value_head=self.needs.values,
-                                  chat_template=self.recipe.policy.chat_template, where="checkpoint").to(self.device)
+        """Load the policy and the optimiser of a checkpoint (raising if any file is unreadable); its state.
+        A LoRA run rebuilds its base and loads the checkpoint's adapter into it."""
+        if self.recipe.policy.lora is not None:
+            self.policy = build_policy(self.recipe, self.needs.values)
+            self.policy.load_adapter_checkpoint(checkpoint)
+            self.policy.to(self.device)
+        else:
+            self.policy = Policy.load(checkpoint, value_head=self.needs.values,
+                                      chat_template=self.recipe.policy.chat_template, where="checkpoint")
+            if self.recipe.policy.gradient_checkpointing:
+                self.policy.enable_gradient_checkpointing()
+            self.policy.to(self.device)
         self.optimizer = self._make_optimizer()
         state = read_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from outrider.errors import OutriderError
 from outrider.policy import native, onednn
+from outrider.policy.adapters import effective_weight
 from outrider.policy.kept_memory import KV_STORAGE, PACKS
 from outrider.policy.draw import draw_with_stats
 
@@ -36,6 +37,10 @@ def supports(model: nn.Module) -> bool:
         return False
     # the fused projections below carry no MLP biases (q/k/v biases of Qwen2 are handled)
     if getattr(cfg, "mlp_bias", False):
+        return False
+    # LoRA on the projections is folded in (`effective_weight`); on the embeddings or LM head it is not
+    if any(hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")
+           for m in (model.get_input_embeddings(), model.get_output_embeddings())):
         return False
     # RoPE tables are built once per sampling call: a rotary that rescales with the sequence length cannot be
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
@@ -218,11 +223,11 @@ class FastDecoder:
             att, mlp = layer.self_attn, layer.mlp
             projections = (att.q_proj, att.k_proj, att.v_proj)
             # torch.cat copies: the fused weights are the decoder's own, and the fold below works on them in place
-            w_qkv = torch.cat([p.weight for p in projections])
+            w_qkv = torch.cat([effective_weight(p) for p in projections])
             b_qkv = (torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=w_qkv.dtype,
                                                                                device=w_qkv.device)
                                 for p in projections]) if any(p.bias is not None for p in projections) else None)
-            w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            w_gu = torch.cat([effective_weight(mlp.gate_proj), effective_weight(mlp.up_proj)])
             w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
             if fold:
                 self._fold_into(w_qkv, b_qkv, w_in, w_gu, w_post, cfg.hidden_size)
@@ -230,8 +235,8 @@ class FastDecoder:
             self.widest = max(self.widest, w_qkv.shape[0], w_gu.shape[0])
             # packed layer by layer, as they are fused: each fused copy is freed before the next layer's is made,
             # so they reuse one another's memory instead of faulting in new pages (11 MB of them on the 4.2M model)
-            self.layers.append((w_in, prepared(w_qkv), b_qkv, prepared(att.o_proj.weight), att.o_proj.bias, w_post,
-                                prepared(w_gu), prepared(mlp.down_proj.weight)))
+            self.layers.append((w_in, prepared(w_qkv), b_qkv, prepared(effective_weight(att.o_proj)), att.o_proj.bias,
+                                w_post, prepared(w_gu), prepared(effective_weight(mlp.down_proj))))
             del w_qkv, w_gu
         if fold:
             self._fold_final_norm_and_scale(cfg.hidden_size)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from outrider.errors import OutriderError
-from outrider.policy import shared_prefix, unpadded
+from outrider.policy import adapters, shared_prefix, unpadded
 from outrider.policy.draw import truncation_mask
 from outrider.policy.outputs import RowOutputs
 from outrider.policy.tokenizer import build_char_tokenizer
@@ -66,6 +66,12 @@ class Policy(nn.Module):
         self.use_chat_template = chat_template  # observations go through the tokenizer's chat template, if any
         self._warned_template = False
         self._encoded: dict[tuple[str, bool, bool], list[int]] = {}
+        self.peft = None  # the peft wrapper of `model` once LoRA adapters are in it (`adapters.add_lora`)
+        self.checkpointed: list[nn.Module] = []  # layers under gradient checkpointing
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each layer's activations in the backward pass (`adapters.checkpointed_layers`)."""
+        self.checkpointed = adapters.checkpointed_layers(self.model)
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -98,10 +104,20 @@ class Policy(nn.Module):
             policy.value_head.load_state_dict(load_file(path / VALUE_HEAD_FILE))
         return policy
 
+    def load_adapter_checkpoint(self, checkpoint: str | os.PathLike) -> None:
+        """Load a LoRA checkpoint's adapter (and value head) into this policy, built with the same base and
+        `policy.lora`: the frozen base weights stay the base's own, not the checkpoint's merged ones."""
+        adapters.load_adapter_weights(self, checkpoint)
+        if self.value_head is not None and (Path(checkpoint) / VALUE_HEAD_FILE).exists():
+            self.value_head.load_state_dict(load_file(Path(checkpoint) / VALUE_HEAD_FILE))
+
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if self.peft is not None:  # the merged model, and the adapter alone in path/adapter
+            adapters.save_adapted(self, path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
             save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / VALUE_HEAD_FILE)
@@ -199,14 +215,21 @@ class Policy(nn.Module):
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, need_hidden: bool,
                  groups: Tensor | None) -> RowOutputs:
-        if groups is not None:
-            p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
-            out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
+        if self.checkpointed:
+            # HF checkpoints a layer only in training mode (see `adapters.checkpointed_layers`); the recomputation
+            # runs after the unpadded and shared-prefix forwards have put the model's attention back, so only the
+            # plain forward recomputes what it computed
+            for layer in self.checkpointed:
+                layer.training = True
+        else:
+            if groups is not None:
+                p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
+                out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
+                if out is not None:
+                    return out
+            out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
             if out is not None:
                 return out
-        out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
-        if out is not None:
-            return out
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
         return RowOutputs.dense(out.logits, out.hidden_states[-1] if need_hidden else None)
