@@ -3,7 +3,7 @@ directory (docs/exploration.md, "RepExp: pass@k curves"). Each seed's newest che
 held-out prompts with the run's own eval seed (the same draws as its last logged evaluation), giving each prompt's
 correct count of n; the base curve comes from each seed's `eval_base.json`. Prints pass@k at a few k and the
 crossover k* (smallest k where the base's pass@k ≥ the model's) per seed and mean with a 95% bootstrap interval
-over seeds; writes a plot and a JSON of the curves.
+over seeds; writes a plot (mean curve over seeds, band: min to max over seeds) and a JSON of the curves.
 
     python benchmarks/passk_curves.py runs/repexp_compare --out docs/bonuses/repexp_passk.png
 """
