@@ -84,14 +84,21 @@ def test_state_round_trips_to_identical_bonus():
 @pytest.mark.slow  # two runs of 40 small steps and a killed one, ~40 s
 def test_killed_rnd_run_resumes_to_identical_metrics(tmp_path):
     """Networks, optimiser, running moments and generator ride in checkpoints."""
+    score = [{"name": "verifier", "weight": 1.0}, {"name": "rnd", "weight": 0.1, "width": 16, "features": 8}]
+    scored_run_resumes(tmp_path, score, "rnd")
+
+
+def scored_run_resumes(tmp_path, score: list[dict], name: str) -> list[dict]:
+    """A tiny run with these score components logs ``<name>/raw_bonus`` and ``time/score/<name>_s`` every step
+    and, killed with SIGKILL and resumed, ends bit-identical to itself unkilled; returns its logged rows."""
     from outrider.recipe import load_recipe
     from outrider.trainer import Trainer
 
-    score = [{"name": "verifier", "weight": 1.0}, {"name": "rnd", "weight": 0.1, "width": 16, "features": 8}]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(**dict(RESUME_OVERRIDES, score=score)), sort_keys=False))
     reference = tmp_path / "A"
     Trainer(load_recipe(recipe), reference, quiet=True).run()
-    rows = [r for r in read_jsonl(reference / "metrics.jsonl") if "rnd/raw_bonus" in r]
-    assert rows and all("time/score/rnd_s" in r for r in rows)
+    rows = [r for r in read_jsonl(reference / "metrics.jsonl") if f"{name}/raw_bonus" in r]
+    assert rows and all(f"time/score/{name}_s" in r for r in rows)
     killed_run_resumes_like(reference, recipe, tmp_path)
+    return rows

@@ -1,18 +1,21 @@
-"""Random network distillation [128] as a packed score component: a novelty bonus on the policy's hidden states.
+"""Novelty bonuses on the policy's hidden states (packed score components): random network distillation [128]
+and RepExp's elliptical bonus [13] (at the end of the file).
 
-A fixed, randomly initialised target network f and a trained predictor f̂ read the hidden state h_t that the
-preparing forward computed before each action token (no second model pass). The bonus of token t is the
+Random network distillation [128]: a fixed, randomly initialised target network f and a trained predictor f̂
+read the hidden state h_t that the preparing forward computed before each action token (no second model pass). The bonus of token t is the
 predictor's error on it, b_t = mean_k (f̂(ĥ_t) − f(ĥ_t))²_k, where ĥ_t = clip((h_t − μ_h)/σ_h, −5, 5) is the state
 normalised by running statistics (Burda et al.'s observation normalisation), divided by the running standard
 deviation of the bonus so its scale stays fixed while the predictor learns (the paper normalises the intrinsic
 reward by a running std [128, para]). After the bonus is read, the predictor takes one Adam step on a random
 `update_proportion` of the batch's action tokens. Networks, optimiser, running statistics and the generator that
 draws the update's tokens are the piece's state; its time per step is logged as ``time/score/rnd_s``.
+
+RepExp [13]: see `RepExp` (time ``time/score/repexp_s``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -121,3 +124,91 @@ class RND(Piece):
         self.generator.set_state(state["generator"])
         self.state_moments.load_state_dict(state["state_moments"])
         self.bonus_moments.load_state_dict(state["bonus_moments"])
+
+
+def sparse_projection(width: int, dim: int, generator: torch.Generator) -> Tensor:
+    """[width, dim] sparse random projection (Achlioptas / Li et al., scikit-learn's `SparseRandomProjection` with
+    density 'auto' as RepExp uses it [13]): with s = √width, each entry is +√(s/dim) or −√(s/dim) with probability
+    1/(2s) each and 0 otherwise, so squared distances are preserved in expectation."""
+    s = width ** 0.5
+    u = torch.rand(width, dim, generator=generator, dtype=torch.float64)
+    value = (s / dim) ** 0.5
+    return torch.where(u < 1 / (2 * s), value, torch.where(u < 1 / s, -value, 0.0)).double()
+
+
+def elliptical_bonuses(features: Tensor, groups: Tensor, lamb: float, leave_one_out: bool = False) -> Tensor:
+    """RepExp's elliptical bonus [13] of each row of `features` [N, d] against the rows of its group: with c_i the
+    row minus its group's mean and A = λI + Σ_{j in group} c_j c_jᵀ, the leverage b_i = c_iᵀ A⁻¹ c_i (in [0, 1));
+    ``leave_one_out``: b_i = c_iᵀ (A − c_i c_iᵀ)⁻¹ c_i (the other rollouts only). A group of one, or of identical
+    rows, has every c_i = 0 and gets 0. Computed in float64, as the authors' code does."""
+    x = features.double()
+    out = torch.zeros(x.shape[0], dtype=torch.float64)
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    for g in torch.unique(groups):
+        rows = (groups == g).nonzero().flatten()
+        c = x[rows] - x[rows].mean(0)
+        a = lamb * eye + c.T @ c
+        if leave_one_out:
+            out[rows] = torch.stack([ci @ torch.linalg.solve(a - torch.outer(ci, ci), ci) for ci in c])
+        else:
+            out[rows] = (c * torch.linalg.solve(a, c.T).T).sum(-1)
+    return out
+
+
+class RepExpConfig(ComponentConfig):
+    sparse_dim: int = Field(32, ge=1, description="Width d of the sparse random projection of the mean hidden "
+                                                  "state (the authors' 32 on MATH/GSM8K, 128 on DAPO).")
+    lamb: float = Field(0.01, gt=0, description="Ridge λ of A = λI + Σ c_j c_jᵀ (the authors' 0.01).")
+    bonus: Literal["leverage", "leave_one_out"] = Field(
+        "leverage", description="leverage: c_iᵀA⁻¹c_i with the row itself in A (the authors' training script); "
+                                "leave_one_out: against the other rollouts only (their config's default).")
+    only_solved_groups: bool = Field(True, description="Bonus only in groups where some rollout is correct "
+                                                       "(reward so far > 0), as the authors' training script "
+                                                       "(turn_off_elliptical_if_none_correct).")
+    new_projection_each_step: bool = Field(True, description="Draw a fresh projection each step (the authors' "
+                                                             "randomize_sparse_matrix); else one for the run.")
+
+
+@SCORE.register("repexp", config=RepExpConfig, needs=Needs(packed=True, hidden=True))
+class RepExp(Piece):
+    """Representation-based exploration [13]: h̄_i, the mean of the last-layer hidden states over episode i's
+    action tokens (from the preparing forward, no second pass), is sparsely projected, centred on its group's mean
+    and scored b_i = c_iᵀ(λI + Σ_j c_j c_jᵀ)⁻¹c_i over the group (the rollouts of the same prompt); the bonus sits
+    on the episode's last action token, the component's weight is the paper's β. The projection's generator is the
+    piece's state."""
+
+    def __init__(self, cfg: RepExpConfig, build: BuildContext | None = None):
+        super().__init__(cfg, build)
+        self.generator = (build or BuildContext()).generator()
+        self.projection: Tensor | None = None
+
+    def __call__(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        cfg: RepExpConfig = self.cfg
+        mask = batch.action_mask.detach().cpu().float()
+        hidden = batch.hidden.detach().cpu().double()
+        mean_hidden = (hidden * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
+        if self.projection is None or cfg.new_projection_each_step:
+            self.projection = sparse_projection(hidden.shape[-1], cfg.sparse_dim, self.generator)
+        groups = batch.group_index.cpu()
+        raw = elliptical_bonuses(mean_hidden @ self.projection, groups, cfg.lamb, cfg.bonus == "leave_one_out")
+        bonus = raw.clone()
+        if cfg.only_solved_groups:
+            solved = batch.token_rewards.detach().cpu().sum(-1) > 0
+            for g in torch.unique(groups):
+                if not bool(solved[groups == g].any()):
+                    bonus[groups == g] = 0.0
+        positions = torch.arange(mask.shape[1]).expand_as(mask)
+        last = torch.where(mask > 0, positions, -1).amax(-1)
+        rewards = torch.zeros(mask.shape)
+        rows = (last >= 0).nonzero().flatten()
+        rewards[rows, last[rows]] = bonus[rows].float()
+        return rewards.to(batch.action_mask.device), {"repexp/raw_bonus": float(raw.mean()) if raw.numel() else 0.0,
+                                                      "repexp/active_frac": float((bonus != 0).float().mean())
+                                                      if bonus.numel() else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "projection": self.projection}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.projection = state["projection"]
