@@ -2,7 +2,9 @@
 
 Each run is its own process (``python -m outrider.cli train RECIPE --out DIR/<stem>/seed<k> --set train.seed=k
 --set train.threads=T --quiet``): a crash, an out-of-memory kill or a hung import stays in that run, and torch's
-thread pool is sized per process. The report groups runs by their parent directory (the recipe stem).
+thread pool is sized per process. An offline config (``outrider offline train``'s YAML: a top-level ``method``, no
+``task``) runs as ``outrider offline train CONFIG --out ... --set seed=k --set threads=T`` instead. The report
+groups runs by their parent directory (the recipe stem).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class RunJob:
     ended: float = 0.0
     returncode: int | None = None
     error: str = ""
+    kind: str = "rl"  # "rl": an `outrider train` recipe; "offline": an `outrider offline train` config
 
     @property
     def name(self) -> str:
@@ -83,6 +86,10 @@ def settle(job: RunJob) -> str:
     recipe.yaml, continued with `train --resume` at the saved thread count) or "fresh"."""
     if (job.run_dir / "summary.json").is_file():
         return "kept"
+    if job.kind == "offline" and (job.run_dir / "config.json").is_file():
+        job.resume = True
+        job.threads = json.loads((job.run_dir / "config.json").read_text()).get("threads")
+        return "resume"
     if (job.run_dir / "recipe.yaml").is_file():
         job.resume = True
         # `train --resume` refuses a recipe that differs from the saved one, threads included
@@ -94,8 +101,6 @@ def settle(job: RunJob) -> str:
 
 def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume: bool) -> list[RunJob]:
     """Validate every recipe (with the overrides) and lay out the runs, before anything is launched."""
-    from outrider.recipe import load_recipe
-
     if seeds < 1:
         raise OutriderError(f"--seeds: must be at least 1 (got {seeds})")
     if not recipes:
@@ -103,7 +108,7 @@ def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume
     stems: dict[str, Path] = {}
     jobs: list[RunJob] = []
     for path in recipes:
-        rec = load_recipe(path, list(sets))  # a bad recipe or override fails here, as one line
+        kind, total_steps = validate(Path(path), list(sets))  # a bad recipe or override fails here, as one line
         stem = Path(path).stem
         if stem in stems:
             raise OutriderError(f"compare: '{path}' and '{stems[stem]}' share the name '{stem}' (runs go to "
@@ -111,7 +116,7 @@ def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume
         stems[stem] = Path(path)
         for k in range(seeds):
             run_dir = out_dir / stem / f"seed{k}"
-            job = RunJob(Path(path), stem, k, run_dir, rec.train.steps)
+            job = RunJob(Path(path), stem, k, run_dir, total_steps, kind=kind)
             if resume and settle(job) == "kept":
                 job.state = "kept"
             elif not resume and run_dir.is_dir() and any(p.name != "stderr.log" for p in run_dir.iterdir()):
@@ -121,11 +126,29 @@ def plan(recipes: list[Path], seeds: int, out_dir: Path, sets: list[str], resume
     return jobs
 
 
+def validate(path: Path, sets: list[str]) -> tuple[str, int]:
+    """The file's kind ("rl" or "offline") and its step count, after validating it with the overrides."""
+    from outrider.offline.config import is_offline_config, load_config
+    from outrider.recipe import load_recipe
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        raw = None  # load_recipe reports the file's problem as one line
+    if is_offline_config(raw):
+        cfg = load_config(str(path), sets)
+        return "offline", cfg.steps + (cfg.reward_steps if cfg.method == "bt_filtered_bc" else 0)
+    return "rl", load_recipe(path, sets).train.steps
+
+
 def _command(job: RunJob, sets: list[str], threads: int) -> list[str]:
-    cmd = [sys.executable, "-m", "outrider.cli", "train", str(job.recipe), "--out", str(job.run_dir)]
-    for s in [*sets, f"train.seed={job.seed}", f"train.threads={job.threads or threads}"]:
+    offline = job.kind == "offline"
+    cmd = [sys.executable, "-m", "outrider.cli", *(["offline"] if offline else []), "train", str(job.recipe),
+           "--out", str(job.run_dir)]
+    prefix = "" if offline else "train."
+    for s in [*sets, f"{prefix}seed={job.seed}", f"{prefix}threads={job.threads or threads}"]:
         cmd += ["--set", s]
-    return cmd + (["--resume"] if job.resume else []) + ["--quiet"]
+    return cmd + (["--resume"] if job.resume else []) + ([] if offline else ["--quiet"])
 
 
 def child_env(job: RunJob, threads: int) -> dict[str, str]:

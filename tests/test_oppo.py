@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from outrider.errors import OutriderError
 from outrider.offline.baselines import BTFilteredBC, bt_loss
@@ -212,3 +213,53 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
             main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def _offline_yaml(path, method):
+    data = {"method": method, "data": {}}
+    for item in SMALL:
+        key, value = item.split("=")
+        node, *rest = key.split(".")
+        if rest:
+            data[node][rest[0]] = yaml.safe_load(value)
+        else:
+            data[key] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_compare_plans_offline_configs_beside_recipes(tmp_path, monkeypatch, capsys):
+    from conftest import call_main, tiny_recipe
+    from outrider import compare as compare_mod
+
+    rl = tmp_path / "tiny.yaml"
+    rl.write_text(yaml.safe_dump(tiny_recipe()))
+    bt = _offline_yaml(tmp_path / "bt.yaml", "bt_filtered_bc")
+    jobs = compare_mod.plan([rl, bt], 2, tmp_path / "c", [], resume=False)
+    assert [(j.kind, j.total_steps) for j in jobs] == [("rl", tiny_recipe()["train"]["steps"])] * 2 + [
+        ("offline", 30 + 20)] * 2
+    cmd = " ".join(compare_mod._command(jobs[3], ["steps=5"], 2))
+    assert "-m outrider.cli offline train" in cmd and cmd.endswith("--set steps=5 --set seed=1 --set threads=2")
+    code, _, err = call_main(monkeypatch, capsys, "compare", str(bt), "--out", str(tmp_path / "d"),
+                             "--set", "method=cql")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "method" in err and not (tmp_path / "d").exists()
+
+
+def test_compare_runs_offline_configs_end_to_end(tmp_path):
+    import subprocess
+
+    from conftest import cli_env
+
+    paths = [str(_offline_yaml(tmp_path / f"{m}.yaml", m)) for m in ("bc", "oppo")]
+    result = subprocess.run([sys.executable, "-m", "outrider", "compare", *paths, "--seeds", "1", "--jobs", "2",
+                             "--threads", "1", "--out", str(tmp_path / "c")], cwd=tmp_path, env=cli_env(),
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["failed"] == [] and {g: v["n"] for g, v in summary["groups"].items()} == {"bc": 1, "oppo": 1}
+    assert "eval/success" in summary["metrics"] and summary["recipe_diff"]["method"] == {"bc": "bc", "oppo": "oppo"}
+    saved = json.loads((tmp_path / "c" / "oppo" / "seed0" / "config.json").read_text())
+    assert saved["seed"] == 0 and saved["threads"] == 1
+    ours = json.loads((tmp_path / "c" / "bc" / "seed0" / "summary.json").read_text())
+    alone = run(load_config(paths[0], ["seed=0"]), tmp_path / "alone")  # the same run outside compare
+    assert ours["eval/success"] == alone["eval/success"] and ours["eval/return"] == alone["eval/return"]

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from outrider.observe.trackers import OPTIONS as TRACKER_OPTIONS
+from outrider.offline.config import DataConfig, OfflineConfig
 from outrider.recipe import ObserveConfig, PolicyConfig, Recipe, TrainConfig
 from outrider.policy.adapters import LoraConfig
 from outrider.policy.sft import WarmStartConfig
@@ -49,6 +50,11 @@ def recipe_reference(pieces: dict[str, dict[str, Any]]) -> str:
             own = {k: v for k, v in info["options"].items() if k not in shared}
             if own:
                 out += [*_option_rows(own), ""]
+    out += ["## Offline configs", "",
+            "`outrider offline train CONFIG` (and `outrider compare`, which runs a YAML with a top-level `method` and "
+            "no `task` this way) reads its own config: OPPO [38] and its baselines on a dataset of trajectories "
+            "with preferences (`recipes/offline/`).", "",
+            *_model_table(OfflineConfig, ""), "", "### data", "", *_model_table(DataConfig, "data."), ""]
     return "\n".join(out)
 
 

@@ -34,7 +34,8 @@ from outrider.errors import OutriderError
 from outrider.observe.report_html import png_name, plot_metric, render_html
 
 CONFIDENCE = 0.95
-IGNORED_KEYS = ("train.seed", "train.threads")  # differ between seeds of one experiment by construction
+# differ between seeds of one experiment by construction (seed/threads: an offline config's)
+IGNORED_KEYS = ("train.seed", "train.threads", "seed", "threads")
 _GROUPING_IGNORED = IGNORED_KEYS + ("train.device",)
 _BASIC_EVAL = {"eval/accuracy", "eval/invalid_rate", "eval/response_length"}  # not plotted by default
 _SEED_DIR = re.compile(r"^seed\d+$")
@@ -96,7 +97,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    """Read metrics.jsonl, summary.json (optional: a run still going has none) and recipe.yaml (optional)."""
+    """Read metrics.jsonl, summary.json (optional: a run still going has none) and recipe.yaml (optional; an
+    offline run's config.json instead)."""
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise OutriderError(f"report: '{path}' is not a run directory (no metrics.jsonl)")
@@ -111,7 +113,8 @@ def load_run(path: Path) -> Run:
         if "step" not in rows[-1]:
             raise OutriderError(f"report: {metrics}:{i + 1} has no 'step' key")
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else \
+        json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     return Run(path, rows, summary, flatten(recipe or {}))
 
 
