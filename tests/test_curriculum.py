@@ -128,7 +128,10 @@ def test_piece_on_a_fake_task():
     assert clone.state_dict()["teacher"]["points"] == piece.state_dict()["teacher"]["points"]
     uniform = build(teacher="uniform")
     _, m = uniform(fake_context(1))
-    assert m["explore/curriculum/uniform_share"] == 1.0 and m["explore/curriculum/gmm_k"] == 0.0
+    for step in range(2, 4):
+        _, m = uniform(fake_context(step))
+        assert m["explore/curriculum/uniform_share"] == 1.0 and m["explore/curriculum/gmm_k"] == 0.0
+    assert uniform.teacher.fits == 0 and len(uniform.teacher.alps) == 24  # ALP logged, no GMM fitted
 
 
 def test_task_without_a_parameter_space_is_one_line():
@@ -151,12 +154,13 @@ def test_killed_curriculum_run_resumes_to_identical_metrics(tmp_path):
     from outrider.recipe import load_recipe
     from outrider.trainer import Trainer
 
-    task = {"name": "multisol", "min_digits": 2, "max_digits": 3, "random_label_digits": [3], "eval_size": 8,
-            "template": "{question} ->"}
+    task = {"name": "multisol", "min_digits": 2, "max_digits": 3, "random_label_digits": [3], "min_solutions": 4,
+            "eval_size": 8, "template": "{question} ->"}
     explore = {"name": "curriculum", "prompts_per_step": 4, "group_size": 2, "fit_rate": 8, "max_k": 4}
+    data = tiny_recipe(**dict(RESUME_OVERRIDES, explore=explore))
+    data["task"] = task  # replaced, not merged into the tiny recipe's reasoning_gym task
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(**dict(RESUME_OVERRIDES, task=task, explore=explore)),
-                                     sort_keys=False))
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     reference = tmp_path / "A"
     Trainer(load_recipe(recipe), reference, quiet=True).run()
     rows = [r for r in read_jsonl(reference / "metrics.jsonl") if "explore/curriculum/alp_mean" in r]

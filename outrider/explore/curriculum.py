@@ -89,6 +89,17 @@ class ALPGMM:
         self.alps: list[float] = []
         self.gmm: dict[str, np.ndarray] | None = None
         self.fits = 0
+        self._array: np.ndarray | None = None
+
+    def _history(self) -> np.ndarray:
+        """The points as one array with room for the next (doubled when full), so the nearest-neighbour search
+        does not rebuild it from the list at every sample."""
+        array = self._array
+        if array is None or len(array) < len(self.points) + 1:
+            array = np.zeros((max(64, 2 * (len(self.points) + 1)), len(self.lows)))
+            if self.points:
+                array[:len(self.points)] = self.points
+        return array
 
     def uniform(self, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(self.lows, self.highs)
@@ -101,14 +112,18 @@ class ALPGMM:
         point = rng.multivariate_normal(self.gmm["means"][idx], self.gmm["covariances"][idx])[:-1]
         return np.clip(point, self.lows, self.highs), False
 
-    def update(self, point: np.ndarray, reward: float) -> float:
-        """Record a sampled point's reward; returns its ALP. Refits the GMMs every `fit_rate` samples."""
-        alp = absolute_learning_progress(np.asarray(self.points).reshape(-1, len(self.lows)),
-                                         np.asarray(self.rewards), np.asarray(point, dtype=np.float64), reward)
+    def update(self, point: np.ndarray, reward: float, fit: bool = True) -> float:
+        """Record a sampled point's reward; returns its ALP. Refits the GMMs every `fit_rate` samples (unless
+        `fit` is off: the uniform baseline logs ALP without paying for GMMs it does not use)."""
+        n = len(self.points)
+        self._array = self._history()
+        alp = absolute_learning_progress(self._array[:n], np.asarray(self.rewards),
+                                         np.asarray(point, dtype=np.float64), reward)
         self.points.append([float(v) for v in point])
+        self._array[n] = self.points[-1]
         self.rewards.append(float(reward))
         self.alps.append(alp)
-        if len(self.points) >= self.fit_rate and len(self.points) % self.fit_rate == 0:
+        if fit and len(self.points) >= self.fit_rate and len(self.points) % self.fit_rate == 0:
             rows = np.column_stack([np.asarray(self.points[-self.fit_rate:]), self.alps[-self.fit_rate:]])
             self.gmm = fit_gmm_aic(rows, self.ks, self.seed)
             self.fits += 1
@@ -120,6 +135,7 @@ class ALPGMM:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.points = [list(p) for p in state["points"]]
+        self._array = None
         self.rewards, self.alps = list(state["rewards"]), list(state["alps"])
         self.gmm = None if state["gmm"] is None else {k: np.asarray(v) for k, v in state["gmm"].items()}
         self.fits = int(state["fits"])
@@ -191,7 +207,7 @@ class Curriculum(Piece):
             signals.append(float(np.mean(values)) if values else 0.0)
         t1 = time.perf_counter()
         fits = self.teacher.fits
-        alps = [self.teacher.update(p, r) for (p, _), r in zip(drawn, signals)]
+        alps = [self.teacher.update(p, r, fit=cfg.teacher == "alp_gmm") for (p, _), r in zip(drawn, signals)]
         teacher_s += time.perf_counter() - t1
         metrics: dict[str, float] = {
             "explore/groups_sampled": float(len(seeds)),
