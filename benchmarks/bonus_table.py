@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--eval", nargs="*", default=[])
     ap.add_argument("--train", nargs="*", default=[])
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--train-from", type=int, default=1, help="average training metrics over steps >= this")
     args = ap.parse_args()
     out: dict[str, dict[str, str]] = {}
     for recipe in sorted(p for p in args.compare_dir.iterdir() if p.is_dir()):
@@ -46,10 +47,11 @@ def main() -> None:
         for key in args.train:
             means = []
             for rows in per_seed:
-                vals = [r[key] for r in rows if key in r and r.get("step", 0) > 0]
+                vals = [r[key] for r in rows if key in r and r.get("step", 0) >= max(args.train_from, 1)]
                 if vals:
                     means.append(sum(vals) / len(vals))
-            row[f"{key} (mean over steps)"] = fmt(means)
+            since = f" >= {args.train_from}" if args.train_from > 1 else ""
+            row[f"{key} (mean over steps{since})"] = fmt(means)
         out[recipe.name] = row
     for name, row in out.items():
         print(f"## {name}")

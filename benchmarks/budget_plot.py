@@ -3,6 +3,9 @@ non-zero GRPO gradient per step (rolling mean over 10 steps) and held-out pass@1
 each seed), for each recipe of an `outrider compare` directory.
 
     python benchmarks/budget_plot.py runs/budget_compare --out docs/bonuses/budget_multisol.png
+
+Other metrics: ``--metrics KEY[:rolling] ...`` (e.g. the curriculum's ``explore/curriculum/share_random_labels:rolling
+eval/pass@1``), one panel each, titled by the key.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ def main() -> None:
     ap.add_argument("compare_dir", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--window", type=int, default=10)
+    ap.add_argument("--metrics", nargs="*", default=None, help="KEY or KEY:rolling per panel (default: informative "
+                                                               "groups, rolling, and held-out pass@1)")
     args = ap.parse_args()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = [(m.split(":")[0], m.endswith(":rolling")) for m in args.metrics or
+              ["explore/informative_groups:rolling", "eval/pass@1"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
     for i, recipe in enumerate(sorted(p for p in args.compare_dir.iterdir() if p.is_dir())):
         color = f"C{i}"
-        for ax, key, smooth in ((axes[0], "explore/informative_groups", True), (axes[1], "eval/pass@1", False)):
+        for ax, (key, smooth) in zip(axes, panels):
             curves = []
             for run in sorted(recipe.glob("seed*")):
                 x, y = series(run, key)
@@ -45,12 +53,16 @@ def main() -> None:
             n = min(len(c[1]) for c in curves)
             ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], 0), color=color, lw=2,
                     label=f"{recipe.name} (n={len(curves)})")
-    axes[0].set_title(f"groups with a non-zero gradient (rolling {args.window})")
-    axes[1].set_title("held-out pass@1")
+    if args.metrics is None:
+        axes[0].set_title(f"groups with a non-zero gradient (rolling {args.window})")
+        axes[1].set_title("held-out pass@1")
+    else:
+        for ax, (key, smooth) in zip(axes, panels):
+            ax.set_title(key + (f" (rolling {args.window})" if smooth else ""), fontsize=9)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

@@ -10,6 +10,7 @@ from typing import Literal, Protocol, TypedDict, runtime_checkable
 from pydantic import Field
 
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
+from outrider.errors import OutriderError
 from outrider.registry import PieceConfig, Registry
 
 Split = Literal["train", "eval"]
@@ -78,6 +79,61 @@ class ReplaySnapshot:
         return obs
 
 
+@dataclass(frozen=True)
+class ParamDim:
+    """One axis of a task's parameter space: a closed range, continuous or integer (an integer axis is sampled
+    on [low − 0.5, high + 0.5] and rounded, so its end values are as likely as the others)."""
+
+    name: str
+    low: float
+    high: float
+    integer: bool = False
+
+
+class ParamSpace:
+    """A task's parameter space (a box), for teachers that choose where the policy trains (curricula [132]).
+
+    ``box()`` gives the continuous bounds a teacher samples in; ``snap(x)`` clips a point into the box and rounds
+    integer axes: the parameter vector a task builds its problem at."""
+
+    def __init__(self, dims: list[ParamDim]):
+        if not dims:
+            raise ValueError("a parameter space needs at least one dimension")
+        for d in dims:
+            if d.high < d.low:
+                raise ValueError(f"parameter {d.name}: high ({d.high}) < low ({d.low})")
+        self.dims = list(dims)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.dims]
+
+    def box(self) -> tuple[list[float], list[float]]:
+        """(lows, highs) of the continuous box a teacher samples in."""
+        lows = [d.low - 0.5 if d.integer else d.low for d in self.dims]
+        highs = [d.high + 0.5 if d.integer else d.high for d in self.dims]
+        return lows, highs
+
+    def snap(self, x: "list[float] | tuple[float, ...]") -> tuple[float, ...]:
+        """The point of the space nearest `x`: clipped to each range, integer axes rounded (halves up)."""
+        if len(x) != len(self.dims):
+            raise ValueError(f"expected {len(self.dims)} parameters ({', '.join(self.names)}), got {len(x)}")
+        out = []
+        for d, v in zip(self.dims, x):
+            v = min(max(float(v), d.low), d.high)
+            out.append(float(min(int(v + 0.5), int(d.high))) if d.integer else v)
+        return tuple(out)
+
+
+def require_param_space(task: "Task", field: str) -> ParamSpace:
+    """The task's parameter space, or a one-line error naming `field` (the recipe option that needs it)."""
+    space = task.param_space()
+    if space is None:
+        raise OutriderError(f"{field}: task {type(task).__name__} declares no parameter space (Task.param_space); "
+                            "a curriculum needs a parametrised task, e.g. multisol")
+    return space
+
+
 @dataclass
 class Demonstration:
     """A correct (or deliberately wrong) episode for supervised warm start: (observation, action) per turn."""
@@ -122,6 +178,22 @@ class Task(ABC):
 
     @abstractmethod
     def make_env(self, split: Split) -> Env: ...
+
+    def param_space(self) -> ParamSpace | None:
+        """The task's parameter space (difficulty knobs a curriculum may choose), or None (the default: the
+        task is not parametrised). A task that returns one also implements `param_seed`."""
+        return None
+
+    def param_seed(self, params: tuple[float, ...], index: int) -> int:
+        """A train seed whose problem is built at `params` (a point of `param_space`, already snapped); `index`
+        picks among the problems at that point (distinct indices give distinct seeds where the point has
+        several problems)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no parameter space")
+
+    def param_region(self, params: tuple[float, ...]) -> str | None:
+        """A name for the region of the parameter space `params` lies in (e.g. an unlearnable one), for the
+        curriculum's per-region sample shares; None (the default): no regions."""
+        return None
 
     @abstractmethod
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:

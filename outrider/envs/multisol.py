@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from outrider.envs.base import ENVS, Split
+from outrider.envs.base import ENVS, Demonstration, ParamDim, ParamSpace, Split
 from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask
 from outrider.errors import OutriderError
 
@@ -96,6 +96,11 @@ class MultiSolConfig(SingleTurnConfig):
     eval_fraction: float = Field(0.3, gt=0, lt=1, description="Share of the (k, S) pairs held out for eval (by hash "
                                                               "of k, S and seed); they are never trained on.")
     seed: int = Field(0, description="Seed of the train/eval assignment of pairs and of the demonstration answers.")
+    random_label_digits: list[int] = Field(default_factory=list, description="Digit counts k whose pairs carry "
+                                           "random labels: the target is a fixed random k-digit string per (k, S), "
+                                           "not the rule, so they cannot be learned (a curriculum's unlearnable "
+                                           "region). They are train-only: never in the eval split, never shown "
+                                           "in demonstrations.")
 
     @model_validator(mode="after")
     def _ranges(self) -> "MultiSolConfig":
@@ -103,6 +108,10 @@ class MultiSolConfig(SingleTurnConfig):
             raise ValueError(f"min_digits ({self.min_digits}) > max_digits ({self.max_digits})")
         if self.min_sum > self.max_sum:
             raise ValueError(f"min_sum ({self.min_sum}) > max_sum ({self.max_sum})")
+        ks = set(range(self.min_digits, self.max_digits + 1))
+        if not set(self.random_label_digits) <= ks or ks <= set(self.random_label_digits):
+            raise ValueError(f"random_label_digits ({self.random_label_digits}) must be digit counts in "
+                             f"[{self.min_digits}, {self.max_digits}], leaving at least one learnable one")
         return self
 
 
@@ -117,8 +126,13 @@ class MultiSolTask(SingleTurnTask):
         pairs = [(k, s) for k in range(cfg.min_digits, cfg.max_digits + 1)
                  for s in range(cfg.min_sum, min(cfg.max_sum, 9 * k) + 1)
                  if count_solutions(k, s) >= cfg.min_solutions]
+        noisy = set(cfg.random_label_digits)
+        self.random_pairs = [p for p in pairs if p[0] in noisy]
+        pairs = [p for p in pairs if p[0] not in noisy]
         self.train_pairs = [p for p in pairs if not _held_out(*p, cfg.seed, cfg.eval_fraction)]
         self.eval_pairs = [p for p in pairs if _held_out(*p, cfg.seed, cfg.eval_fraction)]
+        # train seeds index the rule's train pairs, then the random-label ones (none by default: seeds unchanged)
+        self.all_train = self.train_pairs + self.random_pairs
         for name, split in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             if not split:
                 raise OutriderError(f"task: the {name} split of multisol is empty ({len(pairs)} (k, S) pairs with "
@@ -128,8 +142,12 @@ class MultiSolTask(SingleTurnTask):
         self.check_template()
 
     def problem(self, split: Split, index: int) -> dict[str, Any]:
-        pairs = self.eval_pairs if split == "eval" else self.train_pairs
+        pairs = self.eval_pairs if split == "eval" else self.all_train
         k, total = pairs[index % len(pairs)]
+        if k in self.cfg.random_label_digits:
+            label = random.Random(f"multisol:label:{self.cfg.seed}:{k}:{total}")
+            return {"question": f"{k}:{total}", "answer": "".join(label.choice("0123456789") for _ in range(k)),
+                    "metadata": {"k": k, "sum": total, "solutions": 1, "random_label": True}}
         # the reference answer is one uniform draw, seeded by the problem index: repeated indices agree, and
         # consecutive demonstrations of the same pair show different answers
         rng = random.Random(f"multisol:{self.cfg.seed}:{split}:{index}")
@@ -137,7 +155,32 @@ class MultiSolTask(SingleTurnTask):
                 "metadata": {"k": k, "sum": total, "solutions": count_solutions(k, total)}}
 
     def verify(self, problem: dict[str, Any], answer: str) -> float:
+        if problem["metadata"].get("random_label"):
+            return float(answer.strip() == problem["answer"])
         return check_answer(problem["metadata"]["k"], problem["metadata"]["sum"], answer)
+
+    def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
+        # random-label pairs are never demonstrated: a seed that lands on one shows the rule pair s mod (rule
+        # pairs) instead, at a seed as large as s, so its demonstrated answer still varies from seed to seed
+        n, rule = len(self.all_train), len(self.train_pairs)
+        return super().demonstrations([s - s % n + s % rule if s % n >= rule else s for s in seeds])
+
+    def param_space(self) -> ParamSpace:
+        """(digits k, sum_fraction f): the pair (k, S) with S nearest f·9k among the train pairs of that k."""
+        return ParamSpace([ParamDim("digits", self.cfg.min_digits, self.cfg.max_digits, integer=True),
+                           ParamDim("sum_fraction", 0.0, 1.0)])
+
+    def param_seed(self, params: tuple[float, ...], index: int) -> int:
+        k, target = int(params[0]), params[1] * 9 * int(params[0])
+        choices = [i for i, (kk, _) in enumerate(self.all_train) if kk == k]
+        if not choices:
+            raise OutriderError(f"task: multisol has no train pair with {k} digits (all held out); widen the ranges")
+        best = min(choices, key=lambda i: (abs(self.all_train[i][1] - target), self.all_train[i][1]))
+        return best + len(self.all_train) * index
+
+    def param_region(self, params: tuple[float, ...]) -> str:
+        """``random_labels`` for the unlearnable digit counts, else ``rule``."""
+        return "random_labels" if int(params[0]) in self.cfg.random_label_digits else "rule"
 
     def canonical(self, problem: dict[str, Any], answer: str) -> str:
         # the digit string itself: order matters, so "3905" and "9053" are two distinct answers
