@@ -178,3 +178,48 @@ def test_a_run_optimises_a_reward_model_and_logs_the_monitor(tmp_path):
     for r in rows:
         assert {"monitor/gold", "monitor/correlation", "monitor/length", "time/score/reward_model_s"} <= set(r)
         assert r["monitor/proxy"] == pytest.approx(r["reward/reward_model"], abs=1e-5)
+
+
+def test_step_pairs_take_each_groups_best_over_worst_by_env_reward():
+    from outrider.score.reward_model import step_pairs
+
+    eps = [episode("a", "x", 0.0), episode("a", "y", 1.0), episode("a", "z", 1.0), episode("b", "u", 0.5),
+           episode("b", "v", 0.5)]
+    for e, g in zip(eps, [0, 0, 0, 1, 1]):
+        e.group_id = g
+    pairs = step_pairs(eps, [e.turns[0].observation for e in eps])
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("a", "y", "x")]  # group 1 ties: no pair
+
+
+def test_online_reward_model_trains_after_scoring_and_its_state_round_trips(tmp_path):
+    path = tiny_rm(tmp_path, 0.0)
+    section = {"name": "reward_model", "path": path, "online": True, "lr": 1e-2}
+    piece = SCORE.create(section, where="score[0]")
+    eps = [episode("1+2=", "3", 1.0), episode("1+2=", "4", 0.0)]
+    before = piece(eps)
+    assert before[0] == before[1] == 0.0 and len(piece.pending) == 1  # scored before it learns from them
+    metrics = piece.step_metrics()
+    assert metrics["rm/pairs"] == 1.0 and metrics["rm/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    state = piece.state_dict()
+    fresh = SCORE.create(section, where="score[0]")
+    fresh.load_state_dict(state)
+    after, again = piece(eps), fresh(eps)
+    assert after == again and after[0] > after[1]
+    assert SCORE.create({"name": "reward_model", "path": path}, where="score[0]").state_dict() == {}
+
+
+@pytest.mark.slow  # three real runs, ~40 s
+def test_killed_online_reward_model_run_resumes_to_identical_metrics(tmp_path):
+    from conftest import read_jsonl, write_recipe
+    from outrider.recipe import load_recipe
+    from outrider.trainer import Trainer
+    from test_resume import RESUME_OVERRIDES, killed_run_resumes_like
+
+    path = tiny_rm(tmp_path, 0.0)
+    overrides = dict(RESUME_OVERRIDES, score=RESUME_OVERRIDES["score"] + [
+        {"name": "reward_model", "weight": 1.0, "path": path, "online": True, "lr": 1e-3}])
+    recipe = write_recipe(tmp_path, **overrides)
+    Trainer(load_recipe(recipe), tmp_path / "A", quiet=True).run()
+    rows = [r for r in read_jsonl(tmp_path / "A" / "metrics.jsonl") if r["step"] > 0]
+    assert sum(r["rm/pairs"] for r in rows) > 0
+    killed_run_resumes_like(tmp_path / "A", recipe, tmp_path)

@@ -240,12 +240,22 @@ class RewardModelConfig(ComponentConfig):
 
     path: str = Field(..., description="Directory of a trained reward model (`outrider rm train --out DIR`).")
     batch_size: int = Field(64, ge=1, description="Responses per forward of the reward model.")
+    online: bool = Field(False, description="Keep training between policy steps: after each step's scoring, one "
+                                            "Adam step of the Bradley–Terry loss on pairs of that step (in each "
+                                            "group, the response with the highest env reward over the lowest, "
+                                            "where they differ). The network, its optimiser and the pending pairs "
+                                            "ride in checkpoints. false: the model stays frozen.")
+    lr: float = Field(1e-4, gt=0, description="online: learning rate of the model's Adam optimiser.")
+    max_pairs: int = Field(64, ge=1, description="online: at most this many pairs per step (the first groups').")
 
 
 @SCORE.register("reward_model", config=RewardModelConfig)
 class RewardModelScore(Piece):
-    """``r(x, y)`` of a trained (frozen) reward model as each episode's reward: x the first observation, y the whole
-    response. Its own time per step is logged as ``time/score/reward_model_s``."""
+    """``r(x, y)`` of a trained reward model as each episode's reward: x the first observation, y the whole
+    response. Frozen, or with ``online`` trained between policy steps on the step's pairs (the env's reward decides
+    each pair; a row's reward comes from the model before it saw that row). Its own time per step, training
+    included, is logged as ``time/score/reward_model_s``; online, also ``rm/loss``, ``rm/accuracy`` and
+    ``rm/pairs``."""
 
     cfg: RewardModelConfig
 
@@ -253,16 +263,66 @@ class RewardModelScore(Piece):
         super().__init__(cfg, build)
         where = f"{build.where}.path" if build is not None and build.where else "reward_model.path"
         self.rm = RewardModel.load(cfg.path, where)
-        self.rm.policy.requires_grad_(False)
+        self.rm.policy.requires_grad_(cfg.online)
+        self.optimizer = torch.optim.Adam(self.rm.policy.parameters(), lr=cfg.lr) if cfg.online else None
+        self.pending: list[Pair] = []
         self.seconds = 0.0
 
     def __call__(self, episodes: list[Episode]) -> list[float]:
         t0 = time.perf_counter()
-        out = self.rm.rewards([e.turns[0].observation if e.turns else "" for e in episodes],
-                              [e.response for e in episodes], self.cfg.batch_size)
+        prompts = [e.turns[0].observation if e.turns else "" for e in episodes]
+        out = self.rm.rewards(prompts, [e.response for e in episodes], self.cfg.batch_size)
+        if self.cfg.online:
+            self.pending.extend(step_pairs(episodes, prompts))
         self.seconds += time.perf_counter() - t0
         return out
 
     def step_metrics(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.cfg.online:
+            t0 = time.perf_counter()
+            metrics = self.update()
+            self.seconds += time.perf_counter() - t0
         seconds, self.seconds = self.seconds, 0.0
-        return {"time/score/reward_model_s": seconds}
+        return {**metrics, "time/score/reward_model_s": seconds}
+
+    def update(self) -> dict[str, float]:
+        """One Adam step of the Bradley–Terry loss on the step's pending pairs (then cleared)."""
+        pairs, self.pending = self.pending[: self.cfg.max_pairs], []
+        if not pairs:
+            return {"rm/pairs": 0.0}
+        self.rm.policy.train()
+        loss, right = batch_loss(self.rm, "pairs", pairs)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.rm.policy.parameters(), 1.0)
+        self.optimizer.step()
+        return {"rm/loss": float(loss), "rm/accuracy": float(right.mean()), "rm/pairs": float(len(pairs))}
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.cfg.online:
+            return {}
+        return {"model": self.rm.policy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "pending": [list(p) for p in self.pending]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.rm.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pending = [Pair(*p) for p in state["pending"]]
+
+
+def step_pairs(episodes: list[Episode], prompts: list[str]) -> list[Pair]:
+    """In each group (in order of first appearance), the response with the highest env reward over the one with
+    the lowest (the first of each among ties), where the rewards differ."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(episodes):
+        groups.setdefault(e.group_id, []).append(i)
+    gold = [sum(t.reward for t in e.turns) for e in episodes]
+    out = []
+    for rows in groups.values():
+        best, worst = max(rows, key=lambda i: gold[i]), min(rows, key=lambda i: gold[i])
+        if gold[best] > gold[worst]:
+            out.append(Pair(prompts[best], episodes[best].response, episodes[worst].response))
+    return out
