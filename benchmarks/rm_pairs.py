@@ -2,7 +2,7 @@
 labelled by the task's verifier: `--samples` responses to each of the first `--prompts` train problems; for each
 problem with both right and wrong responses, up to `--pairs-per-prompt` (right, wrong) pairs of distinct texts.
 
-    python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 512 --samples 8 \
+    python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
         --out runs/rm_data/pairs.jsonl --labels runs/rm_data/labels.jsonl
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--model", type=Path, required=True, help="the warm start (a saved model directory)")
-    ap.add_argument("--prompts", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--pairs-per-prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

@@ -225,7 +225,7 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
             opt.step()
             steps += 1
             if on_step is not None:
-                on_step(float(loss))
+                on_step(float(loss.detach()))
     seconds = time.perf_counter() - t0
     summary = {"objective": "bradley_terry" if kind == "pairs" else "label_bce", "train_examples": len(train_rows),
                "heldout_examples": len(held_rows), "steps": steps, "train_s": seconds, "epochs": cfg.epochs,
@@ -297,7 +297,7 @@ class RewardModelScore(Piece):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.rm.policy.parameters(), 1.0)
         self.optimizer.step()
-        return {"rm/loss": float(loss), "rm/accuracy": float(right.mean()), "rm/pairs": float(len(pairs))}
+        return {"rm/loss": float(loss.detach()), "rm/accuracy": float(right.mean()), "rm/pairs": float(len(pairs))}
 
     def state_dict(self) -> dict[str, Any]:
         if not self.cfg.online:
