@@ -1,4 +1,4 @@
-"""The `outrider` command line: train, eval, sft, merge, recipes, compare, report, offline."""
+"""The `outrider` command line: train, eval, sft, merge, recipes, compare, report, offline, rm."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from outrider import RECIPES_DIR, __version__  # RECIPES_DIR: the shipped recipe
 from outrider.errors import OutriderError
 from outrider.cli_compare import compare, report
 from outrider.offline.cli import app as offline_app
+from outrider.cli_rm import app as rm_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language-model reasoners and agents.")
 app.add_typer(offline_app, name="offline")
+app.add_typer(rm_app, name="rm")
 out = Console()
 
 

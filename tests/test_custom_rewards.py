@@ -279,3 +279,34 @@ def test_a_plugin_that_fails_to_load_is_one_line(plugin_dist):
     assert "plugin 'testplugin = plugmod_" in str(e.value)
     assert "(entry point group outrider.pieces, distribution outrider-testplugin) failed to load: ImportError: " \
            "needs numpy 9" in str(e.value)
+
+
+@SCORE.register("test_counting", config=ComponentConfig)
+class _Counting(registry.Piece):
+    """An episode-level component with metrics of its own: how many episodes it scored since the last step."""
+
+    def __init__(self, cfg, build=None):
+        super().__init__(cfg, build)
+        self.seen = 0
+
+    def __call__(self, episodes):
+        self.seen += len(episodes)
+        return [1.0] * len(episodes)
+
+    def step_metrics(self):
+        seen, self.seen = self.seen, 0
+        if seen == 5:
+            raise ZeroDivisionError("broken metric")
+        return {"counting/seen": seen}
+
+
+def test_episode_level_component_reports_its_own_metrics_once_per_step():
+    counting = component({"name": "test_counting"})
+    compose([episode("ab"), episode("abc")], [counting])  # two scoring calls in one step (dynamic sampling)
+    compose([episode("a")], [counting])
+    assert score_step_metrics([counting]) == {"score/test_counting/errors": 0.0,
+                                              "score/test_counting/nonfinite": 0.0, "counting/seen": 3.0}
+    compose([episode("a")] * 5, [counting])  # a step_metrics that raises is logged, never stops the run
+    assert score_step_metrics([counting]) == {"score/test_counting/errors": 0.0,
+                                              "score/test_counting/nonfinite": 0.0}
+    assert "step_metrics: ZeroDivisionError" in counting.last_failure

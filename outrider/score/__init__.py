@@ -14,6 +14,10 @@ A component is a piece with one of two forms, declared by its `Needs`:
   the episodes' rewards, which exploration read earlier.
 
 A component that keeps state (counts, a network and its optimiser) is a `Piece` subclass with `state_dict`.
+An episode-level component reports metrics of its own (a monitor's statistics, its model's time) through an
+optional method ``step_metrics() -> dict[str, float]``, called once per step after that step's episodes are scored
+(every `compose` call since the previous one) and logged under the names it returns; a packed component returns its
+metrics with its rewards instead.
 
 **Isolation, the same for every component** (built-in, a user's `python` function or a plugin's piece): a call
 that raises, a value that is not a number (or a list of the wrong length) and a NaN/±inf are caught here, never in
@@ -113,6 +117,14 @@ class Component:
     def end_step(self) -> dict[str, float]:
         """This step's counts as metrics (then reset); stops the run after ``max_failed_steps`` failing steps."""
         out = {f"score/{self.name}/errors": float(self.errors), f"score/{self.name}/nonfinite": float(self.nonfinite)}
+        own = getattr(self.piece, "step_metrics", None)
+        if own is not None and not self.piece.needs.packed:
+            try:
+                out.update({k: float(v) for k, v in own().items()})
+            except OutriderError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a component's metrics never stop the run either)
+                self.failed("errors", f"step_metrics: {_error_text(e)}", count=0)
         self.failed_steps = self.failed_steps + 1 if self.errors or self.nonfinite else 0
         self.errors = self.nonfinite = 0
         limit = self.option("max_failed_steps")

@@ -1,0 +1,68 @@
+"""The reward-hacking table of docs/rewards.md from `outrider compare` directories: per recipe, the mean over seeds
+and a 95% bootstrap interval of held-out pass@1 at each evaluation, the monitor's proxy, gold, proxy–gold
+correlation and length (first and last `--window` steps; a recipe without the monitor reads the verifier's train
+reward as its gold), the step time and the reward model's own time per step.
+
+    python benchmarks/rm_hacking_table.py runs/rm_compare runs/rm_online_compare --out docs/rewards/rm_table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from outrider.observe.report import bootstrap_stats
+
+WINDOW_KEYS = ["monitor/proxy", "monitor/gold", "monitor/correlation", "monitor/length", "rm/accuracy"]
+MEAN_KEYS = ["time/step_s", "time/score/reward_model_s"]
+
+
+def seed_values(run: Path, window: int) -> dict[str, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r["step"] > 0 and "time/step_s" in r]
+    out: dict[str, float] = {}
+    for r in rows:
+        if "eval/pass@1" in r:
+            out[f"eval/pass@1 step {r['step']}"] = r["eval/pass@1"]
+    for key in WINDOW_KEYS + ["reward/verifier"]:
+        vals = [r[key] for r in train if key in r]
+        if vals:
+            name = "monitor/gold" if key == "reward/verifier" else key
+            out[f"{name} first"] = float(np.mean(vals[:window]))
+            out[f"{name} last"] = float(np.mean(vals[-window:]))
+    for key in MEAN_KEYS:
+        vals = [r[key] for r in train if key in r]
+        if vals:
+            out[key] = float(np.mean(vals))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("compare_dirs", type=Path, nargs="+")
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    table: dict[str, dict[str, list[float]]] = {}
+    for d in args.compare_dirs:
+        for recipe in sorted(p for p in d.iterdir() if p.is_dir()):
+            seeds = [seed_values(run, args.window) for run in sorted(recipe.glob("seed*"))]
+            keys = sorted(set.intersection(*(set(s) for s in seeds)))
+            values = np.asarray([[s[k] for k in keys] for s in seeds])
+            low, high = bootstrap_stats(values)
+            table[recipe.name] = {k: [float(values[:, i].mean()), float(low[i]), float(high[i]),
+                                      *values[:, i].round(4).tolist()] for i, k in enumerate(keys)}
+    for name, rows in table.items():
+        print(name)
+        for k, (m, lo, hi, *per) in rows.items():
+            print(f"  {k:36s} {m:8.3f} [{lo:.3f}, {hi:.3f}]  {per}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Preference pairs (and labelled responses) for a Bradley–Terry reward model from a warm start's own samples,
+labelled by the task's verifier: `--samples` responses to each of the first `--prompts` train problems; for each
+problem with both right and wrong responses, up to `--pairs-per-prompt` (right, wrong) pairs of distinct texts.
+
+    python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
+        --out runs/rm_data/pairs.jsonl --labels runs/rm_data/labels.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from implicit_prm_auroc import sample  # noqa: E402
+from outrider.policy.model import Policy  # noqa: E402
+from outrider.recipe import load_recipe  # noqa: E402
+from outrider.trainer import build_task  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--model", type=Path, required=True, help="the warm start (a saved model directory)")
+    ap.add_argument("--prompts", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--pairs-per-prompt", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--labels", type=Path, help="also write every response as {prompt, response, label}")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    recipe = load_recipe(args.recipe)
+    task = build_task(recipe)
+    policy = Policy.load(args.model).eval()
+    t0 = time.perf_counter()
+    episodes = sample(policy, task, recipe, "train", args.prompts, args.samples, args.seed)
+    rng = random.Random(args.seed)
+    groups: dict[int, list] = {}
+    for e in episodes:
+        groups.setdefault(e.group_id, []).append(e)
+    pairs, labels = [], []
+    for eps in groups.values():
+        prompt = eps[0].turns[0].observation
+        labels += [{"prompt": prompt, "response": e.response, "label": float(e.success)} for e in eps]
+        right = sorted({e.response for e in eps if e.success})
+        wrong = sorted({e.response for e in eps if not e.success})
+        combos = [(r, w) for r in right for w in wrong]
+        for r, w in rng.sample(combos, min(args.pairs_per_prompt, len(combos))):
+            pairs.append({"prompt": prompt, "chosen": r, "rejected": w})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    if args.labels:
+        args.labels.write_text("".join(json.dumps(x) + "\n" for x in labels))
+    acc = sum(e.success for e in episodes) / len(episodes)
+    print(json.dumps({"responses": len(episodes), "accuracy": acc, "pairs": len(pairs),
+                      "prompts_with_pairs": len({p["prompt"] for p in pairs}),
+                      "sample_s": time.perf_counter() - t0}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""`outrider rm`: train a reward model from a file of preference pairs or labelled responses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reward models: train one from a file.")
+out = Console()
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Argument(help="JSONL: pairs {prompt, chosen, rejected} (Bradley–Terry) or "
+                                              "labelled responses {prompt, response, label} (cross-entropy).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the reward model (loads with "
+                                                        "RewardModel.load, or score: reward_model, path).")],
+    model: Annotated[str, typer.Option(help="'tiny' (built from --hidden/--layers/--heads) or a model directory "
+                                            "to start from (a policy or warm start), a scalar head added.")] = "tiny",
+    hidden: Annotated[int, typer.Option(help="tiny: hidden size.")] = 128,
+    layers: Annotated[int, typer.Option(help="tiny: transformer layers.")] = 2,
+    heads: Annotated[int, typer.Option(help="tiny: attention heads.")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training examples.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs (or responses) per Adam step.")] = 32,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-3,
+    heldout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the prompts held out (with all their "
+                                                                  "examples) for the held-out accuracy.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the order and a tiny model's initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
+) -> None:
+    """Train a reward model (a scalar head on the last token) and save it with its held-out accuracy."""
+    import torch
+
+    from outrider.cli import check_model_out
+    from outrider.observe.progress import RunProgress
+    from outrider.policy.model import Policy
+    from outrider.score.reward_model import RewardModel, TrainConfig, read_examples, split_by_prompt, train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    check_model_out(out_dir, overwrite)
+    kind, examples = read_examples(str(data))
+    if model == "tiny":
+        policy = Policy.tiny(hidden=hidden, layers=layers, heads=heads, seed=seed, value_head=True)
+    else:
+        policy = Policy.load(model, value_head=True, where="--model")
+    rm = RewardModel(policy, {"data": str(data), "model": model})
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout, seed=seed)
+    n_train = len(split_by_prompt(examples, heldout, seed)[0])
+    total = epochs * -(-n_train // batch_size)
+    try:
+        with RunProgress(total, quiet=quiet).phase(f"rm ({kind})", total) as advance:
+            summary = train(rm, kind, examples, cfg, on_step=lambda loss: advance(loss=loss))
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; nothing was saved (rm train saves once, at the end)") from None
+    rm.save(out_dir)
+    held = summary["heldout"]
+    what = "pair accuracy" if kind == "pairs" else "label accuracy"
+    out.print(f"saved {out_dir}: {summary['train_examples']} {kind} trained on, {summary['steps']} steps in "
+              f"{summary['train_s']:.1f} s; held-out {what} "
+              + (f"{held['accuracy']:.3f} on {summary['heldout_examples']}" if held else "(nothing held out)"))
+    if quiet:
+        print(json.dumps(summary))
