@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from outrider.data import Episode, groups_of, pack
 from outrider.envs.base import close_env
@@ -56,7 +56,7 @@ DEMONSTRATIONS = "demonstrations"
 
 
 class GuidanceConfig(ExploreConfig):
-    teachers: list[str] = Field(default_factory=lambda: [DEMONSTRATIONS],
+    teachers: list[str] = Field(default_factory=lambda: [DEMONSTRATIONS], min_length=1,
                                 description="Where teacher solutions come from: 'demonstrations' (the task's "
                                             "worked solutions) and/or checkpoint directories of other policies "
                                             "(same tokenizer), several allowed.")
@@ -74,13 +74,6 @@ class GuidanceConfig(ExploreConfig):
     shaping: bool = Field(True, description="true: teacher paths have weight 0 in the policy surrogate and the "
                                             "guided_shaping term trains them (-A·p/(p+gamma), the authors' "
                                             "p_div_p_0.1); false: the surrogate trains them (ratio pi/mu).")
-
-    @field_validator("teachers")
-    @classmethod
-    def _some_teacher(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("name at least one teacher ('demonstrations' or a checkpoint directory)")
-        return v
 
 
 def load_teacher(path: str, student: Any, where: str) -> Any:
