@@ -1,0 +1,61 @@
+"""The off-policy term on teacher rows (``origin == "guided"``) of guidance pieces: LUFFY's policy shaping as
+AMPO uses it [121] (``update.terms: [guided_shaping]``).
+
+A teacher path has no behaviour probability the student could have drawn it with, so LUFFY and AMPO
+(ElliottYan/LUFFY and SII-Enigma/AMPO, ``mix_core_alg.compute_token_on_off_policy_loss``) take μ = 1 and shape
+the ratio: per trained token of a guided row
+
+    ℓ_t = −A_t · f(π_θ(y_t)),   f(p) = p / (p + γ),   γ = 0.1 (their ``off_policy_reshape: p_div_p_0.1``),
+
+with no clip on these rows (the PPO clip applies to on-policy rows only). ``∂ℓ/∂log π = −A·γ·p/(p + γ)²``
+lifts the gradient of tokens the student finds unlikely (p ≪ γ), where the plain ``−A·p`` would vanish. A_t is
+the credit piece's advantage (GRPO's over the mixed group). The guided rows have weight 0 in the policy surrogate
+(the explore piece sets it), so this term is their only gradient. The loss is aggregated with the run's
+aggregation over the minibatch's trained tokens (the on-policy and guided tokens together, as the authors' one
+masked mean over the mixed batch; where the learner skips zero-advantage rows, over the tokens it kept).
+
+Metrics: ``guided_shaping/rows`` (share of the minibatch's rows), ``prob_mean`` (π_θ on guided tokens),
+``shaped_mean`` (f), ``advantage_mean`` and ``loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from outrider.data import ORIGINS
+from outrider.registry import Needs, PieceConfig
+from outrider.stats import masked_mean
+from outrider.update import TERMS, TermOutput, TokenContext
+
+GUIDED = ORIGINS.index("guided")
+
+
+class GuidedShapingConfig(PieceConfig):
+    coef: float = Field(1.0, ge=0, description="Weight of the term (the authors add it to the policy loss as is).")
+    gamma: float = Field(0.1, gt=0, description="gamma of the shaping f(p) = p/(p + gamma) (authors: 0.1).")
+
+
+def shaped(p: Tensor, gamma: float) -> Tensor:
+    """``f(p) = p/(p + γ)``, LUFFY's policy shaping of the off-policy ratio."""
+    return p / (p + gamma)
+
+
+@TERMS.register("guided_shaping", config=GuidedShapingConfig, needs=Needs(zero_at_zero_advantage=True))
+def guided_shaping(ctx: TokenContext, cfg: GuidedShapingConfig) -> TermOutput:
+    """``coef · agg(−A_t·f(π_θ(y_t)))`` over the guided rows' trained tokens (0 elsewhere) [121]."""
+    b = ctx.batch
+    rows = (b.origin == GUIDED) if b is not None and b.origin is not None else \
+        torch.zeros(ctx.mask.shape[0], dtype=torch.bool, device=ctx.mask.device)
+    metrics: dict[str, Tensor | float] = {"rows": float(rows.float().mean())}
+    m = ctx.mask * rows[:, None].to(ctx.mask.dtype)
+    if not bool((m > 0).any()):
+        return TermOutput(metrics=metrics)
+    p = torch.exp(ctx.logprobs)
+    f = shaped(p, cfg.gamma)
+    per_token = torch.where(m > 0, -ctx.advantages * f, torch.zeros_like(f))
+    loss = ctx.aggregate(per_token, ctx.mask)
+    metrics.update({"prob_mean": masked_mean(p.detach(), m), "shaped_mean": masked_mean(f.detach(), m),
+                    "advantage_mean": masked_mean(ctx.advantages, m), "loss": loss.detach()})
+    return TermOutput(loss=cfg.coef * loss, metrics=metrics)
