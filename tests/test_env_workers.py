@@ -208,7 +208,7 @@ def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_
     from outrider.recipe import load_recipe
     from outrider.trainer import Trainer
 
-    runs = {}
+    runs, before = {}, set(multiprocessing.active_children())  # other tests' pools may be alive
     for workers in (1, 2):
         recipe = {"task": {**MINIGRID, "max_turns": 16, "eval_size": 8, "workers": workers},
                   "policy": {"model": "tiny", "hidden": 32, "layers": 1,
@@ -224,7 +224,7 @@ def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_
         trainer.run()
         assert trainer.env_workers is None
         runs[workers] = read_jsonl(tmp_path / f"run{workers}" / "metrics.jsonl")
-    assert not [p for p in multiprocessing.active_children() if p.name.startswith("outrider-env")]
+    assert not [p for p in set(multiprocessing.active_children()) - before if p.name.startswith("outrider-env")]
     untimed = [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in runs[1]]
     assert untimed == [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
                        for row in runs[2]]
