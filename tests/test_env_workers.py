@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,3 +230,56 @@ def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_
     assert untimed == [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
                        for row in runs[2]]
     assert any("explore/env_steps" in row and row["explore/env_steps"] > 4 for row in runs[2])
+
+
+def _descendants(pid: int) -> set[int]:
+    """The live processes below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.slow  # a real `outrider train` process, interrupted mid-run
+def test_ctrl_c_on_a_run_with_env_workers_exits_130_and_leaves_no_worker(tmp_path):
+    from conftest import finish, read_jsonl, start_cli, write_recipe
+
+    recipe = write_recipe(tmp_path, task={"workers": 2}, train={"steps": 100000},
+                          observe={"checkpoint_every": 2})
+    run = tmp_path / "run"
+    proc = start_cli(["train", recipe, "--out", run, "--quiet"], tmp_path)
+    deadline, workers = time.time() + 240, set()
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= 2:
+            workers = _descendants(proc.pid)
+            break
+        time.sleep(0.2)
+    assert len(workers) >= 3  # the forkserver and its two workers
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    def alive() -> dict[int, str]:
+        out = {}
+        for p in workers:
+            try:
+                if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+            except (OSError, IndexError):
+                pass
+        return out
+
+    deadline = time.time() + 10.0  # the forkserver leaves when it sees the trainer gone
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive()
