@@ -5,6 +5,7 @@ optimiser and every piece's state). Knows no method by name."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import sys
 import time
@@ -16,7 +17,8 @@ import torch
 import yaml
 
 from outrider.checkpoint import list_checkpoints, newest_intact, read_state, restore_rng, save_checkpoint
-from outrider.envs import ENVS
+from outrider.envs import Task
+from outrider.envs.workers import EnvWorkers, task_from_section
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.explore.rollout import check_prompts_fit
@@ -62,8 +64,15 @@ def build_policy(recipe: Recipe, value_head: bool) -> Policy:
 
 
 def build_task(recipe: Recipe):
-    entry, cfg = ENVS.build(recipe.task, "task")
-    return entry.fn(cfg)
+    return task_from_section(recipe.task)
+
+
+def start_env_workers(recipe: Recipe, task: Task) -> EnvWorkers | None:
+    """The run's env worker processes when the task asks for them (`task.workers` > 1), each building the task
+    from the recipe's task section; None for in-process envs."""
+    if task.workers <= 1:
+        return None
+    return EnvWorkers(functools.partial(task_from_section, dict(recipe.task)), task.workers)
 
 
 def sampling_params(recipe: Recipe, temperature: float | None = None) -> SamplingParams:
@@ -110,6 +119,7 @@ class Trainer:
         if self.needs.ref_logprobs and checkpoints:
             self.reference = Policy.load(run_dir / "checkpoints" / "reference", where="reference").to(self.device)
         self.resumed = bool(checkpoints)
+        self.env_workers: EnvWorkers | None = None  # started by run(), stopped when it ends
         self.completed = self.start_step
         # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)
@@ -143,7 +153,7 @@ class Trainer:
     @property
     def run_context(self) -> Run:
         return Run(self.recipe, self.task, self.policy, self.optimizer, self.reference, self.pieces, self.params,
-                   self.device)
+                   self.device, self.env_workers)
 
     # --- stages -------------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
@@ -156,7 +166,7 @@ class Trainer:
         with self.progress.phase("eval", eval_episodes(self.task, o.eval_prompts, o.eval_samples)) as advance:
             metrics, record = evaluate_detailed(self.policy, self.task, o.eval_prompts, o.eval_samples, o.pass_at,
                                                 params, seed=self.recipe.train.seed, diagnostics=o.diagnostics,
-                                                base=base, on_episodes=advance)
+                                                base=base, on_episodes=advance, env_workers=self.env_workers)
         if base is None:
             tmp = base_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(asdict(record)))
@@ -209,7 +219,17 @@ class Trainer:
     def run(self, on_started: Callable[[], None] | None = None) -> dict[str, Any]:
         """Warm start, evaluate, train, checkpoint; `on_started` is called once the first step is done (the run
         has started successfully: `--overwrite` then drops the run it replaces). `completed` is the last step
-        done, for a message when the run is interrupted."""
+        done, for a message when the run is interrupted. Env workers (`task.workers`) live as long as this call,
+        stopped on its way out whatever the reason (an error, Ctrl-C)."""
+        self.env_workers = start_env_workers(self.recipe, self.task)
+        try:
+            return self._run(on_started)
+        finally:
+            if self.env_workers is not None:
+                self.env_workers.close()
+                self.env_workers = None
+
+    def _run(self, on_started: Callable[[], None] | None) -> dict[str, Any]:
         r, o = self.recipe, self.recipe.observe
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_atomic("recipe.yaml", yaml.safe_dump(resolve(r), sort_keys=False))

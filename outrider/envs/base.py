@@ -151,6 +151,11 @@ class TaskConfig(PieceConfig):
                                                   "a call past it ends its episode as failed (info timed_out, "
                                                   "counted as env/timeouts) and the env is closed and restarted "
                                                   "(null: no limit).")
+    workers: int = Field(1, ge=1, le=64, description="Env worker processes that hold and step a multi-turn "
+                                                     "rollout's envs at the same time (1: in the trainer's own "
+                                                     "process, one after another). Episodes are identical either "
+                                                     "way; worth it when env steps are slow against sampling "
+                                                     "(TextWorld, ScienceWorld), see docs/benchmarks.md.")
 
 
 class Task(ABC):
@@ -175,6 +180,11 @@ class Task(ABC):
     def step_timeout_s(self) -> float | None:
         """The time limit of one env call: the task's `step_timeout_s` option (its `cfg`), else the default."""
         return getattr(getattr(self, "cfg", None), "step_timeout_s", DEFAULT_STEP_TIMEOUT_S)
+
+    @property
+    def workers(self) -> int:
+        """Env worker processes of a run: the task's `workers` option (its `cfg`), else 1 (in-process envs)."""
+        return int(getattr(getattr(self, "cfg", None), "workers", 1))
 
     @abstractmethod
     def make_env(self, split: Split) -> Env: ...

@@ -15,6 +15,10 @@ Every env call (reset, restore, step) runs under the task's time limit (`envs/ti
 answer within it ends its episode, failed, marked ``info["timed_out"]`` on the turn and ``metadata["timed_out"]``
 on the episode, and is closed at once (a pooled interpreter is killed, not re-used); the next episode gets a new
 env.
+
+Each turn has two phases: every active episode's action is sampled in one batch, then every env is stepped. The
+envs live in this process (stepped one after another) or, with `task.workers: N`, in N worker processes that step
+theirs at the same time (`envs/workers.py`); the episodes are the same for the same seeds either way.
 """
 
 from __future__ import annotations
@@ -29,18 +33,17 @@ import torch
 from outrider.data import Episode, Start, Turn
 from outrider.envs.base import Env, close_env
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S, EnvTimeout, TimeLimit
+from outrider.envs.workers import EnvBatch, Reply, open_envs
 from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
 
 
-def _new_turn(env: Env, obs: str, ids: list[int], snapshot: bool) -> Turn:
+def _new_turn(reply: Reply, obs: str, ids: list[int]) -> Turn:
     turn = Turn(observation=obs, observation_ids=ids)
-    key = getattr(env, "state_key", None)
-    if callable(key):
-        turn.info["state_key"] = key()
-    if snapshot:
-        turn.snapshot = env.snapshot()  # type: ignore[attr-defined]
+    if reply.has_key:
+        turn.info["state_key"] = reply.state_key
+    turn.snapshot = reply.snapshot
     return turn
 
 
@@ -53,24 +56,7 @@ def _given_turn(turn: Turn) -> Turn:
     return out
 
 
-def _reach(env: Env, start: Start, clock: TimeLimit) -> str:
-    """Reset the env to the start's seed and bring it to the end of the start's prefix; return the observation
-    there (each env call under the time limit)."""
-    obs = clock.call(env.reset, start.seed)
-    if start.snapshot is not None:
-        restore = getattr(env, "restore", None)
-        if not callable(restore):
-            raise ValueError(f"a start with a snapshot needs an env with restore(); {type(env).__name__} has none")
-        return clock.call(restore, start.snapshot)
-    for k, turn in enumerate(start.prefix):
-        obs, _, done, _ = clock.call(env.step, turn.action)
-        if done:
-            raise ValueError(f"a start's prefix ends the episode at its turn {k} (seed {start.seed}); a prefix must "
-                             "lead to a state where the episode goes on")
-    return obs
-
-
-def rollout(policy: Policy, make_env: Callable[[], Env], starts: list[Start], params: SamplingParams,
+def rollout(policy: Policy, make_env: Callable[[], Env] | Any, starts: list[Start], params: SamplingParams,
             generator: torch.Generator, max_turns: int = 1, snapshots: bool = False,
             step_timeout_s: float | None = DEFAULT_STEP_TIMEOUT_S,
             on_finished: Callable[[int], None] | None = None) -> list[Episode]:
@@ -81,26 +67,23 @@ def rollout(policy: Policy, make_env: Callable[[], Env], starts: list[Start], pa
     full action would exceed the model's context ends there, marked ``metadata["context_full"]`` (not done: its
     success is what the env said so far). An env call past `step_timeout_s` seconds ends its episode as failed,
     marked ``metadata["timed_out"]`` (see the module docstring). ``on_finished(n)`` is told each time n more
-    episodes are over (progress displays)."""
-    envs: list[Env | None] = [make_env() for _ in starts]
+    episodes are over (progress displays).
+
+    `make_env` makes one env in this process, or is a split of an `EnvWorkers` pool (``workers.split("train")``:
+    the envs live in worker processes, `task.workers`); the episodes are the same either way."""
+    envs = open_envs(make_env, len(starts), step_timeout_s)
     try:
-        with TimeLimit(step_timeout_s) as clock:
-            return _play(policy, envs, starts, params, generator, max_turns, snapshots, clock,
-                         on_finished or (lambda n: None))
+        return _play(policy, envs, starts, params, generator, max_turns, snapshots, on_finished or (lambda n: None))
     finally:
-        for env in envs:
-            if env is not None:
-                close_env(env)
+        envs.close_all()
 
 
-def _timed_out(envs: list[Env | None], i: int, episode: Episode, turn: Turn) -> None:
-    """End episode `i` as failed after an env call ran past the time limit, and close its env now (a pooled
+def _timed_out(episode: Episode, turn: Turn) -> None:
+    """End an episode as failed after an env call ran past the time limit (its env is already closed: a pooled
     interpreter in an unknown state is killed, not re-used)."""
     turn.info["timed_out"] = True
     episode.metadata["timed_out"] = True
     episode.success = episode.done = False
-    env, envs[i] = envs[i], None
-    close_env(env)
 
 
 def timed_out_frac(episodes: list[Episode]) -> float:
@@ -108,17 +91,18 @@ def timed_out_frac(episodes: list[Episode]) -> float:
     return sum(bool(e.metadata.get("timed_out")) for e in episodes) / max(len(episodes), 1)
 
 
-def _play(policy: Policy, envs: list[Env | None], starts: list[Start], params: SamplingParams,
-          generator: torch.Generator, max_turns: int, snapshots: bool, clock: TimeLimit,
-          on_finished: Callable[[int], None]) -> list[Episode]:
+def _play(policy: Policy, envs: EnvBatch, starts: list[Start], params: SamplingParams, generator: torch.Generator,
+          max_turns: int, snapshots: bool, on_finished: Callable[[int], None]) -> list[Episode]:
+    """Each turn in two phases: every active episode's action is sampled in one batch, then every env is stepped
+    (in this process one after another, or at once in the env workers)."""
     bos = [policy.bos_id] if policy.bos_id is not None else []
     limit = policy.max_length
     episodes, contexts, given = [], [], []  # the sampler's token context, and the given ids of the first new action
-    for n, (env, start) in enumerate(zip(envs, starts)):
-        try:
-            obs, timed_out = _reach(env, start, clock), False
-        except EnvTimeout:
-            obs, timed_out = "", True
+    reached = envs.reach([(n, s.seed, s.snapshot, [t.action for t in s.prefix] if s.snapshot is None else [],
+                           snapshots) for n, s in enumerate(starts)])
+    alive = [not r.timed_out for r in reached]
+    for n, (reply, start) in enumerate(zip(reached, starts)):
+        obs, timed_out = reply.obs, reply.timed_out
         episode = Episode(group_id=start.group_id, seed=start.seed, origin=start.origin, weight=start.weight,
                           metadata=dict(start.metadata), off_policy=start.context is not None and not start.keep_context)
         context = list(bos)
@@ -135,9 +119,9 @@ def _play(policy: Policy, envs: list[Env | None], starts: list[Start], params: S
         trained_ids = shown_ids if start.keep_context or seen is obs else policy.encode_observation(obs, first=first)
         if timed_out:  # no state to ask the env about: an observation-only turn, never sampled from
             episode.turns.append(Turn(observation=obs, observation_ids=trained_ids))
-            _timed_out(envs, n, episode, episode.turns[-1])
+            _timed_out(episode, episode.turns[-1])
         else:
-            episode.turns.append(_new_turn(env, seen if start.keep_context else obs, trained_ids, snapshots))
+            episode.turns.append(_new_turn(reply, seen if start.keep_context else obs, trained_ids))
         action_given = list(start.action_prefix)
         context += shown_ids + action_given
         if start.context is not None and start.context_at == "after_prefix":
@@ -149,37 +133,39 @@ def _play(policy: Policy, envs: list[Env | None], starts: list[Start], params: S
         episodes.append(episode)
         contexts.append(context)
         given.append(action_given)
-    active = [i for i in range(len(episodes)) if envs[i] is not None
+    active = [i for i in range(len(episodes)) if alive[i]
               and len(episodes[i].turns) <= max_turns and _fits(contexts[i], params, limit, episodes[i])]
     on_finished(len(episodes) - len(active))
     while active:
         samples = sample(policy, [contexts[i] for i in active], params, generator)
-        still_active = []
         for i, s in zip(active, samples):
-            episode, turn = episodes[i], episodes[i].turns[-1]
-            head = given[i]
+            turn, head = episodes[i].turns[-1], given[i]
             given[i] = []
             turn.action_ids = head + s.ids
             turn.action = (policy.decode(head) if head else "") + s.text
             turn.behaviour_logprobs = [0.0] * len(head) + s.logprobs  # given tokens were not drawn (never trained)
             turn.behaviour_entropy = [0.0] * len(head) + s.entropies
             turn.finish_reason = s.finish_reason
-            try:
-                obs, reward, done, info = clock.call(envs[i].step, turn.action)
-            except EnvTimeout:
-                _timed_out(envs, i, episode, turn)
+        replies = envs.step([(i, episodes[i].turns[-1].action, len(episodes[i].turns) < max_turns, snapshots)
+                             for i in active])
+        still_active = []
+        for i, s, reply in zip(active, samples, replies):
+            episode, turn = episodes[i], episodes[i].turns[-1]
+            if reply.timed_out:
+                _timed_out(episode, turn)
                 continue
-            turn.reward = float(reward)
+            info = reply.info
+            turn.reward = reply.reward
             turn.info.update({k: v for k, v in info.items() if k != "state_key"})
             contexts[i] += s.ids
             episode.success = bool(info.get("success", episode.success))
-            if done or len(episode.turns) == max_turns:
-                episode.done = bool(done)
+            if reply.done or len(episode.turns) == max_turns:
+                episode.done = reply.done
                 continue
-            ids = policy.encode_observation(obs, first=False)
+            ids = policy.encode_observation(reply.obs, first=False)
             if not _fits(contexts[i] + ids, params, limit, episode):
                 continue
-            episode.turns.append(_new_turn(envs[i], obs, ids, snapshots))
+            episode.turns.append(_new_turn(reply, reply.obs, ids))
             contexts[i] += ids
             still_active.append(i)
         on_finished(len(active) - len(still_active))

@@ -31,7 +31,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
 
     def play(starts: list, snapshots: bool = False) -> list[Episode]:
         t0 = time.perf_counter()
-        out = rollout(run.policy, lambda: task.make_env("train"), starts, run.params, generator, horizon, snapshots,
+        out = rollout(run.policy, run.env_source("train"), starts, run.params, generator, horizon, snapshots,
                       getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S))
         timers["timeouts"] += sum(bool(e.metadata.get("timed_out")) for e in out)
         count_env_calls(starts, out, timers)

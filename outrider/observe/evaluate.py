@@ -12,6 +12,7 @@ import torch
 from outrider.data import Episode, Start, pack
 from outrider.envs.base import Task
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
+from outrider.envs.workers import EnvWorkers
 from outrider.explore.rollout import rollout
 from outrider.observe.diagnostics import (answer_diversity, correct_support, crossover_k, effective_rank,
                                           pass_at_k, support_change, token_entropy_stats)
@@ -60,16 +61,19 @@ def eval_episodes(task: Task, prompts: int, samples: int) -> int:
 def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks: list[int], params: SamplingParams,
                       seed: int, chunk: int = 1024, diagnostics: bool = True,
                       base: EvalRecord | None = None,
-                      on_episodes: Callable[[int], None] | None = None) -> tuple[dict[str, float], EvalRecord]:
+                      on_episodes: Callable[[int], None] | None = None,
+                      env_workers: EnvWorkers | None = None) -> tuple[dict[str, float], EvalRecord]:
     """`evaluate` and the `EvalRecord` of this evaluation; with `base`, also support shrinkage/expansion and the
     crossover k* against it (only when both used the same number of samples per prompt; k* = samples + 1 means
-    the current model is ahead at every k ≤ samples)."""
+    the current model is ahead at every k ≤ samples). With `env_workers` the envs are stepped in those processes
+    (the same episodes)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     prompts = min(prompts, task.eval_size)
     starts = [Start(seed=p, group_id=p) for p in range(prompts) for _ in range(samples)]
     episodes: list[Episode] = []
     for first in range(0, len(starts), chunk):
-        episodes += rollout(policy, lambda: task.make_env("eval"), starts[first:first + chunk], params, generator,
+        source = env_workers.split("eval") if env_workers is not None else lambda: task.make_env("eval")
+        episodes += rollout(policy, source, starts[first:first + chunk], params, generator,
                             task.max_turns, step_timeout_s=getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S),
                             on_finished=on_episodes)
     correct = [0] * prompts

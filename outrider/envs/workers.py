@@ -1,0 +1,415 @@
+"""Env workers: a rollout's envs held and stepped in `task.workers` worker processes, or in this process.
+
+The rollout steps its envs in two phases per turn: the sampler draws every active episode's action in one batch,
+then every env is stepped, through an `EnvBatch`. `LocalEnvs` steps them one after another in this process (the
+default, `task.workers: 1`); `RemoteEnvs` sends them to an `EnvWorkers` pool, env ``i`` to worker ``i mod N``,
+one message per worker per phase, and the workers step theirs at the same time. Both run the same per-env code
+(`reach`, `step`), so episodes are identical for the same seeds: the sampler's draws do not depend on the order
+in which envs answer, and each env is driven by its own seed and actions.
+
+Workers are separate processes (``forkserver``: no copy of the trainer's threads, tensors or sockets), started
+once per run;
+each builds its own task from a picklable factory (the trainer passes the recipe's task section), so an env
+never crosses a process boundary, only its observations, infos, state keys and snapshots do (a snapshot must
+survive `torch.save` anyway). Each worker runs its env calls under the task's time limit (`TimeLimit`, by
+``SIGALRM`` in its own main thread), so a timed-out env ends its episode exactly as in-process. An exception raised
+by an env in a worker is re-raised in the trainer as the same exception (the worker's traceback attached as a
+note), so a bad env gives the same one-line error as serially. Workers ignore Ctrl-C: the trainer's interrupt
+stops them, after letting each finish the calls it is in (its envs, e.g. simulators, are closed, not orphaned).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import pickle
+import signal
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from outrider.envs.base import Env, close_env
+from outrider.envs.time_limit import EnvTimeout, TimeLimit
+from outrider.errors import OutriderError
+
+NO_KEY = object()  # the env has no state_key(); never sent between processes (see `Reply.has_key`)
+
+
+@dataclass
+class Reply:
+    """An env's answer to a reach or a step: the observation, and for a step its reward, done and info; the state
+    key and snapshot of the state now reached (before the next action), when asked for and the episode goes on;
+    ``timed_out`` when the call ran past the time limit (the env is then closed and gone)."""
+
+    obs: str = ""
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    has_key: bool = False
+    state_key: Any = None
+    snapshot: Any = None
+    timed_out: bool = False
+
+
+def _describe_state(env: Env, reply: Reply, snapshot: bool) -> Reply:
+    key = getattr(env, "state_key", None)
+    if callable(key):
+        reply.has_key, reply.state_key = True, key()
+    if snapshot:
+        reply.snapshot = env.snapshot()  # type: ignore[attr-defined]
+    return reply
+
+
+def reach(env: Env, seed: int, snapshot: Any, prefix_actions: Sequence[str], clock: TimeLimit,
+          want_snapshot: bool) -> Reply:
+    """Reset the env to `seed` and bring it to the end of a start's prefix (``restore(snapshot)``, else replaying
+    its actions); the observation there, and the state's key (and snapshot, with `want_snapshot`)."""
+    try:
+        obs = clock.call(env.reset, seed)
+        if snapshot is not None:
+            restore = getattr(env, "restore", None)
+            if not callable(restore):
+                raise ValueError(f"a start with a snapshot needs an env with restore(); {type(env).__name__} has "
+                                 "none")
+            obs = clock.call(restore, snapshot)
+        else:
+            for k, action in enumerate(prefix_actions):
+                obs, _, done, _ = clock.call(env.step, action)
+                if done:
+                    raise ValueError(f"a start's prefix ends the episode at its turn {k} (seed {seed}); a prefix "
+                                     "must lead to a state where the episode goes on")
+    except EnvTimeout:
+        return Reply(timed_out=True)
+    return _describe_state(env, Reply(obs=obs), want_snapshot)
+
+
+def step(env: Env, action: str, clock: TimeLimit, goes_on: bool, want_snapshot: bool) -> Reply:
+    """One env step; unless the episode ends here (done, or not `goes_on`: the horizon), the next state's key
+    (and snapshot, with `want_snapshot`)."""
+    try:
+        obs, reward, done, info = clock.call(env.step, action)
+    except EnvTimeout:
+        return Reply(timed_out=True)
+    reply = Reply(obs=obs, reward=float(reward), done=bool(done), info=dict(info))
+    return _describe_state(env, reply, want_snapshot) if goes_on and not done else reply
+
+
+# a reach job: (env index, seed, snapshot or None, prefix actions, keep a snapshot);
+# a step job: (env index, action, the episode goes on after it unless done, keep a snapshot)
+ReachJob = tuple[int, int, Any, Sequence[str], bool]
+StepJob = tuple[int, str, bool, bool]
+
+
+class EnvBatch(Protocol):
+    """A rollout's envs, one per episode, addressed by index. An env that timed out is closed and gone."""
+
+    def reach(self, jobs: list[ReachJob]) -> list[Reply]: ...
+
+    def step(self, jobs: list[StepJob]) -> list[Reply]: ...
+
+    def close(self, i: int) -> None: ...
+
+    def close_all(self) -> None: ...
+
+
+class LocalEnvs:
+    """The envs in this process, made by `make_env` and stepped one after another under one `TimeLimit`."""
+
+    def __init__(self, make_env: Callable[[], Env], n: int, step_timeout_s: float | None):
+        self.envs: list[Env | None] = []
+        self.clock = TimeLimit(step_timeout_s).__enter__()
+        try:
+            self.envs = [make_env() for _ in range(n)]
+        except BaseException:
+            self.close_all()
+            raise
+
+    def _answer(self, i: int, reply: Reply) -> Reply:
+        if reply.timed_out:  # an env in an unknown state (a pooled interpreter) is closed, not re-used
+            self.close(i)
+        return reply
+
+    def reach(self, jobs: list[ReachJob]) -> list[Reply]:
+        return [self._answer(i, reach(self.envs[i], seed, snap, prefix, self.clock, keep))
+                for i, seed, snap, prefix, keep in jobs]
+
+    def step(self, jobs: list[StepJob]) -> list[Reply]:
+        return [self._answer(i, step(self.envs[i], action, self.clock, on, keep)) for i, action, on, keep in jobs]
+
+    def close(self, i: int) -> None:
+        env, self.envs[i] = self.envs[i], None
+        if env is not None:
+            close_env(env)
+
+    def close_all(self) -> None:
+        try:
+            for i in range(len(self.envs)):
+                self.close(i)
+        finally:
+            self.clock.__exit__(None, None, None)
+
+
+def task_from_section(section: dict[str, Any]) -> Any:
+    """The task a recipe's ``task`` section names, built from its options (what each env worker runs)."""
+    from outrider.envs.base import ENVS  # every task module is registered by the package's import
+
+    entry, cfg = ENVS.build(section, "task")
+    return entry.fn(cfg)
+
+
+def open_envs(make_env: Any, n: int, step_timeout_s: float | None) -> EnvBatch:
+    """The envs of a rollout: `make_env` is an env factory (envs in this process) or an object with
+    ``open_batch(n, step_timeout_s)`` (a split of an `EnvWorkers` pool)."""
+    opener = getattr(make_env, "open_batch", None)
+    if callable(opener):
+        return opener(n, step_timeout_s)
+    return LocalEnvs(make_env, n, step_timeout_s)
+
+
+
+# --- worker processes ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Failure:
+    """An exception raised by an env call in a worker, carried back to be raised in the trainer."""
+
+    error: BaseException
+    where: str
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The exception itself when it survives pickling, else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001  (any pickling failure)
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _serve(conn: Any, make_task: Callable[[], Any], index: int) -> None:
+    """A worker's loop: build the task, then answer batches of env jobs until told to stop or the trainer is
+    gone; its envs are closed on the way out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer stops workers; an interrupt would lose envs
+    envs: dict[int, Env] = {}
+    try:
+        task = make_task()
+    except BaseException as e:  # noqa: BLE001  (raised in the trainer at its first call)
+        task, broken = None, _Failure(_portable(e), traceback.format_exc())
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone
+            break
+        if message is None:
+            break
+        kind, split, timeout, jobs = message
+        replies: list[Any] = []
+        with TimeLimit(timeout) as clock:
+            for job in jobs:
+                try:
+                    if task is None:
+                        raise broken.error
+                    replies.append(_run_job(kind, split, job, envs, task, clock))
+                except BaseException as e:  # noqa: BLE001  (the env's error, raised again in the trainer)
+                    replies.append(_Failure(_portable(e), traceback.format_exc()))
+                    break  # serially the rollout stops at the first error
+        try:
+            conn.send(replies)
+        except Exception as e:  # noqa: BLE001  (an info or snapshot that cannot be pickled)
+            conn.send([_Failure(RuntimeError(f"env worker {index}: a reply cannot be sent to the trainer: {e}"),
+                                traceback.format_exc())])
+    for env in envs.values():
+        close_env(env)
+    close = getattr(task, "close", None)
+    if callable(close):  # pooled simulators and interpreters: a worker exits without running atexit hooks
+        close()
+
+
+def _run_job(kind: str, split: str, job: tuple, envs: dict[int, Env], task: Any, clock: TimeLimit) -> Reply:
+    if kind == "close":
+        env = envs.pop(job[0], None)
+        if env is not None:
+            close_env(env)
+        return Reply()
+    if kind == "reach":
+        i, seed, snap, prefix, keep = job
+        env = envs[i] = task.make_env(split)
+        reply = reach(env, seed, snap, prefix, clock, keep)
+    else:
+        i, action, on, keep = job
+        reply = step(envs[i], action, clock, on, keep)
+    if reply.timed_out:
+        close_env(envs.pop(i))
+    return reply
+
+
+class EnvWorkers:
+    """`n` worker processes, each with its own task built by `make_task` (a picklable function: the trainer
+    passes the recipe's task section), started now and stopped by `close()` (also a context manager).
+    ``split(name)`` is what a rollout takes in place of an env factory. A worker that dies or stops answering
+    ends the run with an OutriderError; after an interrupt the pool is closed, not re-used."""
+
+    def __init__(self, make_task: Callable[[], Any], n: int):
+        if n < 2:
+            raise OutriderError(f"task.workers: {n} worker processes is not a pool; use 1 for in-process envs")
+        try:
+            pickle.dumps(make_task)
+        except Exception as e:  # noqa: BLE001
+            raise OutriderError(f"task.workers: the task cannot be sent to a worker process ({e}); use "
+                                "task.workers: 1") from None
+        # forkserver: a fresh server process imports outrider once (torch included), then each worker is forked
+        # from it in milliseconds; never forked from the trainer, whose threads and env sockets it must not copy
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        self.n, self._next_id, self.broken = n, 0, False
+        self._conns, self._procs = [], []
+        for k in range(n):
+            parent, child = ctx.Pipe()
+            # not daemonic: an env may start processes of its own (TextWorld's interpreters); a worker whose
+            # trainer is gone, even killed, reads EOF from its pipe and exits
+            proc = ctx.Process(target=_serve, args=(child, make_task, k), name=f"outrider-env-{k}")
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self._pending = [False] * n
+        atexit.register(self.close)  # a pool never closed still stops (before multiprocessing joins its children)
+
+    def split(self, name: str) -> "_Split":
+        return _Split(self, name)
+
+    def _ids(self, n: int) -> int:
+        first, self._next_id = self._next_id, self._next_id + n
+        return first
+
+    def call(self, kind: str, split: str, timeout: float | None, jobs: list[list[tuple]]) -> list[list[Any]]:
+        """Send each worker its jobs (one message each, all sent before any answer is read) and return their
+        replies; an env's exception is raised here, the lowest-numbered env's first."""
+        if self.broken:
+            raise OutriderError("task.workers: the env workers were stopped by an earlier error or interrupt")
+        try:
+            for k, part in enumerate(jobs):
+                if part:
+                    try:
+                        self._conns[k].send((kind, split, timeout, part))
+                    except OSError:  # its end of the pipe is closed: the worker is gone
+                        self._died(k)
+                    self._pending[k] = True
+            out = [self._receive(k, timeout, len(part)) if part else [] for k, part in enumerate(jobs)]
+        except BaseException:
+            self.broken = True
+            raise
+        return out
+
+    def _receive(self, k: int, timeout: float | None, count: int) -> list[Any]:
+        # a worker enforces the time limit on each call; this bound only catches one stuck outside Python
+        wait = None if timeout is None else timeout * (count + 1) + 60.0
+        conn = self._conns[k]
+        try:
+            if not conn.poll(wait):
+                raise OutriderError(f"task.workers: env worker {k} gave no answer in {wait:.0f} s (stuck in native "
+                                    "code past task.step_timeout_s); use task.workers: 1 to see where")
+            replies = conn.recv()
+        except (EOFError, OSError):
+            self._died(k)
+        self._pending[k] = False
+        return replies
+
+    def _died(self, k: int) -> None:
+        self._procs[k].join(1.0)
+        raise OutriderError(f"task.workers: env worker {k} died (exit code {self._procs[k].exitcode}); the same "
+                            "run with task.workers: 1 shows the env's error") from None
+
+    def close(self) -> None:
+        """Stop the workers: each finishes what it is doing (its reply is dropped), closes its envs and exits;
+        one that does not within a few seconds is killed."""
+        atexit.unregister(self.close)
+        for k, conn in enumerate(self._conns):
+            try:
+                if self._pending[k] and conn.poll(10.0):
+                    conn.recv()
+                conn.send(None)
+            except (EOFError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(10.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs, self.broken = [], [], True
+
+    def __enter__(self) -> "EnvWorkers":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Split:
+    """A rollout's env source on an `EnvWorkers` pool: ``open_batch`` gives `RemoteEnvs` of one split."""
+
+    def __init__(self, workers: EnvWorkers, split: str):
+        self.workers, self.name = workers, split
+
+    def open_batch(self, n: int, step_timeout_s: float | None) -> "RemoteEnvs":
+        return RemoteEnvs(self.workers, self.name, n, step_timeout_s)
+
+
+class RemoteEnvs:
+    """A rollout's envs in the workers: env ``i`` lives in worker ``i mod N`` (ids unique in the pool)."""
+
+    def __init__(self, workers: EnvWorkers, split: str, n: int, step_timeout_s: float | None):
+        self.workers, self.split, self.timeout = workers, split, step_timeout_s
+        self.first = workers._ids(n)
+        self.open = [False] * n
+
+    def _call(self, kind: str, jobs: list[tuple]) -> list[Reply]:
+        n = self.workers.n
+        parts: list[list[tuple]] = [[] for _ in range(n)]
+        for job in jobs:
+            parts[job[0] % n].append((self.first + job[0],) + tuple(job[1:]))
+        answers = self.workers.call(kind, self.split, self.timeout, parts)
+        seen, out = [0] * n, []
+        for job in jobs:
+            k = job[0] % n
+            if seen[k] >= len(answers[k]):  # the worker stopped at an earlier env's error: raise that
+                continue
+            reply = answers[k][seen[k]]
+            seen[k] += 1
+            if isinstance(reply, _Failure):
+                reply.error.add_note(f"raised in env worker {k}:\n{reply.where}")
+                raise reply.error
+            out.append(reply)
+        return out
+
+    def reach(self, jobs: list[ReachJob]) -> list[Reply]:
+        for job in jobs:
+            self.open[job[0]] = True
+        out = self._call("reach", jobs)
+        for job, reply in zip(jobs, out):
+            self.open[job[0]] = not reply.timed_out
+        return out
+
+    def step(self, jobs: list[StepJob]) -> list[Reply]:
+        out = self._call("step", jobs)
+        for job, reply in zip(jobs, out):
+            self.open[job[0]] = not reply.timed_out
+        return out
+
+    def close(self, i: int) -> None:
+        if self.open[i]:
+            self.open[i] = False
+            self._call("close", [(i,)])
+
+    def close_all(self) -> None:
+        if self.workers.broken:  # after an error or interrupt the pool is stopped whole, envs and all
+            return
+        jobs = [(i,) for i, is_open in enumerate(self.open) if is_open]
+        self.open = [False] * len(self.open)
+        if jobs:
+            self._call("close", jobs)
+
+
+__all__ = ["EnvBatch", "EnvWorkers", "LocalEnvs", "RemoteEnvs", "Reply", "open_envs", "reach", "step"]
