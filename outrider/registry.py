@@ -83,6 +83,12 @@ class Needs:
     # a promise (losses, entropy regulators, learner terms): a row whose advantages are 0 on every action token
     # contributes exactly 0 to the loss and its gradient, and does not change what other rows contribute
     zero_at_zero_advantage: bool = False
+    # a promise (losses, entropy regulators, learner terms): how the piece's loss on an optimiser step's minibatch
+    # splits into the micro-batches of `update.max_tokens_per_micro_batch`. "rows": its per-token loss is row by
+    # row and its scalar loss is linear in `ctx.aggregate` over the micro-batch; "pairs": its scalar loss is a mean
+    # over the micro-batch's pairs (whole groups are kept together); None: it reads the whole minibatch at once (a
+    # batch quantile or covariance, a state update per call) and cannot run with a token budget
+    micro_batch: Literal["rows", "pairs"] | None = None
 
     def __or__(self, other: "Needs") -> "Needs":
         """What a set of pieces needs together (each request is or-ed; promises are not combined)."""

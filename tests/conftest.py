@@ -145,6 +145,22 @@ def learner_terms(loss, cfg, regulator=None, reference: bool = False) -> list:
     return build_terms(cfg, entry.create(loss_cfg), regulator, values=False, reference=reference, extra=[])
 
 
+def text_batch(policy, prompts: list[str], actions: list[str], advantages: list[float]):
+    """A packed batch of one-turn episodes (rows 2i and 2i+1 one group) with per-row advantages on their actions."""
+    import torch
+
+    from outrider.data import Episode, Turn, pack
+
+    eps = []
+    for i, (p, a) in enumerate(zip(prompts, actions)):
+        ep = Episode(group_id=i // 2, seed=i // 2)
+        ep.turns.append(Turn(observation=p, observation_ids=policy.encode(p), action=a, action_ids=policy.encode(a)))
+        eps.append(ep)
+    batch = pack(eps, policy.pad_id, policy.bos_id)
+    batch.advantages = torch.tensor(advantages)[:, None] * batch.action_mask
+    return batch
+
+
 def tiny_qwen2(value_head: bool = False):
     """A 2-layer Qwen2 policy on the char tokenizer: grouped-query attention (4 query heads, 2 KV heads) and q/k/v
     biases, the Llama-family variant the lean decoder and the shared-prefix forward must also get right."""

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import learner_terms
-from outrider.data import Episode, Turn, pack
+from conftest import learner_terms, text_batch
 from outrider.policy.model import Policy
 from outrider.registry import Entry
 from outrider.update import ENTROPY, LOSSES
@@ -20,14 +19,7 @@ def make_batch(policy: Policy, advantages: list[float]):
     # the longest completion (row 2) is in a zero-advantage group, so the kept rows need fewer columns
     prompts = ["ab ->", "ab ->", "xyz ->", "xyz ->", "q ->", "q ->"]
     actions = ["ba", "bb", "zyxzyxzyx", "zy", "q", "qq"]
-    eps = []
-    for i, (p, a) in enumerate(zip(prompts, actions)):
-        ep = Episode(group_id=i // 2, seed=i // 2)
-        ep.turns.append(Turn(observation=p, observation_ids=policy.encode(p), action=a, action_ids=policy.encode(a)))
-        eps.append(ep)
-    batch = pack(eps, policy.pad_id, policy.bos_id)
-    batch.advantages = torch.tensor(advantages)[:, None] * batch.action_mask
-    return batch
+    return text_batch(policy, prompts, actions, advantages)
 
 
 def run(advantages_per_step: list[list[float]], skip: bool, aggregation: str = "token-mean",

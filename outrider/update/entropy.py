@@ -15,7 +15,8 @@ class EntropyBonusConfig(PieceConfig):
     coef: float = Field(0.001, description="β in −β·H: a positive value rewards entropy (keeps exploring).")
 
 
-@ENTROPY.register("none", config=NoOptions, needs=Needs(zero_at_zero_advantage=True))
+@ENTROPY.register("none", config=NoOptions, 
+                  needs=Needs(zero_at_zero_advantage=True, micro_batch="rows"))
 class NoRegulator(Regulator):
     """No entropy term: adds 0 (the aggregated entropy ``H`` is still reported as the ``entropy`` metric)."""
 
@@ -24,7 +25,7 @@ class NoRegulator(Regulator):
         return RegulatorOutput(torch.zeros((), dtype=h.dtype, device=h.device), metrics={"entropy": h})
 
 
-@ENTROPY.register("bonus", config=EntropyBonusConfig)
+@ENTROPY.register("bonus", config=EntropyBonusConfig, needs=Needs(micro_batch="rows"))
 class EntropyBonus(Regulator):
     """Entropy bonus ``−β · agg(H_t)`` with ``H_t = −Σ_v π(v|x_<t) log π(v|x_<t)`` (A3C, Mnih et al. 2016; PPO,
     arXiv:1707.06347). Minimising the term raises policy entropy against the early entropy collapse of RL on

@@ -22,6 +22,7 @@ from outrider.stats import masked_mean
 from outrider.update import TokenContext
 from outrider.update.aggregate import AGGREGATIONS, aggregate
 from outrider.update.cov import token_covariance
+from outrider.update.micro_batch import MetricMerger, check_terms, pack, score_in_chunks, share, trim
 from outrider.update.off_policy import OffPolicyConfig
 
 
@@ -76,6 +77,15 @@ class UpdateConfig(Options):
                           "regulator none), with no KL in the loss and no value loss. The update's own metrics "
                           "(policy/*, loss/*, entropy_reg/*) then describe the trained rows (row 0 when none is); "
                           "update/skipped_rows_frac says how many were left out.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget of one forward and backward: each optimiser step's minibatch is run "
+                                "in micro-batches of at most this many padded tokens (rows × longest row; rows "
+                                "packed by length, a pairwise term's groups kept whole) and their gradients "
+                                "accumulated, normalised by the whole minibatch's denominator: the same update "
+                                "up to float rounding, in less memory (verl's ppo_max_token_len_per_gpu with "
+                                "use_dynamic_bsz). null: one forward per minibatch. A row longer than the budget "
+                                "is an error; pieces that read their whole minibatch (clip_cov, kl_cov, "
+                                "entropy_mask, adaptive_entropy, siren, epo, sil) cannot be split.")
     vf_coef: float = Field(0.5, ge=0, description="Value-loss weight (used when the credit piece needs values).")
     value_clip: float | None = Field(0.2, gt=0, description="PPO value clipping range (null: unclipped).")
 
@@ -114,20 +124,22 @@ def prepare(batch: Batch, policy: Policy, reference: Policy | None, cfg: UpdateC
     tokens were drawn from (`Policy.score`); the reference's stay untruncated (k3 then estimates the KL of the
     sampling policy to the reference model).
 
+    With `cfg.max_tokens_per_micro_batch` both forwards run one micro-batch under the budget at a time.
+
     The policy runs in eval mode here and in `learner_step`: dropout would make the "old" and the new
     log-probs of the same parameters differ, biasing the ratio (TRL and verl likewise disable dropout for RL).
     """
     policy.eval()
     if need_old or need_values or need_hidden:
-        groups = batch.group_index if cfg.shared_prefix else None
-        scores = policy.score(batch.input_ids, batch.attention_mask, temperature, values=need_values,
-                              hidden=need_hidden, groups=groups, top_k=top_k, top_p=top_p)
+        scores = score_in_chunks(policy, batch, cfg.max_tokens_per_micro_batch, cfg.shared_prefix,
+                                 temperature=temperature, values=need_values, hidden=need_hidden, top_k=top_k,
+                                 top_p=top_p)
         batch.old_logprobs = scores.logprobs if need_old else None
         batch.values = scores.values
         batch.hidden = scores.hidden
     if reference is not None:
-        batch.ref_logprobs = reference.score(batch.input_ids, batch.attention_mask, temperature,
-                                             groups=batch.group_index if cfg.shared_prefix else None).logprobs
+        batch.ref_logprobs = score_in_chunks(reference, batch, cfg.max_tokens_per_micro_batch, cfg.shared_prefix,
+                                             temperature=temperature).logprobs
 
 
 def entropy_advantage_covariance(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,13 +165,6 @@ def trained_rows(advantages: Tensor, mask: Tensor, live: Tensor | None = None) -
         return None
     rows = live.nonzero().squeeze(-1)
     return rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=advantages.device)
-
-
-def _trim(mb: Batch, rows: Tensor) -> Batch:
-    """The sub-batch of `rows` without the padding columns that no kept row reaches."""
-    sub = mb.select(rows)
-    width = int(sub.attention_mask.sum(-1).max())
-    return sub.select_columns(width) if width < sub.input_ids.shape[1] else sub
 
 
 def minibatch_rows(batch: Batch, minibatches: int, generator: torch.Generator, by_group: bool) -> list[Tensor]:
@@ -207,15 +212,21 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
     keeps its full-minibatch denominator.
 
     An optimiser step whose loss or gradient norm is not finite (NaN, inf) is skipped and counted as
-    ``update/skipped_nonfinite_steps`` (the run stops after `train.max_nonfinite_steps` steps in a row with one)."""
+    ``update/skipped_nonfinite_steps`` (the run stops after `train.max_nonfinite_steps` steps in a row with one).
+
+    With `cfg.max_tokens_per_micro_batch`, each minibatch runs as micro-batches under the token budget
+    (`micro_batch.pack`) whose gradients accumulate into one optimiser step equal to the unsplit one (every term
+    declares `Needs.micro_batch`); ``update/micro_batches`` logs how many a step took."""
     agg_len = cfg.norm_length or norm_length
 
     def agg(x: Tensor, m: Tensor) -> Tensor:
         return aggregate(x, m, cfg.aggregation, agg_len)
 
     skip = cfg.skip_zero_advantage and all(t.needs.zero_at_zero_advantage for t in terms)
-    need_logits = any(t.needs.logits for t in terms)
     by_group = any(t.needs.pairs for t in terms)
+    budget = cfg.max_tokens_per_micro_batch
+    if budget is not None:
+        check_terms(terms)
     policy.eval()  # no dropout: see `prepare`; gradients flow in eval mode all the same
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -225,47 +236,31 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
             full = batch.select(rows)
             live = live_rows(full.advantages, full.action_mask) if skip else None
             kept = None if live is None else trained_rows(full.advantages, full.action_mask, live)
-            mb = full if kept is None else _trim(full, kept)
-            mask = mb.action_mask
-            scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
-                                  values=mb.returns is not None, logits=need_logits,
-                                  groups=mb.group_index if cfg.shared_prefix else None, top_k=top_k, top_p=top_p)
-            old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
-            ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
-                               logits=scores.logits, aggregate=agg, generator=generator,
-                               step_index=mb.step_index, values=scores.values, batch=mb)
-            outputs = [(term, term(ctx)) for term in terms]
-            token_weight = None
-            for _, out in outputs:
-                if out.token_weight is not None:
-                    token_weight = out.token_weight if token_weight is None else token_weight * out.token_weight
-            weight = mb.sample_weight[:, None] if token_weight is None else mb.sample_weight[:, None] * token_weight
-            loss, metrics = None, {}
-            for term, out in outputs:
-                part = out.loss
-                if out.per_token is not None:
-                    part = agg(_placed(out.per_token * weight, full, kept), full.action_mask if kept is not None
-                               else mask)
-                    metrics[f"loss/{term.name}"] = part.detach()
-                metrics.update({k if "/" in k else f"{_term_name(term)}/{k}": v for k, v in out.metrics.items()})
-                if part is not None:
-                    loss = part if loss is None else loss + part
-            if loss is None:  # no term contributes (e.g. a pairwise term on a minibatch without pairs)
-                loss = scores.logprobs.sum() * 0.0
-            metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
-            metrics["policy/entropy_adv_cov"], metrics["policy/cov_gt1_frac"] = entropy_advantage_covariance(
-                scores.logprobs.detach(), mb.advantages, mask)
+            chunks: list[Tensor | None] = [kept]
+            if budget is not None:
+                base = torch.arange(full.size, device=full.input_ids.device) if kept is None else kept
+                chunks = pack(full, base, budget, by_group)
+                chunks = [kept] if len(chunks) == 1 else chunks
+            whole = None if len(chunks) == 1 else full if kept is None else full.select(kept)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            merger, total = MetricMerger(), 0.0
+            for chunk in chunks:  # gradients accumulate over micro-batches
+                loss, metrics, weights = _micro_loss(policy, full, chunk, whole, terms, cfg, agg, agg_len,
+                                                     temperature, generator, top_k, top_p)
+                loss.backward()
+                total += float(loss.detach())
+                merger.add(metrics, weights)
+            metrics = merger.result()
             params = [p for p in policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+            if bool(torch.isfinite(torch.tensor(total)) & torch.isfinite(grad_norm)):
                 optimizer.step()
             else:  # a NaN/inf loss or gradient would corrupt the parameters and the optimiser's moments for good
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-            metrics["loss/total"] = loss.detach()
-            metrics["optim/grad_norm"] = grad_norm
+            metrics["optim/grad_norm"] = float(grad_norm)
+            if budget is not None:
+                metrics["update/micro_batches"] = float(len(chunks))
             if live is not None:
                 metrics["update/skipped_rows_frac"] = 1.0 - float(live.sum()) / full.size
             for k, v in metrics.items():  # per-key counts: some pieces skip a metric on some minibatches
@@ -276,6 +271,59 @@ def learner_step(policy: Policy, optimizer: torch.optim.Optimizer, batch: Batch,
                 sums[k] += float(v)
                 counts[k] += 1
     return {**{k: v / counts[k] for k, v in sums.items()}, SKIPPED_NONFINITE: float(skipped)}
+
+
+def _micro_loss(policy: Policy, full: Batch, rows: Tensor | None, whole: Batch | None, terms: list[Piece],
+                cfg: UpdateConfig, agg, agg_len: int, temperature: float, generator: torch.Generator, top_k: int,
+                top_p: float) -> tuple[Tensor, dict[str, float], dict[str, float | None]]:
+    """The loss of the minibatch's ``rows`` (None: all of them), its metrics and each metric's weight.
+
+    Per-token losses are placed back in the minibatch and reduced with its denominator. With ``whole`` (the
+    minibatch's trained rows, when it is split into micro-batches) each scalar term loss is multiplied by the
+    micro-batch's `share`, so the micro-batches' losses sum to the unsplit one."""
+    mb = full if rows is None else trim(full, rows)
+    mask = mb.action_mask
+    need_logits = any(t.needs.logits for t in terms)
+    scores = policy.score(mb.input_ids, mb.attention_mask, temperature, entropy=True,
+                          values=mb.returns is not None, logits=need_logits,
+                          groups=mb.group_index if cfg.shared_prefix else None, top_k=top_k, top_p=top_p)
+    old = mb.old_logprobs if mb.old_logprobs is not None else scores.logprobs.detach()
+    ctx = TokenContext(scores.logprobs, old, mb.advantages, mask, entropy=scores.entropy,
+                       logits=scores.logits, aggregate=agg, generator=generator,
+                       step_index=mb.step_index, values=scores.values, batch=mb)
+    outputs = [(term, term(ctx)) for term in terms]
+    token_weight = None
+    for _, out in outputs:
+        if out.token_weight is not None:
+            token_weight = out.token_weight if token_weight is None else token_weight * out.token_weight
+    weight = mb.sample_weight[:, None] if token_weight is None else mb.sample_weight[:, None] * token_weight
+    tokens = float(mask.sum())
+    loss, metrics = None, {}
+    weights: dict[str, float | None] = {}
+    for term, out in outputs:
+        part, w = out.loss, tokens
+        if out.per_token is not None:
+            part = agg(_placed(out.per_token * weight, full, rows), full.action_mask if rows is not None else mask)
+            metrics[f"loss/{term.name}"] = part.detach()
+            weights[f"loss/{term.name}"] = None  # a part of the step's reduced loss: summed
+        elif whole is not None and part is not None:
+            part = part * share(term, mb, whole, cfg.aggregation, agg_len)
+        if whole is not None and term.entry.needs.micro_batch == "pairs":  # its metrics are means over pairs
+            w = share(term, mb, whole, cfg.aggregation, agg_len)
+        named = {k if "/" in k else f"{_term_name(term)}/{k}": v for k, v in out.metrics.items()}
+        metrics.update(named)
+        weights.update({k: w for k in named if k not in weights})
+        if part is not None:
+            loss = part if loss is None else loss + part
+    if loss is None:  # no term contributes (e.g. a pairwise term on a minibatch without pairs)
+        loss = scores.logprobs.sum() * 0.0
+    metrics["policy/entropy"] = masked_mean(scores.entropy.detach(), mask)
+    metrics["policy/entropy_adv_cov"], metrics["policy/cov_gt1_frac"] = entropy_advantage_covariance(
+        scores.logprobs.detach(), mb.advantages, mask)
+    metrics["loss/total"] = loss.detach()
+    weights.update(dict.fromkeys(("policy/entropy", "policy/entropy_adv_cov", "policy/cov_gt1_frac"), tokens))
+    weights["loss/total"] = None
+    return loss, {k: float(v) for k, v in metrics.items()}, weights
 
 
 def _placed(per_token: Tensor, full: Batch, kept: Tensor | None) -> Tensor:

@@ -25,6 +25,9 @@ from outrider.registry import Needs, NoOptions, PieceConfig
 from outrider.update import LOSSES, TokenContext
 from outrider.kl import LOG_RATIO_CLAMP
 
+# a row with zero advantages adds 0; every row's loss is its own (see `Needs`)
+ROW_LOCAL = Needs(zero_at_zero_advantage=True, micro_batch="rows")
+
 
 class PPOLossConfig(PieceConfig):
     """Options of the `ppo` surrogate."""
@@ -76,7 +79,7 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float
     return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high))
 
 
-@LOSSES.register("ppo", config=PPOLossConfig, needs=Needs(zero_at_zero_advantage=True))
+@LOSSES.register("ppo", config=PPOLossConfig, needs=ROW_LOCAL)
 def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate (Schulman et al. 2017, arXiv:1707.06347) with asymmetric clip-higher (DAPO, Yu et al.
     2025, arXiv:2503.14476) and optional dual clip (Ye et al. 2020, arXiv:1912.09729).
@@ -98,7 +101,7 @@ def ppo(ctx: TokenContext, cfg: PPOLossConfig) -> tuple[Tensor, dict[str, Tensor
     return loss, metrics
 
 
-@LOSSES.register("gspo", config=GSPOLossConfig, needs=Needs(zero_at_zero_advantage=True))
+@LOSSES.register("gspo", config=GSPOLossConfig, needs=ROW_LOCAL)
 def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token surrogate (Group Sequence Policy Optimization, Zheng et al. 2025, arXiv:2507.18071).
 
@@ -126,7 +129,7 @@ def gspo(ctx: TokenContext, cfg: GSPOLossConfig) -> tuple[Tensor, dict[str, Tens
     return loss, metrics
 
 
-@LOSSES.register("none", config=NoOptions, needs=Needs(zero_at_zero_advantage=True))
+@LOSSES.register("none", config=NoOptions, needs=ROW_LOCAL)
 def no_policy_loss(ctx: TokenContext, cfg: NoOptions) -> tuple[Tensor, dict[str, Tensor]]:
     """No policy-gradient surrogate: 0 on every token. For runs whose loss is another term's alone (DPO on stored
     pairs through ``update.terms``)."""

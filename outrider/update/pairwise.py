@@ -21,7 +21,7 @@ from torch import Tensor
 from outrider.registry import Needs, PieceConfig
 from outrider.update import TERMS, TermOutput, TokenContext
 
-PAIRWISE = Needs(ref_logprobs=True, pairs=True)
+PAIRWISE = Needs(ref_logprobs=True, pairs=True, micro_batch="pairs")
 
 
 @dataclass
@@ -174,7 +174,7 @@ class NLLConfig(PieceConfig):
                                                                 "batch, e.g. rejection-sampled successes).")
 
 
-@TERMS.register("nll", config=NLLConfig)
+@TERMS.register("nll", config=NLLConfig, needs=Needs(micro_batch="rows"))
 def nll(ctx: TokenContext, cfg: NLLConfig) -> TermOutput:
     """Negative log-likelihood of the selected rows' trained tokens, ``ℓ_t = −coef · log π_θ(x_t)``, per token
     (weighted by the rows' sample weights and reduced by the run's aggregation like the policy loss). With DPO it is

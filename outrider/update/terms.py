@@ -68,7 +68,8 @@ class KLTerm(Term):
         super().__init__(NoOptions())
         self.kl, self.coef = cfg, coef
         # only logged (β = 0), it changes nothing, so zero-advantage rows may be skipped
-        self.entry = _entry("kl", Needs(ref_logprobs=True, zero_at_zero_advantage=coef == 0))
+        self.entry = _entry("kl", Needs(ref_logprobs=True, zero_at_zero_advantage=coef == 0,
+                                                micro_batch="rows"))
 
     def __call__(self, ctx: TokenContext) -> TermOutput:
         kl = kl_penalty(ctx.logprobs, ctx.batch.ref_logprobs, self.kl.estimator)
@@ -101,7 +102,7 @@ class ValueTerm(Term):
     def __init__(self, vf_coef: float, clip: float | None):
         super().__init__(NoOptions())
         self.vf_coef, self.clip = vf_coef, clip
-        self.entry = _entry("value", Needs(values=True))
+        self.entry = _entry("value", Needs(values=True, micro_batch="rows"))
 
     def __call__(self, ctx: TokenContext) -> TermOutput:
         b = ctx.batch
