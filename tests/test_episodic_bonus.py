@@ -49,8 +49,8 @@ def test_elliptical_by_hand():
     assert elliptical_episodic(x, 0.5).tolist() == pytest.approx(direct)
 
 
-def test_count_bonus_product_over_two_steps_by_hand():
-    piece = build("count_bonus")
+def test_state_count_product_over_two_steps_by_hand():
+    piece = build("state_count")
     # step 1: a visited 3 times in the batch (twice in the first episode), b once
     out = piece([episode(["a", "a", "b"]), episode(["a"], group=1)])
     assert out[0] == pytest.approx([1 / math.sqrt(3) * 1, 1 / math.sqrt(3) / math.sqrt(2), 1.0])
@@ -61,23 +61,23 @@ def test_count_bonus_product_over_two_steps_by_hand():
     assert piece.state_dict()["counts"] == {"a": 4, "b": 1, "c": 1}
 
 
-def test_count_bonus_factors_switch_off():
-    glob = build("count_bonus", episodic_bonus="none")
+def test_state_count_factors_switch_off():
+    glob = build("state_count", episodic_bonus="none")
     assert glob([episode(["a", "a"])])[0] == pytest.approx([1 / math.sqrt(2)] * 2)
-    epi = build("count_bonus", global_bonus="none")
+    epi = build("state_count", global_bonus="none")
     assert epi([episode(["a", "a", "a"])])[0] == pytest.approx([1.0, 1 / math.sqrt(2), 1 / math.sqrt(3)])
     assert epi([episode(["a", None])])[0] == [1.0, 0.0]  # a turn with no state gets nothing
 
 
-def test_count_bonus_without_state_key_is_one_line_error():
+def test_state_count_without_state_key_is_one_line_error():
     with pytest.raises(OutriderError, match="state_key"):
-        build("count_bonus")([episode([None, None])])
+        build("state_count")([episode([None, None])])
 
 
-def test_count_bonus_state_round_trips():
-    a = build("count_bonus")
+def test_state_count_state_round_trips():
+    a = build("state_count")
     a([episode([(1, 2), (1, 2)])])
-    b = build("count_bonus")
+    b = build("state_count")
     b.load_state_dict(a.state_dict())
     assert a([episode([(1, 2)])]) == b([episode([(1, 2)])])
 
@@ -166,14 +166,14 @@ def test_killed_rnd_episodic_run_resumes_to_identical_metrics(tmp_path):
 
 
 @pytest.mark.slow  # two runs of 40 small steps and a killed one, ~40 s
-def test_killed_count_bonus_run_resumes_to_identical_metrics(tmp_path):
+def test_killed_state_count_run_resumes_to_identical_metrics(tmp_path):
     """The run's global counts ride in checkpoints."""
     import torch
 
     from outrider.checkpoint import STATE_FILE, list_checkpoints
     from test_resume import killed_run_resumes_like
 
-    recipe, reference = bandit_run(tmp_path, {"name": "count_bonus", "weight": 0.1})
+    recipe, reference = bandit_run(tmp_path, {"name": "state_count", "weight": 0.1})
     pieces = torch.load(list_checkpoints(reference)[-1] / STATE_FILE, weights_only=False)["pieces"]
     assert len(pieces["score[1]"]["counts"]) > 3
     killed_run_resumes_like(reference, recipe, tmp_path)

@@ -9,7 +9,7 @@ episodic count or E3B's elliptical bonus as the episodic one [130, para]. The st
 `state_key` before the turn's action (the state the policy acts in, the same state the hidden state before the
 action encodes).
 
-- `count_bonus` (episodes, one value per turn): b_k = g(s_k)·e(s_k) with g = 1/√N(s_k), N the run's count of
+- `state_count` (episodes, one value per turn): b_k = g(s_k)·e(s_k) with g = 1/√N(s_k), N the run's count of
   turns in s_k (earlier steps and the whole current batch, so it is at least 1 and one batch sees one table) or 1
   under ``global_bonus: none``; e = 1/√N_e(s_k), N_e the turns 0..k of this episode in s_k, or 1 under
   ``episodic_bonus: none``. The counts are the piece's state.
@@ -70,7 +70,7 @@ def elliptical_episodic(features: Tensor, lamb: float) -> Tensor:
     return out
 
 
-class CountBonusConfig(ComponentConfig):
+class StateCountConfig(ComponentConfig):
     global_bonus: Literal["count", "none"] = Field(
         "count", description="count: 1/√N(s), N the run's visits to the state (this step's batch included); none: "
                              "1 (the episodic bonus alone).")
@@ -84,21 +84,21 @@ def _no_state_key(where: str, name: str) -> OutriderError:
                          "need a task whose env names its states (minigrid, calculator, bandit, textworld)")
 
 
-@SCORE.register("count_bonus", config=CountBonusConfig, needs=Needs(level="step"))
-class CountBonus(Piece):
+@SCORE.register("state_count", config=StateCountConfig, needs=Needs(level="step"))
+class StateCount(Piece):
     """Tabular global × episodic bonus [130]: turn k of an episode gets b_k = (1/√N(s_k))·(1/√N_e(s_k)), either
     factor replaceable by 1; the run's counts N are the piece's state."""
 
-    def __init__(self, cfg: CountBonusConfig, build: BuildContext | None = None):
+    def __init__(self, cfg: StateCountConfig, build: BuildContext | None = None):
         super().__init__(cfg, build)
         self.where = (build.where if build else "") or "score"
         self.counts: dict[Hashable, int] = {}
 
     def __call__(self, episodes: list[Episode]) -> list[list[float]]:
-        cfg: CountBonusConfig = self.cfg
+        cfg: StateCountConfig = self.cfg
         keys = [[t.state_key for t in e.turns] for e in episodes]
         if episodes and all(k is None for row in keys for k in row):
-            raise _no_state_key(self.where, "count_bonus")
+            raise _no_state_key(self.where, "state_count")
         for row in keys:  # the whole batch is counted first: every episode of a step reads one table
             for key in row:
                 if key is not None:
