@@ -86,8 +86,9 @@ def packed(step: list[list[int]], mask: list[list[int]], state_ids: list[list[in
     m = torch.tensor(mask, dtype=torch.float32)
     b, t = m.shape
     return Batch(input_ids=torch.zeros(b, t, dtype=torch.long), attention_mask=torch.ones(b, t), action_mask=m,
-                 token_rewards=torch.zeros(b, t), step_index=torch.tensor(step), group_index=torch.zeros(b, dtype=torch.long),
-                 sample_weight=torch.ones(b), hidden=hidden, turn_state_ids=torch.tensor(state_ids))
+                 token_rewards=torch.zeros(b, t), step_index=torch.tensor(step),
+                 group_index=torch.zeros(b, dtype=torch.long), sample_weight=torch.ones(b), hidden=hidden,
+                 turn_state_ids=torch.tensor(state_ids))
 
 
 def test_rnd_episodic_count_factor_by_hand():
@@ -108,9 +109,9 @@ def test_rnd_episodic_count_factor_by_hand():
 
 
 def test_rnd_episodic_elliptical_by_hand():
-    """The first turn of an episode has C = λI, so its factor is |φ|²/λ, φ the normalised state at the turn's first
-    action token (fresh moments are updated by this batch first: the two turns' states are equal, so φ is the
-    same for both and the second turn gets |φ|²/(λ + |φ|²))."""
+    """The first turn of an episode has C = λI, so its factor is |φ|²/λ, φ the state at the turn's first action
+    token normalised by the moments of earlier steps (fresh here); both turns are in the same state, so the second
+    gets |φ|²/(λ + |φ|²)."""
     step, mask = [[0, 0, 1, 1]], [[0, 1, 0, 1]]
     state = torch.zeros(8)
     state[:2] = torch.tensor([0.3, 0.4])

@@ -171,7 +171,7 @@ class RNDEpisodic(RND):
     def __call__(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         cfg: RNDEpisodicConfig = self.cfg
         features = None
-        if cfg.episodic == "elliptical":  # the normalisation RND's networks read, before this step's update
+        if cfg.episodic == "elliptical":  # normalised by the moments of earlier steps (RND adds this batch next)
             h = batch.hidden.detach().float().cpu()
             mean, std = self.state_moments.mean, self.state_moments.var.sqrt().clamp(min=1e-8)
             features = ((h - mean) / std).clamp(-5, 5)
