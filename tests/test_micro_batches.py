@@ -183,3 +183,19 @@ def test_the_preparing_forwards_run_under_the_budget_too():
     mask = whole.action_mask > 0
     for name in ("old_logprobs", "ref_logprobs"):
         assert torch.allclose(getattr(whole, name)[mask], getattr(split, name)[mask], rtol=0, atol=1e-6), name
+
+
+def test_a_recipe_whose_terms_cannot_be_split_is_refused_before_the_warm_start(tmp_path, monkeypatch, capsys):
+    import time
+
+    import yaml
+
+    from conftest import call_main, tiny_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(update={"loss": {"name": "clip_cov"},
+                                                         "max_tokens_per_micro_batch": 256})))
+    t0 = time.monotonic()
+    code, _, err = call_main(monkeypatch, capsys, "train", str(recipe), "--out", str(tmp_path / "run"))
+    assert code == 2 and err.count("\n") == 1 and "'clip_cov' reads its whole minibatch" in err, err
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "run" / "metrics.jsonl").exists()

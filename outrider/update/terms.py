@@ -19,6 +19,7 @@ from outrider.kl import kl_penalty
 from outrider.registry import BuildContext, Entry, Needs, NoOptions, Piece
 from outrider.stats import masked_mean
 from outrider.update import TERMS, Term, TermOutput, TokenContext
+from outrider.update.micro_batch import check_terms
 from outrider.update.off_policy import OffPolicyConfig, correct, origin_metrics
 
 if TYPE_CHECKING:
@@ -140,4 +141,6 @@ def build_terms(cfg: "UpdateConfig", loss: Piece, regulator: Piece, values: bool
         terms.append(ValueTerm(cfg.vf_coef, cfg.value_clip))
     if extra is None:
         extra = [TERMS.create(t, build, f"update.terms[{i}]") for i, t in enumerate(cfg.terms)]
+    if cfg.max_tokens_per_micro_batch is not None:
+        check_terms(terms + extra)  # here, when the run is built: not after a warm start and a step's sampling
     return terms + extra
