@@ -33,7 +33,7 @@ import torch
 from outrider.data import Episode, Start, Turn
 from outrider.envs.base import Env, close_env
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S, EnvTimeout, TimeLimit
-from outrider.envs.workers import EnvBatch, Reply, open_envs
+from outrider.envs.env_batch import EnvBatch, Reply, open_envs
 from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams, sample
