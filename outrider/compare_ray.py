@@ -26,6 +26,7 @@ from rich.live import Live
 
 from outrider.compare import RunJob, _command, _table, child_env, record_exit, settle
 from outrider.errors import OutriderError
+from outrider.ray_cluster import connect, import_ray  # noqa: F401  (compare's entry points)
 
 RETRIES = 3  # attempts after the first, for a worker that dies or a child killed by a signal
 _PR_SET_PDEATHSIG = 1
@@ -33,15 +34,6 @@ _PR_SET_PDEATHSIG = 1
 
 class ChildKilled(RuntimeError):
     """The `train` child ended by a signal (OOM killer, kill -9): worth a retry, unlike a Python error."""
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise OutriderError("--backend ray: Ray is not installed; install the extra: pip install 'outrider[ray]'") \
-            from None
-    return ray
 
 
 def _die_with_parent() -> None:
@@ -68,20 +60,6 @@ def run_attempt(job: RunJob, sets: list[str], threads: int) -> tuple[int, list[s
     if proc.returncode < 0:
         raise ChildKilled(f"{job.name}: train ended by signal {-proc.returncode}")
     return proc.returncode, lines
-
-
-def connect(address: str | None, cores: int) -> tuple[Any, bool]:
-    """Join the cluster at ADDRESS (or RAY_ADDRESS), else start a local one; returns (ray, connected_here):
-    `ray.shutdown()` then stops a local instance, or only disconnects from a cluster, which keeps running."""
-    ray = import_ray()
-    if ray.is_initialized():
-        return ray, False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address is None:
-        kwargs.update(num_cpus=cores, include_dashboard=False)
-    ray.init(address=address, **kwargs)
-    return ray, True
 
 
 def cluster_cpus(ray: Any) -> int:

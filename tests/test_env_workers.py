@@ -140,17 +140,22 @@ def broken_workers():
         yield workers
 
 
-@pytest.mark.parametrize("seed,error", [(7, ValueError), (8, OutriderError)])
-def test_an_env_error_in_a_worker_is_the_same_error(policy, broken_workers, seed, error):
+def check_same_error(policy: Policy, workers: Any, seed: int, error: type) -> None:
+    """Env 1 (in worker 1) raises at seed 7's reset or seed 8's second step: the same exception as serially, the
+    worker named in a note; the pool goes on serving after an env's error."""
     starts = [Start(seed=s, group_id=s) for s in (1, seed, 2)]
     with pytest.raises(error) as serial:
         play(policy, BrokenEnv, starts, 3)
     with pytest.raises(error) as parallel:
-        play(policy, broken_workers.split("train"), starts, 3)
+        play(policy, workers.split("train"), starts, 3)
     assert str(parallel.value) == str(serial.value)
     assert "env worker 1" in "".join(getattr(parallel.value, "__notes__", []))
-    # the pool goes on serving after an env's error
-    same_episodes(play(policy, BrokenEnv, starts[:1], 3), play(policy, broken_workers.split("train"), starts[:1], 3))
+    same_episodes(play(policy, BrokenEnv, starts[:1], 3), play(policy, workers.split("train"), starts[:1], 3))
+
+
+@pytest.mark.parametrize("seed,error", [(7, ValueError), (8, OutriderError)])
+def test_an_env_error_in_a_worker_is_the_same_error(policy, broken_workers, seed, error):
+    check_same_error(policy, broken_workers, seed, error)
 
 
 def test_a_timed_out_env_in_a_worker_ends_its_episode_as_serially(policy, broken_workers):
@@ -202,34 +207,38 @@ def test_workers_need_a_pool_and_a_task_that_can_be_sent():
         EnvWorkers(lambda: BrokenTask(), 2)
 
 
-def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_path):
-    """The loop passes the run's pool to its rollouts and to evaluation: a run with `task.workers: 2` logs the
-    same numbers as one without, and no worker outlives the run."""
+def untimed_run(tmp_path: Path, name: str, **task: Any) -> list[dict]:
+    """The metrics rows (less times and throughputs) of a 2-step MiniGrid GRPO run with these task options; the
+    run's env workers are stopped when it ends."""
     from conftest import read_jsonl
     from outrider.recipe import load_recipe
     from outrider.trainer import Trainer
 
-    runs, before = {}, set(multiprocessing.active_children())  # other tests' pools may be alive
-    for workers in (1, 2):
-        recipe = {"task": {**MINIGRID, "max_turns": 16, "eval_size": 8, "workers": workers},
-                  "policy": {"model": "tiny", "hidden": 32, "layers": 1,
-                             "warm_start": {"steps": 3, "batch_size": 8, "lr": 3.0e-3}},
-                  "explore": {"name": "group", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
-                  "score": [{"name": "verifier", "weight": 1.0}], "credit": {"name": "grpo"},
-                  "observe": {"eval_every": 0, "eval_prompts": 4, "eval_samples": 2, "pass_at": [1, 2],
-                              "checkpoint_every": 0, "tensorboard": False},
-                  "train": {"steps": 2, "seed": 0, "threads": 1}}
-        path = tmp_path / f"w{workers}.yaml"
-        path.write_text(json.dumps(recipe))
-        trainer = Trainer(load_recipe(path), tmp_path / f"run{workers}", quiet=True)
-        trainer.run()
-        assert trainer.env_workers is None
-        runs[workers] = read_jsonl(tmp_path / f"run{workers}" / "metrics.jsonl")
+    recipe = {"task": {**MINIGRID, "max_turns": 16, "eval_size": 8, **task},
+              "policy": {"model": "tiny", "hidden": 32, "layers": 1,
+                         "warm_start": {"steps": 3, "batch_size": 8, "lr": 3.0e-3}},
+              "explore": {"name": "group", "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 2},
+              "score": [{"name": "verifier", "weight": 1.0}], "credit": {"name": "grpo"},
+              "observe": {"eval_every": 0, "eval_prompts": 4, "eval_samples": 2, "pass_at": [1, 2],
+                          "checkpoint_every": 0, "tensorboard": False},
+              "train": {"steps": 2, "seed": 0, "threads": 1}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(recipe))
+    trainer = Trainer(load_recipe(path), tmp_path / name, quiet=True)
+    trainer.run()
+    assert trainer.env_workers is None
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
+            for row in read_jsonl(tmp_path / name / "metrics.jsonl")]
+
+
+def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_path):
+    """The loop passes the run's pool to its rollouts and to evaluation: a run with `task.workers: 2` logs the
+    same numbers as one without, and no worker outlives the run."""
+    before = set(multiprocessing.active_children())  # other tests' pools may be alive
+    serial, workers = untimed_run(tmp_path, "w1", workers=1), untimed_run(tmp_path, "w2", workers=2)
     assert not [p for p in set(multiprocessing.active_children()) - before if p.name.startswith("outrider-env")]
-    untimed = [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in runs[1]]
-    assert untimed == [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
-                       for row in runs[2]]
-    assert any("explore/env_steps" in row and row["explore/env_steps"] > 4 for row in runs[2])
+    assert serial == workers
+    assert any("explore/env_steps" in row and row["explore/env_steps"] > 4 for row in workers)
 
 
 def _descendants(pid: int) -> set[int]:

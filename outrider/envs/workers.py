@@ -56,15 +56,48 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
+def build_task(make_task: Callable[[], Any]) -> tuple[Any, "_Failure | None"]:
+    """A worker's task, or the failure to raise at its first call (in the trainer, as the same exception)."""
+    try:
+        return make_task(), None
+    except BaseException as e:  # noqa: BLE001
+        return None, _Failure(_portable(e), traceback.format_exc())
+
+
+def answer(task: Any, broken: "_Failure | None", envs: dict[int, Env], kind: str, split: str,
+           timeout: float | None, jobs: list[tuple]) -> list[Any]:
+    """A worker's replies to one batch of env jobs, under the task's time limit: a `Reply` a job, up to the first
+    env error, which ends the list as a `_Failure` (serially the rollout stops at the first error)."""
+    replies: list[Any] = []
+    with TimeLimit(timeout) as clock:
+        for job in jobs:
+            try:
+                if task is None:
+                    raise broken.error  # type: ignore[union-attr]
+                replies.append(_run_job(kind, split, job, envs, task, clock))
+            except BaseException as e:  # noqa: BLE001  (the env's error, raised again in the trainer)
+                replies.append(_Failure(_portable(e), traceback.format_exc()))
+                break
+    return replies
+
+
+def shut(envs: dict[int, Env], task: Any) -> None:
+    """Close a worker's envs and its task (pooled simulators and interpreters: a worker exits without running
+    atexit hooks)."""
+    for env in envs.values():
+        close_env(env)
+    envs.clear()
+    close = getattr(task, "close", None)
+    if callable(close):
+        close()
+
+
 def _serve(conn: Any, make_task: Callable[[], Any], index: int) -> None:
     """A worker's loop: build the task, then answer batches of env jobs until told to stop or the trainer is
     gone; its envs are closed on the way out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer stops workers; an interrupt would lose envs
     envs: dict[int, Env] = {}
-    try:
-        task = make_task()
-    except BaseException as e:  # noqa: BLE001  (raised in the trainer at its first call)
-        task, broken = None, _Failure(_portable(e), traceback.format_exc())
+    task, broken = build_task(make_task)
     while True:
         try:
             message = conn.recv()
@@ -72,27 +105,13 @@ def _serve(conn: Any, make_task: Callable[[], Any], index: int) -> None:
             break
         if message is None:
             break
-        kind, split, timeout, jobs = message
-        replies: list[Any] = []
-        with TimeLimit(timeout) as clock:
-            for job in jobs:
-                try:
-                    if task is None:
-                        raise broken.error
-                    replies.append(_run_job(kind, split, job, envs, task, clock))
-                except BaseException as e:  # noqa: BLE001  (the env's error, raised again in the trainer)
-                    replies.append(_Failure(_portable(e), traceback.format_exc()))
-                    break  # serially the rollout stops at the first error
+        replies = answer(task, broken, envs, *message)
         try:
             conn.send(replies)
         except Exception as e:  # noqa: BLE001  (an info or snapshot that cannot be pickled)
             conn.send([_Failure(RuntimeError(f"env worker {index}: a reply cannot be sent to the trainer: {e}"),
                                 traceback.format_exc())])
-    for env in envs.values():
-        close_env(env)
-    close = getattr(task, "close", None)
-    if callable(close):  # pooled simulators and interpreters: a worker exits without running atexit hooks
-        close()
+    shut(envs, task)
 
 
 def _run_job(kind: str, split: str, job: tuple, envs: dict[int, Env], task: Any, clock: TimeLimit) -> Reply:
@@ -113,15 +132,74 @@ def _run_job(kind: str, split: str, job: tuple, envs: dict[int, Env], task: Any,
     return reply
 
 
-class EnvWorkers:
+class WorkerPool:
+    """What the worker pools share (`EnvWorkers`: processes; `ray_workers.RayEnvWorkers`: Ray actors): `n`
+    workers, env ids unique in the pool, ``split(name)`` in place of an env factory, and the one-line errors.
+    A subclass sends each worker its jobs in ``call`` and stops them in ``close``."""
+
+    def __init__(self, n: int):
+        if n < 2:
+            raise OutriderError(f"task.workers: {n} worker processes is not a pool; use 1 for in-process envs")
+        self.n, self._next_id, self.broken = n, 0, False
+
+    def split(self, name: str) -> "_Split":
+        return _Split(self, name)
+
+    def _ids(self, n: int) -> int:
+        first, self._next_id = self._next_id, self._next_id + n
+        return first
+
+    def call(self, kind: str, split: str, timeout: float | None, jobs: list[list[tuple]]) -> list[list[Any]]:
+        """Send each worker its jobs (one message each, all sent before any answer is read) and return their
+        replies; any error or interrupt leaves the pool broken (to be closed, not re-used)."""
+        self._usable()
+        try:
+            for k, part in enumerate(jobs):
+                if part:
+                    self._send(k, (kind, split, timeout, part))
+            return [self._receive(k, timeout, len(part)) if part else [] for k, part in enumerate(jobs)]
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _send(self, k: int, message: tuple) -> None:
+        raise NotImplementedError
+
+    def _receive(self, k: int, timeout: float | None, count: int) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _usable(self) -> None:
+        if self.broken:
+            raise OutriderError("task.workers: the env workers were stopped by an earlier error or interrupt")
+
+    @staticmethod
+    def _patience(timeout: float | None, count: int) -> float | None:
+        # a worker enforces the time limit on each call; this bound only catches one stuck outside Python
+        return None if timeout is None else timeout * (count + 1) + 60.0
+
+    @staticmethod
+    def _stuck(k: int, wait: float) -> OutriderError:
+        return OutriderError(f"task.workers: env worker {k} gave no answer in {wait:.0f} s (stuck in native code "
+                             "past task.step_timeout_s); use task.workers: 1 to see where")
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class EnvWorkers(WorkerPool):
     """`n` worker processes, each with its own task built by `make_task` (a picklable function: the trainer
     passes the recipe's task section), started now and stopped by `close()` (also a context manager).
     ``split(name)`` is what a rollout takes in place of an env factory. A worker that dies or stops answering
     ends the run with an OutriderError; after an interrupt the pool is closed, not re-used."""
 
     def __init__(self, make_task: Callable[[], Any], n: int):
-        if n < 2:
-            raise OutriderError(f"task.workers: {n} worker processes is not a pool; use 1 for in-process envs")
+        super().__init__(n)
         try:
             pickle.dumps(make_task)
         except Exception as e:  # noqa: BLE001
@@ -131,7 +209,6 @@ class EnvWorkers:
         # from it in milliseconds; never forked from the trainer, whose threads and env sockets it must not copy
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
-        self.n, self._next_id, self.broken = n, 0, False
         self._conns, self._procs = [], []
         for k in range(n):
             parent, child = ctx.Pipe()
@@ -145,40 +222,19 @@ class EnvWorkers:
         self._pending = [False] * n
         atexit.register(self.close)  # a pool never closed still stops (before multiprocessing joins its children)
 
-    def split(self, name: str) -> "_Split":
-        return _Split(self, name)
-
-    def _ids(self, n: int) -> int:
-        first, self._next_id = self._next_id, self._next_id + n
-        return first
-
-    def call(self, kind: str, split: str, timeout: float | None, jobs: list[list[tuple]]) -> list[list[Any]]:
-        """Send each worker its jobs (one message each, all sent before any answer is read) and return their
-        replies; an env's exception is raised here, the lowest-numbered env's first."""
-        if self.broken:
-            raise OutriderError("task.workers: the env workers were stopped by an earlier error or interrupt")
+    def _send(self, k: int, message: tuple) -> None:
         try:
-            for k, part in enumerate(jobs):
-                if part:
-                    try:
-                        self._conns[k].send((kind, split, timeout, part))
-                    except OSError:  # its end of the pipe is closed: the worker is gone
-                        self._died(k)
-                    self._pending[k] = True
-            out = [self._receive(k, timeout, len(part)) if part else [] for k, part in enumerate(jobs)]
-        except BaseException:
-            self.broken = True
-            raise
-        return out
+            self._conns[k].send(message)
+        except OSError:  # its end of the pipe is closed: the worker is gone
+            self._died(k)
+        self._pending[k] = True
 
     def _receive(self, k: int, timeout: float | None, count: int) -> list[Any]:
-        # a worker enforces the time limit on each call; this bound only catches one stuck outside Python
-        wait = None if timeout is None else timeout * (count + 1) + 60.0
+        wait = self._patience(timeout, count)
         conn = self._conns[k]
         try:
             if not conn.poll(wait):
-                raise OutriderError(f"task.workers: env worker {k} gave no answer in {wait:.0f} s (stuck in native "
-                                    "code past task.step_timeout_s); use task.workers: 1 to see where")
+                raise self._stuck(k, wait)
             replies = conn.recv()
         except (EOFError, OSError):
             self._died(k)
@@ -210,17 +266,11 @@ class EnvWorkers:
             conn.close()
         self._conns, self._procs, self.broken = [], [], True
 
-    def __enter__(self) -> "EnvWorkers":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 class _Split:
-    """A rollout's env source on an `EnvWorkers` pool: ``open_batch`` gives `RemoteEnvs` of one split."""
+    """A rollout's env source on a worker pool: ``open_batch`` gives `RemoteEnvs` of one split."""
 
-    def __init__(self, workers: EnvWorkers, split: str):
+    def __init__(self, workers: WorkerPool, split: str):
         self.workers, self.name = workers, split
 
     def open_batch(self, n: int, step_timeout_s: float | None) -> "RemoteEnvs":
@@ -230,7 +280,7 @@ class _Split:
 class RemoteEnvs:
     """A rollout's envs in the workers: env ``i`` lives in worker ``i mod N`` (ids unique in the pool)."""
 
-    def __init__(self, workers: EnvWorkers, split: str, n: int, step_timeout_s: float | None):
+    def __init__(self, workers: WorkerPool, split: str, n: int, step_timeout_s: float | None):
         self.workers, self.split, self.timeout = workers, split, step_timeout_s
         self.first = workers._ids(n)
         self.open = [False] * n
@@ -282,4 +332,4 @@ class RemoteEnvs:
             self._call("close", jobs)
 
 
-__all__ = ["EnvWorkers", "RemoteEnvs", "task_from_section"]
+__all__ = ["EnvWorkers", "RemoteEnvs", "WorkerPool", "answer", "build_task", "shut", "task_from_section"]
