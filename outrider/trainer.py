@@ -18,7 +18,7 @@ import yaml
 
 from outrider.checkpoint import list_checkpoints, newest_intact, read_state, restore_rng, save_checkpoint
 from outrider.envs import Task
-from outrider.envs.workers import EnvWorkers, task_from_section
+from outrider.envs.workers import EnvWorkers, WorkerPool, task_from_section
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE
 from outrider.explore.rollout import check_prompts_fit
@@ -67,12 +67,18 @@ def build_task(recipe: Recipe):
     return task_from_section(recipe.task)
 
 
-def start_env_workers(recipe: Recipe, task: Task) -> EnvWorkers | None:
-    """The run's env worker processes when the task asks for them (`task.workers` > 1), each building the task
-    from the recipe's task section; None for in-process envs."""
+def start_env_workers(recipe: Recipe, task: Task) -> WorkerPool | None:
+    """The run's env workers when the task asks for them (`task.workers` > 1): local processes, or Ray actors
+    (`task.workers_backend: ray`), each building the task from the recipe's task section; None for in-process
+    envs."""
     if task.workers <= 1:
         return None
-    return EnvWorkers(functools.partial(task_from_section, dict(recipe.task)), task.workers)
+    make_task = functools.partial(task_from_section, dict(recipe.task))
+    if task.workers_backend == "ray":
+        from outrider.envs.ray_workers import RayEnvWorkers  # Ray is imported only when asked for
+
+        return RayEnvWorkers(make_task, task.workers)
+    return EnvWorkers(make_task, task.workers)
 
 
 def sampling_params(recipe: Recipe, temperature: float | None = None) -> SamplingParams:
@@ -119,7 +125,7 @@ class Trainer:
         if self.needs.ref_logprobs and checkpoints:
             self.reference = Policy.load(run_dir / "checkpoints" / "reference", where="reference").to(self.device)
         self.resumed = bool(checkpoints)
-        self.env_workers: EnvWorkers | None = None  # started by run(), stopped when it ends
+        self.env_workers: WorkerPool | None = None  # started by run(), stopped when it ends
         self.completed = self.start_step
         # a resume that found no complete checkpoint starts over: drop whatever the killed run had logged
         self.truncate_after = self.start_step if self.resumed else (-1 if resume else None)

@@ -16,7 +16,7 @@ from outrider.envs.workers import task_from_section
 from outrider.errors import OutriderError
 from test_env_workers import policy  # noqa: F401  (a fixture)
 from test_env_workers import (MINIGRID, BrokenEnv, BrokenTask, check_same_episodes, check_same_error, play,
-                              same_episodes)
+                              same_episodes, untimed_run)
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
 
@@ -108,3 +108,10 @@ def test_an_env_error_in_an_actor_is_the_same_error_and_a_dead_actor_one_line(po
         one_line = r"^task.workers: env worker 1 \(a Ray actor\) died \([^\n]*ray.kill[^\n]*$"
         with pytest.raises(OutriderError, match=one_line):
             play(policy, pool.split("train"), [Start(seed=s, group_id=s) for s in (1, 2)], 3)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_run_with_ray_env_workers_logs_the_same_metrics(tmp_path, ray_pool):
+    assert untimed_run(tmp_path, "process", workers=1) == untimed_run(tmp_path, "ray", workers=2,
+                                                                      workers_backend="ray")

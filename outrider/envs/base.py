@@ -156,6 +156,11 @@ class TaskConfig(PieceConfig):
                                                      "process, one after another). Episodes are identical either "
                                                      "way; worth it when env steps are slow against sampling "
                                                      "(TextWorld, ScienceWorld), see docs/benchmarks.md.")
+    workers_backend: Literal["process", "ray"] = Field(
+        "process", description="What the env workers are when task.workers > 1: process (local worker processes) "
+                               "or ray (one Ray actor a worker, on the cluster at RAY_ADDRESS if set, else on a "
+                               "local Ray instance started and stopped by the run; needs the extra outrider[ray]). "
+                               "Episodes are identical either way.")
 
 
 class Task(ABC):
@@ -185,6 +190,11 @@ class Task(ABC):
     def workers(self) -> int:
         """Env worker processes of a run: the task's `workers` option (its `cfg`), else 1 (in-process envs)."""
         return int(getattr(getattr(self, "cfg", None), "workers", 1))
+
+    @property
+    def workers_backend(self) -> str:
+        """What the env workers are: the task's `workers_backend` option (its `cfg`), else local processes."""
+        return str(getattr(getattr(self, "cfg", None), "workers_backend", "process"))
 
     @abstractmethod
     def make_env(self, split: Split) -> Env: ...

@@ -12,7 +12,7 @@ import torch
 from outrider.data import Episode, Start, pack
 from outrider.envs.base import Task
 from outrider.envs.time_limit import DEFAULT_STEP_TIMEOUT_S
-from outrider.envs.workers import EnvWorkers
+from outrider.envs.workers import WorkerPool
 from outrider.explore.rollout import rollout
 from outrider.observe.diagnostics import (answer_diversity, correct_support, crossover_k, effective_rank,
                                           pass_at_k, support_change, token_entropy_stats)
@@ -62,7 +62,7 @@ def evaluate_detailed(policy: Policy, task: Task, prompts: int, samples: int, ks
                       seed: int, chunk: int = 1024, diagnostics: bool = True,
                       base: EvalRecord | None = None,
                       on_episodes: Callable[[int], None] | None = None,
-                      env_workers: EnvWorkers | None = None) -> tuple[dict[str, float], EvalRecord]:
+                      env_workers: WorkerPool | None = None) -> tuple[dict[str, float], EvalRecord]:
     """`evaluate` and the `EvalRecord` of this evaluation; with `base`, also support shrinkage/expansion and the
     crossover k* against it (only when both used the same number of samples per prompt; k* = samples + 1 means
     the current model is ahead at every k ≤ samples). With `env_workers` the envs are stepped in those processes
