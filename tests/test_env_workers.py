@@ -158,6 +158,26 @@ def test_an_env_error_in_a_worker_is_the_same_error(policy, broken_workers, seed
     check_same_error(policy, broken_workers, seed, error)
 
 
+class SleepyEnv(BrokenEnv):
+    def step(self, action: str):
+        time.sleep(0.01)
+        return super().step(action)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_rollout_times_its_env_calls(policy, broken_workers, pooled):
+    """``timers["env_s"]``: at least the envs' own sleep (3 steps of 10 ms an episode), within the rollout's
+    wall time, serially and with workers."""
+    source = broken_workers.split("train") if pooled else SleepyEnv
+    starts = [Start(seed=s, group_id=s) for s in (1, 2)]
+    timers: dict[str, float] = {"env_s": 0.5}  # added to, not reset
+    t = time.perf_counter()
+    rollout(policy, source, starts, SamplingParams(max_new_tokens=4), torch.Generator().manual_seed(3), 3,
+            timers=timers)
+    wall = time.perf_counter() - t
+    assert (0.5 < timers["env_s"] <= 0.5 + wall) and (pooled or timers["env_s"] >= 0.5 + 0.06)
+
+
 def test_a_timed_out_env_in_a_worker_ends_its_episode_as_serially(policy, broken_workers):
     starts = [Start(seed=s, group_id=s) for s in (1, 9, 2)]
     serial = play(policy, BrokenEnv, starts, 3, timeout=0.5)
@@ -209,7 +229,7 @@ def test_workers_need_a_pool_and_a_task_that_can_be_sent():
 
 def untimed_run(tmp_path: Path, name: str, **task: Any) -> list[dict]:
     """The metrics rows (less times and throughputs) of a 2-step MiniGrid GRPO run with these task options; the
-    run's env workers are stopped when it ends."""
+    run's env workers are stopped when it ends, and each step logs its env time, within its sampling time."""
     from conftest import read_jsonl
     from outrider.recipe import load_recipe
     from outrider.trainer import Trainer
@@ -227,8 +247,10 @@ def untimed_run(tmp_path: Path, name: str, **task: Any) -> list[dict]:
     trainer = Trainer(load_recipe(path), tmp_path / name, quiet=True)
     trainer.run()
     assert trainer.env_workers is None
-    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))}
-            for row in read_jsonl(tmp_path / name / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+    steps = [row for row in rows if "time/step_s" in row]
+    assert steps and all(0 < row["time/env_s"] <= row["time/sample_s"] <= row["time/step_s"] for row in steps)
+    return [{k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))} for row in rows]
 
 
 def test_a_run_with_env_workers_logs_the_same_metrics_and_stops_its_workers(tmp_path):

@@ -7,6 +7,7 @@ not depend on the order in which envs answer, and each env is driven by its own 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -129,13 +130,45 @@ class LocalEnvs:
             self.clock.__exit__(None, None, None)
 
 
-def open_envs(make_env: Any, n: int, step_timeout_s: float | None) -> EnvBatch:
+class TimedEnvs:
+    """An `EnvBatch` whose calls are timed: the seconds spent in them (stepping in this process, or sending to and
+    waiting for the workers) are added to ``timers["env_s"]``."""
+
+    def __init__(self, envs: EnvBatch, timers: dict[str, float]):
+        self.envs, self.timers = envs, timers
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.timers["env_s"] = self.timers.get("env_s", 0.0) + time.perf_counter() - t
+
+    def reach(self, jobs: list[ReachJob]) -> list[Reply]:
+        return self._timed(self.envs.reach, jobs)
+
+    def step(self, jobs: list[StepJob]) -> list[Reply]:
+        return self._timed(self.envs.step, jobs)
+
+    def close(self, i: int) -> None:
+        self._timed(self.envs.close, i)
+
+    def close_all(self) -> None:
+        self._timed(self.envs.close_all)
+
+
+def open_envs(make_env: Any, n: int, step_timeout_s: float | None,
+              timers: dict[str, float] | None = None) -> EnvBatch:
     """The envs of a rollout: `make_env` is an env factory (envs in this process) or an object with
-    ``open_batch(n, step_timeout_s)`` (a split of an `EnvWorkers` pool)."""
+    ``open_batch(n, step_timeout_s)`` (a split of a worker pool). With `timers`, the time spent opening them and
+    in every later call is added to ``timers["env_s"]``."""
+    t = time.perf_counter()
     opener = getattr(make_env, "open_batch", None)
-    if callable(opener):
-        return opener(n, step_timeout_s)
-    return LocalEnvs(make_env, n, step_timeout_s)
+    envs = opener(n, step_timeout_s) if callable(opener) else LocalEnvs(make_env, n, step_timeout_s)
+    if timers is None:
+        return envs
+    timers["env_s"] = timers.get("env_s", 0.0) + time.perf_counter() - t
+    return TimedEnvs(envs, timers)
 
 
-__all__ = ["EnvBatch", "LocalEnvs", "ReachJob", "Reply", "StepJob", "open_envs", "reach", "step"]
+__all__ = ["EnvBatch", "LocalEnvs", "ReachJob", "Reply", "StepJob", "TimedEnvs", "open_envs", "reach", "step"]

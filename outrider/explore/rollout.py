@@ -59,7 +59,8 @@ def _given_turn(turn: Turn) -> Turn:
 def rollout(policy: Policy, make_env: Callable[[], Env] | Any, starts: list[Start], params: SamplingParams,
             generator: torch.Generator, max_turns: int = 1, snapshots: bool = False,
             step_timeout_s: float | None = DEFAULT_STEP_TIMEOUT_S,
-            on_finished: Callable[[int], None] | None = None) -> list[Episode]:
+            on_finished: Callable[[int], None] | None = None,
+            timers: dict[str, float] | None = None) -> list[Episode]:
     """Play one episode per start and return them, in order, with their turns filled in.
 
     The horizon `max_turns` counts a start's prefix turns too. With `snapshots`, every new turn keeps the env's
@@ -70,8 +71,11 @@ def rollout(policy: Policy, make_env: Callable[[], Env] | Any, starts: list[Star
     episodes are over (progress displays).
 
     `make_env` makes one env in this process, or is a split of an `EnvWorkers` pool (``workers.split("train")``:
-    the envs live in worker processes, `task.workers`); the episodes are the same either way."""
-    envs = open_envs(make_env, len(starts), step_timeout_s)
+    the envs live in worker processes, `task.workers`); the episodes are the same either way. With `timers`, the
+    seconds spent in env calls (opening, reaching, stepping and closing the envs; with workers, the messages and
+    the wait for them) are added to ``timers["env_s"]``: the rollout's time is that plus the sampler's and the
+    bookkeeping's."""
+    envs = open_envs(make_env, len(starts), step_timeout_s, timers)
     try:
         return _play(policy, envs, starts, params, generator, max_turns, snapshots, on_finished or (lambda n: None))
     finally:

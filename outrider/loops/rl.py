@@ -22,7 +22,7 @@ from outrider.update.learner import learner_step, prepare
 def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode], dict[str, float]]:
     """The explore piece's episodes and metrics for one step (its rollouts timed into `timers`)."""
     seed, task, explore = run.seed, run.task, run.pieces.explore
-    for k in ("timeouts", "env_steps", "restores", "replayed_steps"):
+    for k in ("timeouts", "env_steps", "restores", "replayed_steps", "env_s"):
         timers.setdefault(k, 0.0)
     seed_rng = np.random.default_rng([seed, step])
     generator = torch.Generator(device=run.device).manual_seed(seed * 1_000_003 + step)
@@ -32,7 +32,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
     def play(starts: list, snapshots: bool = False) -> list[Episode]:
         t0 = time.perf_counter()
         out = rollout(run.policy, run.env_source("train"), starts, run.params, generator, horizon, snapshots,
-                      getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S))
+                      getattr(task, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S), timers=timers)
         timers["timeouts"] += sum(bool(e.metadata.get("timed_out")) for e in out)
         count_env_calls(starts, out, timers)
         timers["sample_s"] += time.perf_counter() - t0
@@ -52,6 +52,7 @@ def collect(run: Run, step: int, timers: dict[str, float]) -> tuple[list[Episode
     # the piece's own time besides its rollouts and scoring is explore_s − sample_s − score_s
     metrics["time/explore_s"] = time.perf_counter() - t0
     metrics["time/score_s"] = timers.get("score_s", 0.0)
+    metrics["time/env_s"] = timers["env_s"]  # of time/sample_s, the part spent in env calls (serial or workers)
     metrics.update(score_step_metrics(run.pieces.components))
     metrics["env/timeouts"] = timers["timeouts"]  # env calls past task.step_timeout_s, in every rollout of the step
     # the step's cost in env calls and sampled tokens, whatever the explore piece did (restarts, retries)
