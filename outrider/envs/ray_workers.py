@@ -9,8 +9,10 @@ past the time limit's bound is the same line as a stuck process.
 
 Ray is joined at ``RAY_ADDRESS`` when it is set (an existing cluster, left running), else a local Ray instance is
 started for the run and stopped with the pool; where this process is already connected to Ray, that connection
-is used. Each actor asks Ray for ``cpus_per_worker`` CPUs (1: an env worker keeps a core busy). Ray is imported
-only when this backend is asked for; without the extra the run stops with one line naming ``outrider[ray]``.
+is used. Each actor asks Ray for ``cpus_per_worker`` CPUs (1: an env worker keeps a core busy); on a cluster,
+every node that may hold one needs outrider and the task's own packages (TextWorld, ScienceWorld) installed. Ray
+is imported only when this backend is asked for; without the extra the run stops with one line naming
+``outrider[ray]``.
 """
 
 from __future__ import annotations
