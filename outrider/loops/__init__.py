@@ -15,7 +15,7 @@ from outrider.registry import Registry, register_package
 
 if TYPE_CHECKING:
     from outrider.envs.base import Task
-    from outrider.envs.workers import EnvWorkers
+    from outrider.envs.workers import WorkerPool
     from outrider.pieces import Pieces
     from outrider.policy.model import Policy
     from outrider.policy.sampler import SamplingParams
@@ -35,7 +35,7 @@ class Run:
     pieces: "Pieces"
     params: "SamplingParams"
     device: torch.device
-    env_workers: "EnvWorkers | None" = None  # the run's env worker processes (task.workers > 1), else None
+    env_workers: "WorkerPool | None" = None  # processes or Ray actors (task.workers > 1), else None
 
     def env_source(self, split: str) -> Any:
         """What a rollout makes its envs with: the env workers' split, or an in-process env factory."""
