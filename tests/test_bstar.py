@@ -1,5 +1,5 @@
 """B-STaR [32] (loops/bstar.py): the balance score and the grid choice on hand-computed cases, the monitors, the
-loop's options, a short run of B-STaR and of STaR (the one-point grid), and kill -9 + --resume."""
+loop's options, a short run of B-STaR and of STaR (the one-point grid), kill -9 + --resume; ReGFT [104]'s hints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import yaml
 from conftest import read_jsonl, tiny_recipe
 from outrider.errors import OutriderError
 from outrider.loops import LOOPS
-from outrider.loops.bstar import (PAPER_TEMPERATURES, PAPER_THRESHOLDS, balance_score, choose, pass_at_k_s,
-                                  query_balance, select_unique, unique_correct)
+from outrider.data import Episode
+from outrider.envs.base import Demonstration
+from outrider.loops.bstar import (PAPER_TEMPERATURES, PAPER_THRESHOLDS, balance_score, choose, hinted_starts,
+                                  partial_hint, pass_at_k_s, query_balance, select_unique, unique_correct)
 from test_resume import RESUME_OVERRIDES, killed_run_resumes_like
 
 # (response, total reward, correct)
@@ -141,3 +143,40 @@ def test_killed_bstar_run_resumes_to_identical_metrics(tmp_path):
     rows = [r for r in read_jsonl(reference / "metrics.jsonl") if "bstar/round" in r]
     assert len({r["bstar/temperature"] for r in rows}) >= 1 and sum(r["bstar/selected"] for r in rows) > 0
     killed_run_resumes_like(reference, recipe, tmp_path)
+
+
+# --- ReGFT [104]: the same loop with partial references as hints -------------------------------------------------
+def test_partial_hint_cuts_at_the_ceiling_of_the_fraction():
+    assert partial_hint("3905", 0.5) == "39"
+    assert partial_hint("3905", 0.1) == "3"  # ⌈0.4⌉ = 1
+    assert partial_hint("12345", 0.5) == "123"  # ⌈2.5⌉ = 3
+    assert partial_hint("3905", 0.0) == ""
+
+
+class DemoTask:
+    def demonstrations(self, seeds):
+        return [Demonstration([(f"p{s}", f"{s}{s}{s}{s}")]) for s in seeds]
+
+
+def test_hinted_starts_one_new_group_per_failed_group_of_its_size():
+    failed = [[Episode(group_id=0, seed=7)] * 3, [Episode(group_id=4, seed=2)] * 2]
+    starts = hinted_starts(DemoTask(), failed, 0.5, "Hint: {hint}\n", first_group=9)
+    assert [(s.seed, s.group_id) for s in starts] == [(7, 9)] * 3 + [(2, 10)] * 2
+    assert starts[0].context == "Hint: 77\n" and starts[-1].context == "Hint: 22\n"
+    assert all(s.context_at == "before_observation" and s.origin == "guided" and not s.keep_context
+               for s in starts)
+
+
+def test_hints_need_demonstrations():
+    from outrider.loops.bstar import BStar, BStarConfig
+    from outrider.registry import BuildContext
+
+    with pytest.raises(OutriderError, match="demonstrations"):
+        BStar(BStarConfig(hint_fraction=0.5), BuildContext(object(), None, None, 0, "loop", None))
+
+
+def test_regft_run_trains_on_hinted_responses(tmp_path):
+    rows = [r for r in run_recipe(tmp_path, loop=dict(BSTAR, temperatures=[1.0], thresholds=[0.5], hint_fraction=0.5),
+                                  update=SFT, train={"steps": 4}) if "bstar/round" in r]
+    assert sum(r["regft/hinted_prompts"] for r in rows) > 0
+    assert all(0 <= r.get("regft/hinted_success", 0) <= 1 for r in rows)

@@ -1,5 +1,6 @@
 """B-STaR [32]: rounds of rejection-sampling fine-tuning whose sampling temperature and reward threshold are chosen
-each round to balance exploration and exploitation; STaR is the same loop with a one-point grid.
+each round to balance exploration and exploitation; STaR is the same loop with a one-point grid, and ReGFT [104]
+the same loop with partial references as hints on the prompts it cannot solve.
 
 A round (one run step):
 
@@ -25,6 +26,12 @@ the τ grid has two outcomes (everything, or the correct responses) and only T i
 Simplifications: the authors' code re-chooses τ on the full round's samples at the chosen T and caps responses per
 query to reach a target data size; here τ comes from the calibration subset with T and there is no cap.
 
+ReGFT [104] (``hint_fraction`` > 0): a round's prompts whose every sample failed are sampled again, as many times,
+with a partial reference in context (the task's demonstration cut at ⌈f·L⌉ characters, shown to the sampler only);
+their selected responses join the round's fine-tuning data without the hint (off-policy rows, origin ``guided``;
+the NLL term does not read behaviour log-probs). Run before RL, the fine-tuned checkpoint is the RL run's
+``policy.model``.
+
 Monitors, per round (on the round's samples): ``bstar/pass_at_k_s/<S>`` (Pass@K-S: the share of prompts with at
 least S correct among their K samples), ``bstar/unique_correct`` (distinct correct responses per prompt),
 ``bstar/precision`` (share of the selected responses that are correct), ``bstar/balance_score``, the chosen
@@ -33,15 +40,17 @@ least S correct among their K samples), ``bstar/unique_correct`` (distinct corre
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
-from typing import Annotated, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from outrider.data import Episode, GroupIds, Start, groups_of
+from outrider.errors import OutriderError
 from outrider.explore.rollout import rollout
 from outrider.loops import LOOPS, Run
 from outrider.loops.rl import collect
@@ -53,6 +62,7 @@ from outrider.score import compose
 PAPER_TEMPERATURES = [round(0.50 + 0.05 * i, 2) for i in range(15)]  # 0.50 … 1.20 (train_bstar.sh)
 PAPER_THRESHOLDS = [round(-1.0 + 0.01 * i, 2) for i in range(201)]  # −1.00 … 1.00 (determine_hyper.py)
 CALIBRATION_SEED = 3 * 10**7  # calibration prompts' seed stream, apart from the explore piece's per-step draws
+HINT_STREAM = 10**6  # the hinted resampling's generator stream (calibration streams use the grid's indices)
 
 Sample = tuple[str, float, bool]  # (response, total reward, correct by the env's verdict)
 
@@ -73,6 +83,15 @@ class BStarConfig(PieceConfig):
                                                            "run; the paper: a 1k-query dev subset).")
     calibration_samples: int = Field(16, ge=1, description="Samples per calibration prompt at each temperature (the "
                                                            "paper: 64).")
+    hint_fraction: float = Field(0.0, ge=0, lt=1, description="ReGFT [104]: on a round's prompts whose every "
+                                                               "sample failed, sample as many again with the first "
+                                                               "⌈f·L⌉ characters of the task's demonstration (L its "
+                                                               "length) as sampler-only context, and keep their "
+                                                               "correct ones too, trained without the hint (0: off).")
+    hint_template: str = Field("Hint: {hint}\n", description="The hint's text before the observation; {hint} is "
+                                                             "the cut demonstration (policy.warm_start's "
+                                                             "hint_template, so a warm start with hint_fraction "
+                                                             "teaches the model to read it).")
     pass_s: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4], min_length=1,
                               description="S values of the logged Pass@K-S (≥ S correct among a prompt's K "
                                           "samples).")
@@ -130,6 +149,22 @@ def unique_correct(queries: Sequence[Sequence[Sample]]) -> float:
     return float(np.mean([len({r for r, _, c in q if c}) for q in queries])) if queries else 0.0
 
 
+def partial_hint(answer: str, fraction: float) -> str:
+    """The first ``⌈fraction · len(answer)⌉`` characters of a reference answer (ReGFT's partial reference [104])."""
+    return answer[: math.ceil(fraction * len(answer))]
+
+
+def hinted_starts(task: Any, failed: Sequence[Sequence[Episode]], fraction: float, template: str,
+                  first_group: int) -> list[Start]:
+    """As many hinted starts as each failed group has members, each group under a new id from `first_group` on: the
+    task's demonstration of the group's seed, cut at `fraction`, as context before the observation (removed from
+    the trained sequence by the rollout, so the episodes are off-policy: origin ``guided``)."""
+    demos = task.demonstrations([g[0].seed for g in failed])
+    return [Start(g[0].seed, first_group + k, context=template.format(hint=partial_hint(d.turns[0][1], fraction)),
+                  context_at="before_observation", origin="guided")
+            for k, (g, d) in enumerate(zip(failed, demos)) for _ in g]
+
+
 @LOOPS.register("bstar", config=BStarConfig)
 class BStar(Piece):
     """B-STaR rounds [32] (one round per step): calibrate (T, τ) by the balance score on a fixed prompt subset,
@@ -142,6 +177,8 @@ class BStar(Piece):
     def __init__(self, cfg: BStarConfig, build: BuildContext | None = None):
         super().__init__(cfg, build)
         require_terms(build, "bstar")
+        if cfg.hint_fraction and build is not None and not hasattr(build.task, "demonstrations"):
+            raise OutriderError("loop bstar: hint_fraction needs a task with demonstrations (valid: 0 here)")
         seed = build.seed if build else 0
         rng = np.random.default_rng([seed, CALIBRATION_SEED])
         self.calibration_seeds = [int(x) for x in rng.integers(0, 2**31 - 1, cfg.calibration_prompts)]
@@ -184,6 +221,8 @@ class BStar(Piece):
         queries = as_samples(episodes)
         by_group = list(groups_of(episodes).values())
         kept = [g[i] for g, q in zip(by_group, queries) for i in select_unique(q, threshold)]
+        if cfg.hint_fraction:
+            kept += self.hinted(run, by_group, temperature, threshold, step, metrics, timers)
         correct_kept = sum(e.success for e in kept)
         metrics.update({"bstar/temperature": temperature, "bstar/threshold": threshold,
                         "bstar/balance_score": balance_score(queries, threshold, cfg.n_star),
@@ -203,6 +242,29 @@ class BStar(Piece):
         metrics.update(run.timing(timers["sample_s"], timers["sample_tokens"], time.perf_counter() - t_train,
                                   train_tokens, time.perf_counter() - t_step))
         return metrics
+
+    def hinted(self, run: Run, groups: list[list[Episode]], temperature: float, threshold: float, step: int,
+               metrics: dict[str, float], timers: dict[str, float]) -> list[Episode]:
+        """ReGFT [104]: resample the groups with no success under a partial reference and return the distinct
+        selected hinted episodes. Metrics: ``regft/hinted_prompts``, ``regft/hinted_success`` (share of hinted
+        samples correct), ``regft/hinted_selected``."""
+        failed = [g for g in groups if not any(e.success for e in g)]
+        metrics["regft/hinted_prompts"] = float(len(failed))
+        if not failed:
+            return []
+        t0 = time.perf_counter()
+        starts = hinted_starts(run.task, failed, self.cfg.hint_fraction, self.cfg.hint_template,
+                               max(e.group_id for g in groups for e in g) + 1)
+        stream = np.random.SeedSequence([run.seed, CALIBRATION_SEED, step, HINT_STREAM]).generate_state(1)[0]
+        episodes = rollout(run.policy, run.env_source("train"), starts, replace(run.params, temperature=temperature),
+                           torch.Generator(device=run.device).manual_seed(int(stream)), run.task.max_turns)
+        compose(episodes, run.pieces.components)
+        timers["sample_s"] += time.perf_counter() - t0
+        hinted = list(groups_of(episodes).values())
+        kept = [g[i] for g, q in zip(hinted, as_samples(episodes)) for i in select_unique(q, threshold)]
+        metrics["regft/hinted_success"] = sum(e.success for e in episodes) / len(episodes)
+        metrics["regft/hinted_selected"] = float(len(kept))
+        return kept
 
     def state_dict(self) -> dict[str, object]:
         return {"calibration_seeds": list(self.calibration_seeds), "rounds": [dict(r) for r in self.rounds]}
