@@ -73,10 +73,10 @@ class BStarConfig(PieceConfig):
     temperatures: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: list(PAPER_TEMPERATURES), min_length=1,
                                       description="Sampling temperatures searched each round (the paper's 0.50 to "
                                                   "1.20 by 0.05); one value: fixed (STaR).")
-    thresholds: list[float] = Field(default_factory=lambda: list(PAPER_THRESHOLDS), min_length=1,
-                                    description="Reward thresholds τ searched each round (a response is kept when "
-                                                "its total reward > τ; the paper's −1.00 to 1.00 by 0.01); one "
-                                                "value: fixed (STaR).")
+    thresholds: list[float] | None = Field(None, min_length=1,
+                                           description="Reward thresholds τ searched each round (a response is "
+                                                       "kept when its total reward > τ); null: the paper's −1.00 to "
+                                                       "1.00 by 0.01; one value: fixed (STaR).")
     n_star: int = Field(8, ge=1, description="n*: the balance score's cap on distinct correct responses per query "
                                              "(the authors' code: 8).")
     calibration_prompts: int = Field(16, ge=1, description="Train prompts the grid is searched on (fixed for the "
@@ -185,8 +185,12 @@ class BStar(Piece):
         self.rounds: list[dict[str, float]] = []
 
     @property
+    def thresholds(self) -> list[float]:
+        return PAPER_THRESHOLDS if self.cfg.thresholds is None else self.cfg.thresholds
+
+    @property
     def searches(self) -> bool:
-        return len(self.cfg.temperatures) * len(self.cfg.thresholds) > 1
+        return len(self.cfg.temperatures) * len(self.thresholds) > 1
 
     def calibrate(self, run: Run, step: int) -> tuple[float, float, float]:
         """Sample the calibration prompts at every grid temperature and return the best (T, τ, score)."""
@@ -201,7 +205,7 @@ class BStar(Piece):
                                generator, run.task.max_turns)
             compose(episodes, run.pieces.components)
             by_t[t] = as_samples(episodes)
-        return choose(by_t, self.cfg.thresholds, self.cfg.n_star)
+        return choose(by_t, self.thresholds, self.cfg.n_star)
 
     def __call__(self, run: Run, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
@@ -212,7 +216,7 @@ class BStar(Piece):
             metrics["time/calibration_s"] = time.perf_counter() - t0
             metrics["bstar/calibration_balance_score"] = calib_score
         else:
-            temperature, threshold = cfg.temperatures[0], cfg.thresholds[0]
+            temperature, threshold = cfg.temperatures[0], self.thresholds[0]
         timers = {"sample_s": 0.0, "sample_tokens": 0.0}
         episodes, explore_metrics = collect(replace(run, params=replace(run.params, temperature=temperature)),
                                             step, timers)
