@@ -8,13 +8,32 @@ import time
 import torch
 from pydantic import Field
 
-from outrider.data import pack
+from outrider.data import Episode, pack
 from outrider.errors import OutriderError
 from outrider.loops import LOOPS, Run
 from outrider.loops.rl import collect
 from outrider.observe.metrics import episode_metrics
 from outrider.registry import BuildContext, Piece, PieceConfig
 from outrider.update.learner import learner_step, prepare
+
+
+def require_terms(build: BuildContext | None, loop: str) -> None:
+    """A self-training loop learns only through ``update.terms``: refuse a recipe without any (one line)."""
+    recipe = build.recipe if build else None
+    if recipe is not None and not recipe.update.terms:
+        raise OutriderError(f"loop {loop}: update.terms is empty, so nothing would learn from the kept samples; "
+                            "add a term, e.g. update.terms: [{name: nll, rows: all}]")
+
+
+def fine_tune(run: Run, kept: list[Episode], step: int, temperature: float) -> tuple[dict[str, float], float]:
+    """One learner step of the run's terms on `kept` (no advantages); returns its metrics and trained tokens."""
+    policy, u = run.policy, run.recipe.update
+    batch = pack(kept, policy.pad_id, policy.bos_id).to(run.device)
+    prepare(batch, policy, run.reference, u, temperature, run.need_old(), False)
+    batch.advantages = torch.zeros_like(batch.token_rewards)
+    metrics = learner_step(policy, run.optimizer, batch, run.pieces.terms, u, temperature,
+                           run.learner_generator(step), run.norm_length)
+    return metrics, float(batch.attention_mask.sum()) * u.epochs
 
 
 class RFTConfig(PieceConfig):
@@ -35,10 +54,7 @@ class RejectionSampling(Piece):
 
     def __init__(self, cfg: RFTConfig, build: BuildContext | None = None):
         super().__init__(cfg, build)
-        recipe = build.recipe if build else None
-        if recipe is not None and not recipe.update.terms:
-            raise OutriderError("loop rft: update.terms is empty, so nothing would learn from the kept samples; "
-                                "add a term, e.g. update.terms: [{name: nll, rows: all}]")
+        require_terms(build, "rft")
 
     def __call__(self, run: Run, step: int) -> dict[str, float]:
         t_step = time.perf_counter()
@@ -50,13 +66,8 @@ class RejectionSampling(Piece):
         metrics["rft/kept_frac"] = len(kept) / max(len(episodes), 1)
         t_train, train_tokens = time.perf_counter(), 0.0
         if kept:
-            policy, u = run.policy, run.recipe.update
-            batch = pack(kept, policy.pad_id, policy.bos_id).to(run.device)
-            prepare(batch, policy, run.reference, u, run.params.temperature, run.need_old(), False)
-            batch.advantages = torch.zeros_like(batch.token_rewards)
-            metrics.update(learner_step(policy, run.optimizer, batch, run.pieces.terms, u, run.params.temperature,
-                                        run.learner_generator(step), run.norm_length))
-            train_tokens = float(batch.attention_mask.sum()) * u.epochs
+            learned, train_tokens = fine_tune(run, kept, step, run.params.temperature)
+            metrics.update(learned)
         metrics.update(run.timing(timers["sample_s"], timers["sample_tokens"], time.perf_counter() - t_train,
                                   train_tokens, time.perf_counter() - t_step))
         return metrics
