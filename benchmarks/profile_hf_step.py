@@ -4,9 +4,9 @@ training forward (with gradients), the backward pass, the optimiser step, and th
 The settings are `hf_lora_step.py`'s (a random Llama-architecture model with a BPE tokenizer, plain-text prompts,
 2 prompts × 4 completions, token-mean loss, beta 0, one AdamW update, fp32), at a size a shared 2-core machine
 can time (default hidden 512 × 6 layers, vocabulary 2048: 26M parameters). Each path runs in a fresh process;
-the phases are timed by wrapping the trainers' own calls (outrider: the step's ``time/sample_s``, `Policy.score` with gradients;
-TRL: `GRPOTrainer._generate_single_turn`, `_get_per_token_logps_and_entropies` with gradients; both:
-`torch.autograd.backward` and the optimiser's global step hooks). The first step is dropped.
+the phases are timed by wrapping the trainers' own calls (outrider: the step's ``time/sample_s``, `Policy.score`
+with gradients; TRL: `GRPOTrainer._generate_single_turn`, `_get_per_token_logps_and_entropies` with gradients;
+both: `torch.autograd.backward` and the optimiser's global step hooks). The first step is dropped.
 
     python benchmarks/profile_hf_step.py --paths outrider,trl --steps 3
 
