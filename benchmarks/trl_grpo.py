@@ -26,12 +26,13 @@ PROMPTS_PER_STEP = 16
 
 def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], group_size: int,
                         max_new_tokens: int, steps: int, lr: float, seed: int, prompts_per_step: int = PROMPTS_PER_STEP,
-                        peft_config: object = None, gradient_checkpointing: bool = False) -> dict:
+                        peft_config: object = None, gradient_checkpointing: bool = False, threads: int = 2) -> dict:
     """Train TRL's GRPOTrainer on CPU for `steps` optimiser steps and time each one.
 
     Every optimiser step generates `group_size` completions for each of ``min(prompts_per_step, len(prompts))``
     prompts (``16 × group_size`` completions by default, e.g. 128 for group_size 8) and takes one AdamW update on
-    all of them. `peft_config` (a `peft.LoraConfig`) trains LoRA adapters; `gradient_checkpointing` as TRL's own.
+    all of them. `peft_config` (a `peft.LoraConfig`) trains LoRA adapters; `gradient_checkpointing` as TRL's own;
+    `threads` torch threads.
     The reward is 1.0 when a completion, stripped of surrounding whitespace, equals its prompt's answer, else 0.0.
 
     Prompts are tokenised without special tokens, as TRL does: to give the model the same ids as outrider (which
@@ -52,7 +53,7 @@ def trl_grpo_step_times(model_dir: str, prompts: list[str], answers: list[str], 
     if not prompts:
         raise ValueError("no prompts")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     prompts_per_step = min(prompts_per_step, len(prompts))
     completions_per_step = prompts_per_step * group_size
 

@@ -14,7 +14,9 @@ bit-identically from frozen base weights rather than from merged ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,12 +104,35 @@ def effective_weight(linear: nn.Module) -> Tensor:
 def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     """Enable HF gradient checkpointing (non-reentrant) and return the layers it checkpoints. HF checkpoints a
     layer only while that layer is in training mode; the learner scores in eval mode (no dropout), so `Policy`
-    sets these layers' own flag (not their children's, where dropout lives) before each forward."""
+    sets these layers' own flag (not their children's, where dropout lives) before each forward. A layer's
+    recomputation in the backward pass runs under the attention function its forward ran with
+    (`same_attention_on_recompute`), so the unpadded and packed forwards (`unpadded`), which switch the model's
+    attention only for the forward's duration, can be checkpointed too."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise OutriderError(f"policy.gradient_checkpointing: {type(base).__name__} does not support it")
+    kwargs = {"use_reentrant": False, "context_fn": same_attention_on_recompute(base.config)}
     if hasattr(base, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True and m is not base]
+
+
+def same_attention_on_recompute(config: object) -> Callable[[], tuple[contextlib.AbstractContextManager, ...]]:
+    """A `torch.utils.checkpoint` ``context_fn``: called when a layer's forward starts, it notes the attention
+    implementation the model's config names then, and puts it back for the layer's recomputation (the backward
+    pass runs after the forward that chose it has restored the model's own)."""
+    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _attention(config, config._attn_implementation)
+    return context_fn
+
+
+@contextlib.contextmanager
+def _attention(config: object, name: str) -> Iterator[None]:
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -215,21 +215,19 @@ class Policy(nn.Module):
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor, need_hidden: bool,
                  groups: Tensor | None) -> RowOutputs:
-        if self.checkpointed:
-            # HF checkpoints a layer only in training mode (see `adapters.checkpointed_layers`); the recomputation
-            # runs after the unpadded and shared-prefix forwards have put the model's attention back, so only the
-            # plain forward recomputes what it computed
-            for layer in self.checkpointed:
-                layer.training = True
-        else:
-            if groups is not None:
-                p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
-                out = shared_prefix.forward(self.model, p, need_hidden) if p is not None else None
-                if out is not None:
-                    return out
-            out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
+        # HF checkpoints a layer only in training mode (see `adapters.checkpointed_layers`)
+        for layer in self.checkpointed:
+            layer.training = True
+        if groups is not None:
+            p = shared_prefix.plan(input_ids.cpu(), attention_mask.cpu(), groups.cpu())
+            # a checkpointed layer runs without its KV cache (HF drops it), so no cache layout then
+            out = shared_prefix.forward(self.model, p, need_hidden, cache=not self.checkpointed) \
+                if p is not None else None
             if out is not None:
                 return out
+        out = unpadded.rows_forward(self.model, input_ids, attention_mask, need_hidden)
+        if out is not None:
+            return out
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=need_hidden,
                          use_cache=False)
         return RowOutputs.dense(out.logits, out.hidden_states[-1] if need_hidden else None)

@@ -184,14 +184,16 @@ def _expand(cache: object, rows: Tensor) -> None:
             cache.value_cache[i] = cache.value_cache[i].index_select(0, rows)
 
 
-def forward(model: nn.Module, p: PrefixPlan, hidden: bool) -> RowOutputs | None:
+def forward(model: nn.Module, p: PrefixPlan, hidden: bool, cache: bool = True) -> RowOutputs | None:
     """Logits (and last-layer hidden states if `hidden`) of the plan's computed positions, indexed by (row,
     position) of the plain layout; None when the model's cache is not a plain key/value cache. Packed layout where
-    it applies, else the cache."""
+    it applies, else the cache (unless `cache` is False: then None)."""
     if unpadded.masks_apply(model):
         layout = packed_layout(p, next(model.parameters()).dtype)
         if layout is not None:
             return _forward_packed(model, layout, hidden)
+    if not cache:
+        return None
     device = next(model.parameters()).device
     arg = cache_argument(model)
     first = model(input_ids=p.prefix_ids.to(device), attention_mask=p.prefix_mask.to(device),
