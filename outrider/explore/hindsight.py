@@ -42,16 +42,14 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from outrider.data import Episode, Start, groups_of
 from outrider.envs.base import close_env
 from outrider.errors import OutriderError
 from outrider.explore import EXPLORE, ExploreConfig, ExploreContext
-from outrider.explore.rollout import rollout
+from outrider.explore.guidance import sample_with, term_names
 from outrider.explore.step_check import env_at, time_limit
-from outrider.policy.sampler import SamplingParams
 from outrider.registry import BuildContext, Piece
 
 FEEDBACK_TASKS = "stepsum"  # built-in tasks with the feedback hook
@@ -101,26 +99,29 @@ def experiences(members: list[Episode], limit: int) -> list[Episode]:
     return [e for e in members if abs(e.total_reward() - best) < 1e-6][:limit]
 
 
+def check_build(cfg: HindsightConfig, build: BuildContext) -> None:
+    """One-line errors: a task without the feedback hook; shaping without its term."""
+    where = build.where or "explore"
+    if build.task is not None and not callable(getattr(build.task, "feedback", None)):
+        raise OutriderError(f"{where}: herl needs the task's feedback(env, action) hook (the criteria a response "
+                            f"fails), which {type(build.task).__name__} does not have; built-in tasks with it: "
+                            f"{FEEDBACK_TASKS}")
+    if cfg.shaping and not cfg.keep_context and build.recipe is not None and \
+            "guided_shaping" not in term_names(build.recipe):
+        raise OutriderError(f"{where}.shaping: true needs update.terms: [{{name: guided_shaping, ratio: "
+                            f"behaviour}}] (guided rows have weight 0 in the surrogate); or set shaping: false")
+
+
 @EXPLORE.register("herl", config=HindsightConfig)
 class Hindsight(Piece):
     """HeRL hindsight-experience-guided resampling with the improvement-potential bonus [12]."""
 
-    cfg: HindsightConfig
-
     def __init__(self, cfg: HindsightConfig, build: BuildContext | None = None):
-        super().__init__(cfg, build)
         build = build or BuildContext()
+        check_build(cfg, build)
+        super().__init__(cfg, build)
+        self.cfg: HindsightConfig = cfg
         self.policy = build.policy
-        where = build.where or "explore"
-        if build.task is not None and not callable(getattr(build.task, "feedback", None)):
-            raise OutriderError(f"{where}: herl needs the task's feedback(env, action) hook (the criteria a response "
-                                f"fails), which {type(build.task).__name__} does not have; built-in tasks with it: "
-                                f"{FEEDBACK_TASKS}")
-        terms = [t.get("name") if isinstance(t, dict) else t
-                 for t in getattr(getattr(build.recipe, "update", None), "terms", None) or []]
-        if cfg.shaping and not cfg.keep_context and build.recipe is not None and "guided_shaping" not in terms:
-            raise OutriderError(f"{where}.shaping: true needs update.terms: [{{name: guided_shaping, ratio: "
-                                f"behaviour}}] (guided rows have weight 0 in the surrogate); or set shaping: false")
         self.counts: dict[str, float] = defaultdict(float)
 
     def feedback_text(self, task: Any, episode: Episode) -> str:
@@ -139,8 +140,8 @@ class Hindsight(Piece):
         cfg = self.cfg
         episodes = ctx.sample_groups(ctx.next_seeds(cfg.prompts_per_step), cfg.group_size)
         ctx.score(episodes)
-        t0 = time.perf_counter()
         groups = groups_of(episodes)
+        t0 = time.perf_counter()  # the piece's own time: feedback, guided sampling and scoring, selection
         guided_groups = {g: m for g, m in groups.items() if max(e.total_reward() for e in m) < cfg.threshold}
         starts, parents = [], []
         for gid, members in guided_groups.items():
@@ -205,10 +206,7 @@ class Hindsight(Piece):
         cfg = self.cfg
         if cfg.guided_temperature is None or self.policy is None:
             return ctx.rollout(starts)
-        params = SamplingParams(temperature=cfg.guided_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop))
-        gen = torch.Generator().manual_seed(int(ctx.rng.integers(0, 2**31 - 1)))
-        return rollout(self.policy, lambda: ctx.task.make_env("train"), starts, params, gen, ctx.task.max_turns)
+        return sample_with(self.policy, ctx, cfg, starts, cfg.guided_temperature)
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": dict(self.counts)}

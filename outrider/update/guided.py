@@ -20,7 +20,8 @@ quantity is the importance ratio ``r_t = π_θ(y_t | x)/μ(y_t | x, experience)`
 log-probs), ``ℓ_t = −A_t·r_t/(r_t + γ)``, γ = 1 (the authors' ``mixpolicy_vanilla`` loss with
 ``he_shaping_gamma: 1``, log r clamped to ±20 as theirs); ``ratio: probability`` (default) is LUFFY's μ = 1.
 
-Metrics: ``guided_shaping/rows`` (share of the minibatch's rows), ``prob_mean`` (π_θ on guided tokens, r with ``ratio: behaviour``),
+Metrics: ``guided_shaping/rows`` (share of the minibatch's rows), ``prob_mean`` (π_θ on guided tokens; r with
+``ratio: behaviour``),
 ``shaped_mean`` (f), ``advantage_mean`` and ``loss``.
 """
 
