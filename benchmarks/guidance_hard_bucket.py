@@ -1,5 +1,5 @@
 """The hard-bucket experiment of docs/exploration.md ("Guidance on demand") from an `outrider compare` directory of
-stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml) kept with their step-0 checkpoint
+stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml, herl_stepsum.yaml) kept with their step-0 checkpoint
 (``--set observe.keep_checkpoints=...`` large enough).
 
 For each seed, the hard bucket is found before training: the warm-started policy (the step-0 checkpoint, the same
@@ -122,8 +122,12 @@ def main() -> None:
                         "train_s": float(np.mean([r["time/train_s"] for r in steps])),
                         "guidance_s": float(np.mean([r.get("time/guidance_s", 0.0) for r in steps])),
                         "guided_share": float(np.mean([r.get("explore/guided_share", 0.0) for r in steps])),
-                        "all_fail_groups": float(np.mean([r.get("explore/all_fail_groups", float("nan"))
-                                                          for r in steps]))})
+                        "all_fail_groups": float(np.mean([r.get("explore/all_fail_groups",
+                                                                r.get("explore/herl_groups", float("nan")))
+                                                          for r in steps])),
+                        # HeRL's guided samples against the groups' own (tokens sampled per step)
+                        "guided_tokens": float(np.mean([r.get("explore/guided_tokens", 0.0) for r in steps])),
+                        "policy_tokens": float(np.mean([r["explore/sampled_tokens"] for r in steps]))})
             numbers[name].append(out)
     base = numbers.get(args.baseline)
     keys = list(next(iter(numbers.values()))[0])

@@ -174,6 +174,8 @@ class Task(ABC):
       solution, or a correct partial result)?
     - ``oracle_step(env) -> str``: the oracle's action from here (an expert's next step).
     - ``hint(env) -> str``: a hint text for this state (a reflection a piece may show the sampler).
+    - ``feedback(env, action) -> str``: the criteria `action` does not meet from here, in words (empty when it
+      meets them all): what a hindsight-guided retry is shown (HeRL [12], explore piece ``herl``).
 
     A piece that needs a hook the task lacks stops the run with one line naming its option.
     """

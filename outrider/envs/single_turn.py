@@ -87,6 +87,12 @@ class SingleTurnEnv:
         self._problem = self.task.problem(self.split, seed)
         return self.task.prompt(self._problem)
 
+    @property
+    def problem(self) -> dict[str, Any]:
+        """The problem shown since the last reset (for task hooks that check an action against it)."""
+        assert self._problem is not None, "problem before reset()"
+        return self._problem
+
     def snapshot(self) -> int:
         """The problem shown (nothing else changes before the one action)."""
         return self._seed

@@ -146,6 +146,23 @@ class StepSumTask(SingleTurnTask):
         """The step checker (`check_steps`) on one of this task's problems: per-step verdicts, first wrong step."""
         return check_steps(problem["metadata"]["terms"], response)
 
+    def feedback(self, env: Any, action: str) -> str:
+        """The criteria `action` does not meet on the problem `env` shows (the optional ``feedback`` hook): each
+        wrong step named with what it must compute (``step 2 must be 8+4``: the true previous sum plus the next
+        term, not its value), an extra step, and a wrong answer (``the answer must be the last sum``); joined by
+        ``; ``, empty when the response is right. A response with too few steps fails only the answer criterion."""
+        terms = env.problem["metadata"]["terms"]
+        verdict = check_steps(terms, action)
+        sums = [sum(terms[:k + 1]) for k in range(len(terms))]
+        unmet = []
+        for k, ok in enumerate(verdict.correct[:-1]):
+            if not ok:
+                unmet.append(f"step {k + 1} must be {sums[k]}+{terms[k + 1]}" if k + 1 < len(terms)
+                             else f"step {k + 1} is extra")
+        if not verdict.correct[-1]:
+            unmet.append("the answer must be the last sum")
+        return "; ".join(unmet)
+
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         out = []
         for s in seeds:

@@ -76,6 +76,23 @@ class GuidanceConfig(ExploreConfig):
                                             "p_div_p_0.1); false: the surrogate trains them (ratio pi/mu).")
 
 
+def term_names(recipe: Any) -> list[str]:
+    """The names of a recipe's ``update.terms``."""
+    terms = getattr(getattr(recipe, "update", None), "terms", None) or []
+    return [t.get("name") if isinstance(t, dict) else t for t in terms]
+
+
+def sample_with(policy: Any, ctx: ExploreContext, cfg: ExploreConfig, starts: list[Any], temperature: float
+                ) -> list[Episode]:
+    """Episodes of `policy` (a teacher, or the policy at another temperature) from `starts` on the train split,
+    with the piece's sampling options at `temperature`, seeded from the step's rng."""
+    params = SamplingParams(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop))
+    gen = torch.Generator().manual_seed(int(ctx.rng.integers(0, 2**31 - 1)))
+    task = ctx.task
+    return rollout(policy, lambda: task.make_env("train"), starts, params, gen, task.max_turns)
+
+
 def load_teacher(path: str, student: Any, where: str) -> Any:
     """A teacher policy from a checkpoint directory: a one-line `OutriderError` naming `where` and the path when it
     does not exist, does not load, or has another tokenizer than the student."""
@@ -147,9 +164,7 @@ class Guidance(Piece):
         if DEMONSTRATIONS in cfg.teachers and build.task is not None and not hasattr(build.task, "demonstrations"):
             raise OutriderError(f"{build.where or 'explore'}.teachers: task '{type(build.task).__name__}' has no "
                                 f"demonstrations (valid: checkpoint directories)")
-        terms = [t.get("name") if isinstance(t, dict) else t
-                 for t in getattr(getattr(build.recipe, "update", None), "terms", None) or []]
-        if cfg.shaping and build.recipe is not None and "guided_shaping" not in terms:
+        if cfg.shaping and build.recipe is not None and "guided_shaping" not in term_names(build.recipe):
             raise OutriderError(f"{build.where or 'explore'}.shaping: true needs update.terms: [guided_shaping] "
                                 f"(teacher rows have weight 0 in the surrogate); or set shaping: false")
         self.counts: dict[str, float] = {}
@@ -258,13 +273,9 @@ class Guidance(Piece):
         replaced by the student's when chosen)."""
         from outrider.data import Start
 
-        cfg, task = self.cfg, ctx.task
-        params = SamplingParams(temperature=cfg.teacher_temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_new_tokens=cfg.max_new_tokens, stop=list(cfg.stop))
-        gen = torch.Generator().manual_seed(int(ctx.rng.integers(0, 2**31 - 1)))
+        cfg = self.cfg
         starts = [Start(seed=parent.seed, group_id=parent.group_id) for _ in range(cfg.teacher_samples)]
-        return [copy.copy(e) for e in rollout(self.teachers[name], lambda: task.make_env("train"), starts, params,
-                                               gen, task.max_turns)]
+        return [copy.copy(e) for e in sample_with(self.teachers[name], ctx, cfg, starts, cfg.teacher_temperature)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": dict(self.counts)}

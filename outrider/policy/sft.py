@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from outrider.data import Episode, Turn, pack
-from outrider.envs.base import Demonstration, Task
+from outrider.envs.base import Demonstration, Task, close_env
+from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.registry import Options
 
@@ -31,6 +32,15 @@ class WarmStartConfig(Options):
                                                               "retry's reflection is (explore: reflect_retry).")
     hint_template: str = Field("Hint: {hint}\n", description="The hint text; {hint} is the demonstrated action. "
                                                              "Use the explore piece's template.")
+    feedback_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose first observation "
+                                                                  "is preceded by a hindsight experience: another "
+                                                                  "demonstration's (usually wrong) response and the "
+                                                                  "task's feedback on it (feedback_template), so the "
+                                                                  "policy learns to read one (explore: herl). Needs "
+                                                                  "the task's feedback hook.")
+    feedback_template: str = Field("Failed: {response}\nUnmet: {feedback}\n",
+                                   description="The experience text: {response} and {feedback}. Use the explore "
+                                               "piece's template.")
 
 
 def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
@@ -66,6 +76,28 @@ def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: r
     return out
 
 
+def add_feedback(task: Task, demos: list[Demonstration], seeds: list[int], fraction: float, template: str,
+                 rng: random.Random) -> list[Demonstration]:
+    """In `fraction` of the demonstrations, prefix the first observation with `template` showing a random other
+    demonstration's first action and the task's feedback on it for this problem (a tiny model reads a hindsight
+    experience only if it has seen one); a donor that happens to be right is skipped."""
+    out = []
+    for d, seed in zip(demos, seeds):
+        if d.turns and len(demos) > 1 and rng.random() < fraction:
+            wrong = rng.choice(demos).turns[0][1]
+            env = task.make_env("train")
+            try:
+                env.reset(seed)
+                unmet = task.feedback(env, wrong)  # type: ignore[attr-defined]
+            finally:
+                close_env(env)
+            if unmet:
+                obs, action = d.turns[0]
+                d = Demonstration([(template.format(response=wrong, feedback=unmet) + obs, action)] + list(d.turns[1:]))
+        out.append(d)
+    return out
+
+
 def corrupt(demos: list[Demonstration], fraction: float, rng: random.Random) -> list[Demonstration]:
     """Replace the actions of `fraction` of the demonstrations by those of a random other demonstration."""
     out = []
@@ -86,6 +118,10 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
         return []
     rng = random.Random(cfg.seed)
     hint_rng = random.Random(f"hints:{cfg.seed}")  # its own stream: runs without hints draw exactly as before
+    feedback_rng = random.Random(f"feedback:{cfg.seed}")
+    if cfg.feedback_fraction and not callable(getattr(task, "feedback", None)):
+        raise OutriderError(f"policy.warm_start.feedback_fraction: needs the task's feedback(env, action) hook, "
+                            f"which {type(task).__name__} does not have (built-in tasks with it: stepsum)")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
     policy.train()
@@ -95,6 +131,8 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
         demos = corrupt(task.demonstrations(seeds), cfg.wrong_fraction, rng)
         if cfg.hint_fraction:
             demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng)
+        if cfg.feedback_fraction:
+            demos = add_feedback(task, demos, seeds, cfg.feedback_fraction, cfg.feedback_template, feedback_rng)
         batch = pack([demo_episode(policy, d, i) for i, d in enumerate(demos)], policy.pad_id, policy.bos_id)
         batch = batch.to(policy.device)
         lp = policy.score(batch.input_ids, batch.attention_mask).logprobs

@@ -14,17 +14,28 @@ the credit piece's advantage (GRPO's over the mixed group). The guided rows have
 aggregation over the minibatch's trained tokens (the on-policy and guided tokens together, as the authors' one
 masked mean over the mixed batch; where the learner skips zero-advantage rows, over the tokens it kept).
 
-Metrics: ``guided_shaping/rows`` (share of the minibatch's rows), ``prob_mean`` (π_θ on guided tokens),
+HeRL [12] (explore piece ``herl``) samples its guided rows from the policy itself, with a hindsight experience in
+context that training removes, so they have a behaviour probability: with ``ratio: behaviour`` the shaped
+quantity is the importance ratio ``r_t = π_θ(y_t | x)/μ(y_t | x, experience)`` (μ the recorded behaviour
+log-probs), ``ℓ_t = −A_t·r_t/(r_t + γ)``, γ = 1 (the authors' ``mixpolicy_vanilla`` loss with
+``he_shaping_gamma: 1``, log r clamped to ±20 as theirs); ``ratio: probability`` (default) is LUFFY's μ = 1.
+
+Metrics: ``guided_shaping/rows`` (share of the minibatch's rows), ``prob_mean`` (π_θ on guided tokens; r with
+``ratio: behaviour``),
 ``shaped_mean`` (f), ``advantage_mean`` and ``loss``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from outrider.data import ORIGINS
+from outrider.errors import OutriderError
+from outrider.kl import LOG_RATIO_CLAMP
 from outrider.registry import Needs, PieceConfig
 from outrider.stats import masked_mean
 from outrider.update import TERMS, TermOutput, TokenContext
@@ -34,7 +45,12 @@ GUIDED = ORIGINS.index("guided")
 
 class GuidedShapingConfig(PieceConfig):
     coef: float = Field(1.0, ge=0, description="Weight of the term (the authors add it to the policy loss as is).")
-    gamma: float = Field(0.1, gt=0, description="gamma of the shaping f(p) = p/(p + gamma) (authors: 0.1).")
+    gamma: float = Field(0.1, gt=0, description="gamma of the shaping f(p) = p/(p + gamma) (AMPO/LUFFY: 0.1; "
+                                                "HeRL: 1).")
+    ratio: Literal["probability", "behaviour"] = Field(
+        "probability", description="What is shaped: probability, p = pi_theta (a teacher path, mu = 1: AMPO); "
+                                   "behaviour, p = pi_theta/mu with mu the recorded behaviour log-probs (HeRL's "
+                                   "guided responses).")
 
 
 def shaped(p: Tensor, gamma: float) -> Tensor:
@@ -52,7 +68,13 @@ def guided_shaping(ctx: TokenContext, cfg: GuidedShapingConfig) -> TermOutput:
     m = ctx.mask * rows[:, None].to(ctx.mask.dtype)
     if not bool((m > 0).any()):
         return TermOutput(metrics=metrics)
-    p = torch.exp(ctx.logprobs)
+    if cfg.ratio == "behaviour":
+        if b is None or b.behaviour_logprobs is None:
+            raise OutriderError("update.terms.guided_shaping.ratio: behaviour needs the rows' behaviour log-probs "
+                                "(the batch has none)")
+        p = torch.exp((ctx.logprobs - b.behaviour_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    else:
+        p = torch.exp(ctx.logprobs)
     f = shaped(p, cfg.gamma)
     per_token = torch.where(m > 0, -ctx.advantages * f, torch.zeros_like(f))
     loss = ctx.aggregate(per_token, ctx.mask)
