@@ -28,6 +28,8 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from outrider.errors import OutriderError
+from outrider.offline.baselines import BC, BTFilteredBC
+from outrider.offline.oppo import OPPO, nll
 from outrider.offline.trajectories import Dataset, Trajectory, draw_pairs
 
 
@@ -125,8 +127,6 @@ class TextPolicy(nn.Module):
     def loss(self, batch: tuple[Tensor, ...], z: Tensor | None, noise: float = 0.0,
              gen: torch.Generator | None = None) -> Tensor:
         """HIM / BC: ``− mean_t log π(a_t | text_<t, z)`` over the valid actions (no state noise on tokens)."""
-        from outrider.offline.oppo import nll
-
         ids, attn, positions, act, act_mask = batch
         return nll(self(ids, attn, positions, z), act, act_mask)
 
@@ -159,8 +159,6 @@ class TextReward(TextEncoder):
 
 def build(cfg: Any, tok: Any, actions: list[str]) -> Any:
     """The learner of `cfg.method` with the tiny LM policy (and tiny-LM encoder / reward)."""
-    from outrider.offline.baselines import BC, BTFilteredBC
-    from outrider.offline.oppo import OPPO
     from outrider.policy.model import build_tiny_model
 
     torch.manual_seed(cfg.seed)
