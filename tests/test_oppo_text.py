@@ -210,7 +210,7 @@ def assert_same_state(a: Path, b: Path, steps: int) -> None:
     assert rows[0] == rows[1] and [r["step"] for r in rows[1]] == sorted({r["step"] for r in rows[1]})
 
 
-@pytest.mark.slow  # two real processes and a reference run, ~30-60 s on a shared 2-core machine
+@pytest.mark.slow  # two real processes and a reference run, 20-60 s on a shared 2-core machine
 def test_offline_train_killed_with_sigkill_resumes_like_an_uninterrupted_run(tmp_path):
     """A real `outrider offline train` process, SIGKILLed once a checkpoint exists (and before it finishes), then
     `--resume`d, ends with the state and metrics of the same config run without a kill (the offline analogue of

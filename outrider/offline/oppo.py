@@ -1,7 +1,8 @@
 """OPPO [38] (Kang et al. 2023, "Beyond Reward: Offline Preference-guided Policy Optimization") for a small
 neural policy on discrete actions: no reward function, a contextual policy and a searched context.
 
-Pieces:
+Pieces (this module's MLPs; `outrider.offline.text` gives the tiny-LM encoder and policy, z as prefix embeddings,
+to the same `OPPO` class):
 
 * an encoder ``z = E(τ)`` of a whole trajectory (a per-step MLP over (s_t, a_t), masked mean pooling, a linear
   head to ``z_dim``; the paper uses a BERT-style transformer over a K-step segment);
