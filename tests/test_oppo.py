@@ -84,7 +84,7 @@ def test_encoder_ignores_padding():
 
 
 def test_filtered_bc_keeps_the_top_fraction():
-    bt = BTFilteredBC(4, 6, 8, 1e-3, 0.0, 0, reward_steps=1, keep=0.5)
+    bt = BTFilteredBC.mlp(4, 6, 8, 1e-3, 0.0, 0, reward_steps=1, keep=0.5)
     assert bt.select(T([0.1, 0.9, 0.5, 0.9])) == [1, 3]
     bt.keep = 0.1
     assert bt.select(T([0.1, 0.9, 0.5, 0.9])) == [1]  # ceil(0.4) = 1; ties: the lower index
@@ -92,7 +92,7 @@ def test_filtered_bc_keeps_the_top_fraction():
 
 def test_oppo_alternation_updates_the_right_parts():
     torch.manual_seed(0)
-    oppo = OPPO(4, 6, 8, 2, 1e-2, 1e-2, 2.0, None, 0.0, 0.1, 0.1, 1.0, 0.1, seed=0)
+    oppo = OPPO.mlp(4, 6, 8, 2, 1e-2, 1e-2, 2.0, None, 0.0, 0.1, 0.1, 1.0, 0.1, seed=0)
     obs, act, mask = torch.randn(3, 5, 4), torch.randint(6, (3, 5)), torch.ones(3, 5)
     pairs = ((obs, act, mask), (obs.flip(0), act.flip(0), mask), T([1.0, 0.0, 0.5]))
     before = {k: v.clone() for k, v in oppo.state_dict()["policy"].items()}
@@ -107,7 +107,7 @@ def test_oppo_alternation_updates_the_right_parts():
 
 
 def test_z_star_projected_into_the_ball():
-    oppo = OPPO(4, 6, 8, 3, 1e-2, 1e-2, 2.0, 0.5, 0.0, 0.1, 0.1, 1.0, 0.1, seed=0)
+    oppo = OPPO.mlp(4, 6, 8, 3, 1e-2, 1e-2, 2.0, 0.5, 0.0, 0.1, 0.1, 1.0, 0.1, seed=0)
     assert oppo.z_star.norm() > 0.5  # randn · 2 at init
     obs, act, mask = torch.randn(2, 5, 4), torch.randint(6, (2, 5)), torch.ones(2, 5)
     oppo.step(2, (obs, act, mask), ((obs, act, mask), (obs.flip(0), act.flip(0), mask), T([1.0, 0.0])),

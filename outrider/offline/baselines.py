@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from outrider.offline.oppo import ContextPolicy, mlp, nll
+from outrider.offline.oppo import ContextPolicy, mlp
 
 
 def bt_loss(r_a: Tensor, r_b: Tensor, pref: Tensor) -> Tensor:
@@ -26,16 +26,20 @@ def bt_loss(r_a: Tensor, r_b: Tensor, pref: Tensor) -> Tensor:
 
 
 class BC:
-    """Behaviour cloning on the trajectories the batch sampler draws from (all of them, or a filtered set)."""
+    """Behaviour cloning on the trajectories the batch sampler draws from (all of them, or a filtered set). The
+    policy is a piece with `loss(batch, None)` (the MLP `ContextPolicy` or the tiny LM of `offline.text`)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, lr: float, weight_decay: float, seed: int):
-        torch.manual_seed(seed)
-        self.policy = ContextPolicy(obs_dim, n_actions, hidden, 0)
+    def __init__(self, policy: nn.Module, lr: float, weight_decay: float):
+        self.policy = policy
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=lr, weight_decay=weight_decay)
 
-    def bc_step(self, traj_batch: tuple[Tensor, Tensor, Tensor]) -> float:
-        obs, act, mask = traj_batch
-        loss = nll(self.policy(obs), act, mask)
+    @classmethod
+    def mlp(cls, obs_dim: int, n_actions: int, hidden: int, lr: float, weight_decay: float, seed: int) -> "BC":
+        torch.manual_seed(seed)
+        return cls(ContextPolicy(obs_dim, n_actions, hidden, 0), lr, weight_decay)
+
+    def bc_step(self, traj_batch: tuple[Tensor, ...]) -> float:
+        loss = self.policy.loss(traj_batch, None)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -44,8 +48,8 @@ class BC:
     def step(self, step: int, traj_batch: tuple, pair_batch: tuple, gen: torch.Generator) -> dict[str, float]:
         return {"bc/nll": self.bc_step(traj_batch)}
 
-    def act_logits(self, obs: Tensor) -> Tensor:
-        return self.policy(obs)
+    def context(self) -> None:
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict()}
@@ -71,14 +75,21 @@ class RewardModel(nn.Module):
 class BTFilteredBC(BC):
     """`reward_steps` Bradley–Terry steps on the pairs, then BC on the top `keep` fraction by predicted return.
     The run computes the kept set with `select` after the reward steps (again on resume, from the reward model in
-    the checkpoint)."""
+    the checkpoint). `reward(*batch) -> R̂ [B]` is a piece too (`RewardModel` here, a pooled tiny LM for text)."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, lr: float, weight_decay: float, seed: int,
-                 reward_steps: int, keep: float):
-        super().__init__(obs_dim, n_actions, hidden, lr, weight_decay, seed)
-        self.reward = RewardModel(obs_dim, n_actions, hidden)
+    def __init__(self, policy: nn.Module, reward: nn.Module, lr: float, weight_decay: float, reward_steps: int,
+                 keep: float):
+        super().__init__(policy, lr, weight_decay)
+        self.reward = reward
         self.opt_reward = torch.optim.AdamW(self.reward.parameters(), lr=lr, weight_decay=weight_decay)
         self.reward_steps, self.keep = reward_steps, keep
+
+    @classmethod
+    def mlp(cls, obs_dim: int, n_actions: int, hidden: int, lr: float, weight_decay: float, seed: int,
+            reward_steps: int, keep: float) -> "BTFilteredBC":
+        torch.manual_seed(seed)
+        policy = ContextPolicy(obs_dim, n_actions, hidden, 0)
+        return cls(policy, RewardModel(obs_dim, n_actions, hidden), lr, weight_decay, reward_steps, keep)
 
     def select(self, returns: Tensor) -> list[int]:
         """Indices of the top ``ceil(keep · N)`` trajectories by predicted return (ties: lower index first)."""
@@ -88,8 +99,8 @@ class BTFilteredBC(BC):
 
     def step(self, step: int, traj_batch: tuple, pair_batch: tuple, gen: torch.Generator) -> dict[str, float]:
         if step <= self.reward_steps:
-            (obs_a, act_a, mask_a), (obs_b, act_b, mask_b), pref = pair_batch
-            loss = bt_loss(self.reward(obs_a, act_a, mask_a), self.reward(obs_b, act_b, mask_b), pref)
+            batch_a, batch_b, pref = pair_batch
+            loss = bt_loss(self.reward(*batch_a), self.reward(*batch_b), pref)
             self.opt_reward.zero_grad()
             loss.backward()
             self.opt_reward.step()

@@ -1,7 +1,8 @@
 """OPPO [38] (Kang et al. 2023, "Beyond Reward: Offline Preference-guided Policy Optimization") for a small
 neural policy on discrete actions: no reward function, a contextual policy and a searched context.
 
-Pieces:
+Pieces (this module's MLPs; `outrider.offline.text` gives the tiny-LM encoder and policy, z as prefix embeddings,
+to the same `OPPO` class):
 
 * an encoder ``z = E(τ)`` of a whole trajectory (a per-step MLP over (s_t, a_t), masked mean pooling, a linear
   head to ``z_dim``; the paper uses a BERT-style transformer over a K-step segment);
@@ -78,6 +79,14 @@ class ContextPolicy(nn.Module):
                              else z], -1)
         return self.net(obs)
 
+    def loss(self, batch: tuple[Tensor, ...], z: Tensor | None, noise: float = 0.0,
+             gen: torch.Generator | None = None) -> Tensor:
+        """HIM / BC loss on a batch (obs, actions, mask), states perturbed by N(0, noise²) when noise > 0."""
+        obs, act, mask = batch
+        if noise > 0:
+            obs = obs + torch.randn(obs.shape, generator=gen) * noise
+        return nll(self(obs, z), act, mask)
+
 
 def nll(logits: Tensor, actions: Tensor, mask: Tensor) -> Tensor:
     """``− mean log π(a_t | ·)`` over the valid steps (mask) of a padded batch: the HIM / behaviour-cloning loss."""
@@ -110,15 +119,16 @@ def norm_loss(z: Tensor) -> Tensor:
 
 
 class OPPO:
-    """Encoder, contextual policy and z*, each with its optimiser; `step` is one alternation (see module doc)."""
+    """Encoder, contextual policy and z*, each with its optimiser; `step` is one alternation (see module doc).
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int, z_dim: int, lr: float, z_lr: float, z_init: float,
-                 z_max_norm: float | None,
-                 weight_decay: float, pref_weight: float, norm_weight: float, margin: float, state_noise: float,
-                 seed: int):
-        torch.manual_seed(seed)
-        self.encoder = Encoder(obs_dim, n_actions, hidden, z_dim)
-        self.policy = ContextPolicy(obs_dim, n_actions, hidden, z_dim)
+    The networks are pieces: `encoder(*batch) -> z [B, z_dim]` and `policy.loss(batch, z, noise, gen)` (the HIM
+    loss) on whatever a batch is (MiniGrid's padded vectors here, token ids in `offline.text`), so the same
+    alternation trains the MLP policy and the tiny LM with z as a prefix."""
+
+    def __init__(self, encoder: nn.Module, policy: nn.Module, z_dim: int, lr: float, z_lr: float, z_init: float,
+                 z_max_norm: float | None, weight_decay: float, pref_weight: float, norm_weight: float,
+                 margin: float, state_noise: float):
+        self.encoder, self.policy = encoder, policy
         self.z_star = nn.Parameter(torch.randn(z_dim) * z_init)
         self.opt_policy = torch.optim.AdamW(self.policy.parameters(), lr=lr, weight_decay=weight_decay)
         self.opt_encoder = torch.optim.AdamW(self.encoder.parameters(), lr=lr, weight_decay=weight_decay)
@@ -126,17 +136,21 @@ class OPPO:
         self.z_max_norm = z_max_norm
         self.pref_weight, self.norm_weight, self.margin, self.state_noise = pref_weight, norm_weight, margin, state_noise
 
-    def him(self, obs: Tensor, actions: Tensor, mask: Tensor, z: Tensor) -> Tensor:
-        return nll(self.policy(obs, z), actions, mask)
+    @classmethod
+    def mlp(cls, obs_dim: int, n_actions: int, hidden: int, z_dim: int, lr: float, z_lr: float, z_init: float,
+            z_max_norm: float | None, weight_decay: float, pref_weight: float, norm_weight: float, margin: float,
+            state_noise: float, seed: int) -> "OPPO":
+        """OPPO with the MLP encoder and policy on state vectors (MiniGrid)."""
+        torch.manual_seed(seed)
+        encoder, policy = Encoder(obs_dim, n_actions, hidden, z_dim), ContextPolicy(obs_dim, n_actions, hidden, z_dim)
+        return cls(encoder, policy, z_dim, lr, z_lr, z_init, z_max_norm, weight_decay, pref_weight, norm_weight,
+                   margin, state_noise)
 
-    def step(self, step: int, traj_batch: tuple[Tensor, Tensor, Tensor], pair_batch: tuple, gen: torch.Generator
+    def step(self, step: int, traj_batch: tuple[Tensor, ...], pair_batch: tuple, gen: torch.Generator
              ) -> dict[str, float]:
         out: dict[str, float] = {}
         if step % 2 == 1:  # (1) HIM on trajectories: encoder and policy
-            obs, act, mask = traj_batch
-            z = self.encoder(obs, act, mask)
-            noisy = obs + torch.randn(obs.shape, generator=gen) * self.state_noise
-            loss = self.him(noisy, act, mask, z)
+            loss = self.policy.loss(traj_batch, self.encoder(*traj_batch), self.state_noise, gen)
             self.opt_policy.zero_grad()
             self.opt_encoder.zero_grad()
             loss.backward()
@@ -145,11 +159,11 @@ class OPPO:
             self.opt_policy.step()
             self.opt_encoder.step()
             out["oppo/him"] = loss.item()
-        (obs_a, act_a, mask_a), (obs_b, act_b, mask_b), pref = pair_batch
+        batch_a, batch_b, pref = pair_batch
         # (2) the encoder: HIM through the frozen policy + the preference and norm terms with z* fixed
-        z_a, z_b = self.encoder(obs_a, act_a, mask_a), self.encoder(obs_b, act_b, mask_b)
+        z_a, z_b = self.encoder(*batch_a), self.encoder(*batch_b)
         self.policy.requires_grad_(False)
-        him_pairs = self.him(obs_a, act_a, mask_a, z_a) + self.him(obs_b, act_b, mask_b, z_b)
+        him_pairs = self.policy.loss(batch_a, z_a) + self.policy.loss(batch_b, z_b)
         self.policy.requires_grad_(True)
         pref_enc = preference_loss(self.z_star.detach(), z_a, z_b, pref, self.margin)
         norm = norm_loss(z_a) + norm_loss(z_b)
@@ -160,7 +174,7 @@ class OPPO:
         self.opt_encoder.step()
         # (3) z*: the preference loss on the updated encoder's (detached) embeddings
         with torch.no_grad():
-            z_a, z_b = self.encoder(obs_a, act_a, mask_a), self.encoder(obs_b, act_b, mask_b)
+            z_a, z_b = self.encoder(*batch_a), self.encoder(*batch_b)
         pref_z = preference_loss(self.z_star, z_a, z_b, pref, self.margin)
         self.opt_z.zero_grad()
         pref_z.backward()
@@ -172,8 +186,9 @@ class OPPO:
                     "oppo/norm": norm.item(), "oppo/pref_z": pref_z.item(), "oppo/z_star_norm": self.z_star.norm().item()})
         return out
 
-    def act_logits(self, obs: Tensor) -> Tensor:
-        return self.policy(obs, self.z_star.detach())
+    def context(self) -> Tensor:
+        """The context the policy acts with at test time: z*."""
+        return self.z_star.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {"encoder": self.encoder.state_dict(), "policy": self.policy.state_dict(), "z_star": self.z_star.data,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from outrider.errors import OutriderError
+from outrider.offline import text
 from outrider.offline.baselines import BC, BTFilteredBC
 from outrider.offline.config import OfflineConfig, load_config  # noqa: F401 (load_config: callers import it here)
 from outrider.offline.oppo import OPPO
@@ -27,9 +28,16 @@ from outrider.offline.trajectories import N_ACTIONS, Dataset, features, generate
 def get_dataset(cfg: OfflineConfig) -> Dataset:
     d = cfg.data
     if d.path:
-        return load_dataset(d.path)
-    return generate(d.env, {"expert": (d.expert, 0.0), "noisy": (d.noisy, d.epsilon), "random": (d.random, 1.0)},
-                    d.pairs, d.label_noise, d.horizon, cfg.seed if d.seed is None else d.seed)
+        ds = load_dataset(d.path)
+        if ds.is_text != (cfg.policy == "lm"):
+            raise OutriderError(f"data.path: '{d.path}' holds {'text' if ds.is_text else 'vector'} observations; "
+                                f"policy {cfg.policy} needs {'text' if cfg.policy == 'lm' else 'vectors'}")
+        return ds
+    sources = {"expert": (d.expert, 0.0), "noisy": (d.noisy, d.epsilon), "random": (d.random, 1.0)}
+    seed = cfg.seed if d.seed is None else d.seed
+    if cfg.policy == "lm":
+        return text.generate_bandit(d.env_options, sources, d.pairs, d.label_noise, seed)
+    return generate(d.env, sources, d.pairs, d.label_noise, d.horizon, seed)
 
 
 def padded(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,12 +52,26 @@ def padded(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def build(cfg: OfflineConfig, obs_dim: int) -> Any:
     if cfg.method == "oppo":
-        return OPPO(obs_dim, N_ACTIONS, cfg.hidden, cfg.z_dim, cfg.lr, cfg.z_lr, cfg.z_init, cfg.z_max_norm,
-                    cfg.weight_decay, cfg.pref_weight, cfg.norm_weight, cfg.margin, cfg.state_noise, cfg.seed)
+        return OPPO.mlp(obs_dim, N_ACTIONS, cfg.hidden, cfg.z_dim, cfg.lr, cfg.z_lr, cfg.z_init, cfg.z_max_norm,
+                        cfg.weight_decay, cfg.pref_weight, cfg.norm_weight, cfg.margin, cfg.state_noise, cfg.seed)
     if cfg.method == "bc":
-        return BC(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed)
-    return BTFilteredBC(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed, cfg.reward_steps,
-                        cfg.keep)
+        return BC.mlp(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed)
+    return BTFilteredBC.mlp(obs_dim, N_ACTIONS, cfg.hidden, cfg.lr, cfg.weight_decay, cfg.seed, cfg.reward_steps,
+                            cfg.keep)
+
+
+def setup(cfg: OfflineConfig, ds: Dataset) -> tuple[tuple[torch.Tensor, ...], Any, Callable[[Any], dict]]:
+    """The dataset as tensors (first dimension: trajectories), the learner, and its held-out evaluation."""
+    layouts = {t.layout for t in ds.trajectories if t.layout}
+    if cfg.policy == "lm":
+        tok, actions = text.tokenizer(), text.env_actions(cfg.data.env_options)
+        tensors = text.text_tensors(ds, tok, actions)
+        return tensors, text.build(cfg, tok, actions), \
+            lambda learner: text.evaluate(learner, tok, cfg.data.env_options, cfg.eval_episodes, layouts)
+    tensors = padded(ds)
+    horizon = cfg.data.horizon if not cfg.data.path else int(tensors[2].sum(1).max())
+    return tensors, build(cfg, ds.obs_dim), \
+        lambda learner: evaluate(learner, cfg.data.env, cfg.eval_episodes, horizon, layouts)
 
 
 @torch.no_grad()
@@ -64,7 +86,7 @@ def evaluate(learner: Any, env_id: str, episodes: int, horizon: int, train_layou
             raise OutriderError(f"data: evaluation layout of eval seed {e} appears in the dataset; the splits overlap")
         ret, won = 0.0, False
         for _ in range(horizon):
-            a = int(learner.act_logits(torch.from_numpy(features(env))).argmax())
+            a = int(learner.policy(torch.from_numpy(features(env)), learner.context()).argmax())
             _, r, terminated, truncated, _ = env.step(a)
             ret += float(r)
             if terminated or truncated:
@@ -87,12 +109,10 @@ def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | N
     t0 = time.time()
     ds = get_dataset(cfg)
     data_s = time.time() - t0
-    obs, act, mask = padded(ds)
+    tensors, learner, evaluate_now = setup(cfg, ds)
     pa = torch.tensor([i for i, _, _ in ds.pairs])
     pb = torch.tensor([j for _, j, _ in ds.pairs])
     pref = torch.tensor([p for *_, p in ds.pairs], dtype=torch.float32)
-    train_layouts = {t.layout for t in ds.trajectories if t.layout}
-    learner = build(cfg, ds.obs_dim)
     total = cfg.steps + (cfg.reward_steps if cfg.method == "bt_filtered_bc" else 0)
     start, rows = 0, []
     if resume and _checkpoints(out):
@@ -102,8 +122,7 @@ def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | N
         rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["step"] <= start]
     pool = torch.arange(len(ds.trajectories))
     if cfg.method == "bt_filtered_bc" and start >= cfg.reward_steps:
-        pool = torch.tensor(learner.select(learner.reward(obs, act, mask).detach()))
-    horizon = cfg.data.horizon if not cfg.data.path else int(mask.sum(1).max())
+        pool = torch.tensor(learner.select(learner.reward(*tensors).detach()))
     train_s = 0.0
     for step in range(start + 1, total + 1):
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
@@ -111,10 +130,11 @@ def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | N
         ti = pool[torch.randint(len(pool), (cfg.batch,), generator=gen)]
         pi = torch.randint(len(pa), (cfg.pair_batch,), generator=gen)
         ia, ib = pa[pi], pb[pi]
-        metrics = learner.step(step, (obs[ti], act[ti], mask[ti]),
-                               ((obs[ia], act[ia], mask[ia]), (obs[ib], act[ib], mask[ib]), pref[pi]), gen)
+        metrics = learner.step(step, tuple(x[ti] for x in tensors),
+                               (tuple(x[ia] for x in tensors), tuple(x[ib] for x in tensors), pref[pi]), gen)
         if cfg.method == "bt_filtered_bc" and step == cfg.reward_steps:
-            pool = torch.tensor(learner.select(learner.reward(obs, act, mask).detach()))
+            with torch.no_grad():
+                pool = torch.tensor(learner.select(learner.reward(*tensors)))
             kept = {ds.trajectories[int(i)].source for i in pool}
             metrics["bt/kept_expert_share"] = float(np.mean([ds.trajectories[int(i)].source == "expert" for i in pool]))
             metrics["bt/kept_sources"] = len(kept)
@@ -123,7 +143,7 @@ def run(cfg: OfflineConfig, out: Path, resume: bool = False, stop_after: int | N
         metrics.update({"step": step, "time/train_s": dt})
         if step == total or (cfg.eval_every and step % cfg.eval_every == 0):
             t2 = time.time()
-            metrics.update(evaluate(learner, cfg.data.env, cfg.eval_episodes, horizon, train_layouts))
+            metrics.update(evaluate_now(learner))
             metrics["time/eval_s"] = time.time() - t2
         if step % 50 == 0 or "eval/success" in metrics:
             rows.append(metrics)

@@ -7,6 +7,8 @@ A dataset is two JSONL files in one directory (one JSON object a line):
   ``expert``) and ``"layout"`` (a string naming the level layout, checked to be disjoint from evaluation layouts).
   ``observations`` has one numeric vector per action, all of one length across the file; actions are integers
   in ``[0, n_actions)``.
+  A text dataset (the tiny-LM policy, `offline.text`) has strings instead: ``"observations": ["K2 H12\\n",
+  "1:1\\n"]`` (what the env showed before each action) and ``"actions": ["1", "2"]`` (the env's text actions).
 * ``pairs.jsonl``: ``{"a": "t0", "b": "t7", "preferred": "a" | "b" | "tie"}``, ids of two trajectories.
 
 A malformed line is one `OutriderError` naming the file, the line and the field.
@@ -43,8 +45,8 @@ class Trajectory:
     """One trajectory: observations [T, D] (float32), the actions taken in them [T], and optional metadata."""
 
     id: str
-    observations: np.ndarray
-    actions: np.ndarray
+    observations: np.ndarray | list[str]
+    actions: np.ndarray | list[str]
     ret: float | None = None
     source: str = ""
     layout: str = ""
@@ -60,7 +62,11 @@ class Dataset:
 
     @property
     def obs_dim(self) -> int:
-        return int(self.trajectories[0].observations.shape[1])
+        return int(self.trajectories[0].observations.shape[1])  # type: ignore[union-attr]
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.trajectories[0].observations, list)
 
 
 # --- the file format -------------------------------------------------------------------------------------------
@@ -73,8 +79,11 @@ def save_dataset(ds: Dataset, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "trajectories.jsonl", "w") as f:
         for t in ds.trajectories:
-            row: dict[str, Any] = {"id": t.id, "observations": [[_compact(v) for v in o] for o in t.observations],
-                                   "actions": [int(a) for a in t.actions]}
+            if isinstance(t.observations, list):
+                row: dict[str, Any] = {"id": t.id, "observations": list(t.observations), "actions": list(t.actions)}
+            else:
+                row = {"id": t.id, "observations": [[_compact(v) for v in o] for o in t.observations],
+                       "actions": [int(a) for a in t.actions]}
             if t.ret is not None:
                 row["return"] = round(float(t.ret), 6)
             row.update({k: v for k, v in (("source", t.source), ("layout", t.layout)) if v})
@@ -89,6 +98,13 @@ def save_dataset(ds: Dataset, out: Path) -> None:
 def _number_list(where: str, key: str, v: Any) -> list[float]:
     if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         raise OutriderError(f"{where}: '{key}' must be a list of numbers")
+    return v
+
+
+def _string_list(where: str, key: str, v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise OutriderError(f"{where}: '{key}' must be a list of strings (a text dataset: the first line's "
+                            "observations are strings)")
     return v
 
 
@@ -113,18 +129,27 @@ def load_dataset(path: str | Path, n_actions: int = N_ACTIONS) -> Dataset:
             raise OutriderError(f"{where}: 'id' must be a non-empty string")
         if tid in index:
             raise OutriderError(f"{where}: id '{tid}' repeats line of trajectory {index[tid] + 1}")
-        obs, acts = row["observations"], _number_list(where, "actions", row["actions"])
+        obs = row["observations"]
         if not isinstance(obs, list) or not obs:
-            raise OutriderError(f"{where}: 'observations' must be a non-empty list of number lists")
-        rows = [_number_list(f"{where}: observations[{k}]", "observations", o) for k, o in enumerate(obs)]
+            raise OutriderError(f"{where}: 'observations' must be a non-empty list of number lists or of strings")
+        text = isinstance(obs[0], str)
+        if trajs and text != isinstance(trajs[0].observations, list):
+            raise OutriderError(f"{where}: 'observations' must be {'strings' if not text else 'number lists'}, as on "
+                                "the file's first line")
+        if text:
+            rows, acts = _string_list(where, "observations", obs), _string_list(where, "actions", row["actions"])
+        else:
+            acts = _number_list(where, "actions", row["actions"])
+            rows = [_number_list(f"{where}: observations[{k}]", "observations", o) for k, o in enumerate(obs)]
         if len(rows) != len(acts):
             raise OutriderError(f"{where}: 'observations' has {len(rows)} rows but 'actions' has {len(acts)}; one "
                                 "observation per action")
-        dim = dim if dim is not None else len(rows[0])
-        if any(len(o) != dim for o in rows):
-            raise OutriderError(f"{where}: 'observations' rows must all have length {dim} (the file's first row)")
-        if any(not float(a).is_integer() or not 0 <= a < n_actions for a in acts):
-            raise OutriderError(f"{where}: 'actions' must be integers in [0, {n_actions})")
+        if not text:
+            dim = dim if dim is not None else len(rows[0])
+            if any(len(o) != dim for o in rows):
+                raise OutriderError(f"{where}: 'observations' rows must all have length {dim} (the file's first row)")
+            if any(not float(a).is_integer() or not 0 <= a < n_actions for a in acts):
+                raise OutriderError(f"{where}: 'actions' must be integers in [0, {n_actions})")
         ret = row.get("return")
         if ret is not None and (not isinstance(ret, (int, float)) or isinstance(ret, bool)):
             raise OutriderError(f"{where}: 'return' must be a number")
@@ -132,7 +157,8 @@ def load_dataset(path: str | Path, n_actions: int = N_ACTIONS) -> Dataset:
             if not isinstance(row.get(key, ""), str):
                 raise OutriderError(f"{where}: '{key}' must be a string")
         index[tid] = len(trajs)
-        trajs.append(Trajectory(tid, np.asarray(rows, dtype=np.float32), np.asarray(acts, dtype=np.int64),
+        trajs.append(Trajectory(tid, rows if text else np.asarray(rows, dtype=np.float32),
+                                acts if text else np.asarray(acts, dtype=np.int64),  # type: ignore[arg-type]
                                 None if ret is None else float(ret), row.get("source", ""), row.get("layout", "")))
     if not trajs:
         raise OutriderError(f"{tpath}: no trajectories")
@@ -232,6 +258,17 @@ def generate(env_id: str, sources: dict[str, tuple[int, float]], n_pairs: int, l
             t, _ = rollout(tenv, rng.randrange(2**30), eps, horizon, rng)
             t.id, t.source = f"t{len(trajs)}", name
             trajs.append(t)
+    pairs, flipped = draw_pairs(trajs, n_pairs, label_noise, rng)
+    by_source = {n: float(np.mean([t.ret for t in trajs if t.source == n])) for n in sources}
+    meta = {"env": env_id, "horizon": horizon, "seed": seed, "label_noise": label_noise, "flipped": flipped,
+            "mean_return": by_source, "ties": sum(p == 0.5 for *_, p in pairs)}
+    return Dataset(trajs, pairs, meta)
+
+
+def draw_pairs(trajs: list[Trajectory], n_pairs: int, label_noise: float, rng: random.Random
+               ) -> tuple[list[tuple[int, int, float]], int]:
+    """`n_pairs` pairs of distinct trajectories drawn uniformly, labelled by the true return (equal: a tie), each
+    strict label flipped with probability `label_noise`; returns the pairs and the number flipped."""
     pairs, flipped = [], 0
     for _ in range(n_pairs):
         i, j = rng.sample(range(len(trajs)), 2)
@@ -240,7 +277,4 @@ def generate(env_id: str, sources: dict[str, tuple[int, float]], n_pairs: int, l
         if p != 0.5 and rng.random() < label_noise:
             p, flipped = 1.0 - p, flipped + 1
         pairs.append((i, j, p))
-    by_source = {n: float(np.mean([t.ret for t in trajs if t.source == n])) for n in sources}
-    meta = {"env": env_id, "horizon": horizon, "seed": seed, "label_noise": label_noise, "flipped": flipped,
-            "mean_return": by_source, "ties": sum(p == 0.5 for *_, p in pairs)}
-    return Dataset(trajs, pairs, meta)
+    return pairs, flipped
