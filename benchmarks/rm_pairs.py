@@ -4,7 +4,7 @@ problem with both right and wrong responses, up to `--pairs-per-prompt` (right, 
 With `--oracle` a preference oracle labels the pairs instead (`score.preference.oracle_pairs`: every two distinct
 texts of a problem compared once, ties left out), e.g. the intransitive cyclic one:
 
-    python benchmarks/rm_pairs.py recipes/dno_cyclic_multisol.yaml --model runs/sft_multisol --prompts 1024 \
+    python benchmarks/rm_pairs.py recipes/dno_cyclic_multisol.yaml --model runs/sft_multisol --prompts 256 \
         --oracle cyclic --pairs-per-prompt 8 --out runs/rm_data/cyclic_pairs.jsonl
 
     python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
