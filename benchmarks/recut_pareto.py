@@ -44,7 +44,7 @@ def sets(args: argparse.Namespace) -> list[str]:
 
 
 def evaluate_model(path: Path, holdout: str, args: argparse.Namespace) -> dict[str, float]:
-    recipe = load_recipe(RECIPES / ARMS["accuracy"], [f"task.holdout={holdout}"])
+    recipe = load_recipe(RECIPES / ARMS["accuracy"], [*args.set, f"task.holdout={holdout}"])
     policy = Policy.load(path)
     result = evaluate(policy, build_task(recipe), args.prompts, args.samples, [1], sampling_params(recipe, 1.0),
                       seed=12345)
@@ -77,7 +77,8 @@ def run_seed(seed: int, out: Path, args: argparse.Namespace) -> dict[str, dict]:
             merge(models["accuracy"], models["brevity"], merged, w, base=warm, method=args.merge_method,
                   density=args.density, seed=seed, scale=args.scale)
         models[f"merged_{w:g}"] = merged
-    results = {name: {"test": evaluate_model(path, "test", args)} for name, path in models.items()}
+    results = {name: {"test": evaluate_model(path, "test", args)} for name, path in models.items()
+               if not args.merged_only or name.startswith("merged_")}
     validation = {w: evaluate_model(models[f"merged_{w:g}"], "validation", args) for w in args.weights}
     chosen = choose_weight(validation, args.tolerance)
     results["recut_chosen"] = {"test": results[f"merged_{chosen:g}"]["test"], "weight": chosen,
@@ -142,19 +143,24 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.02, help="validation accuracy a shorter merge may lose")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--set", action="append", default=[], help="override for the sft and every train (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help="override for the sft, every train and the evaluations "
+                    "(repeatable), e.g. task.stratify_terms=true")
+    ap.add_argument("--merged-only", action="store_true", help="evaluate only the merged models (and choose the "
+                    "weight): enough to re-check the choice on runs already in OUT")
     ap.add_argument("--dpo-set", action="append", default=[], help="override for the two DPO runs only (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     per_seed = {}
     for seed in range(args.seeds):
         per_seed[seed] = run_seed(seed, args.out, args)
-        names = ["warm_start", *ARMS, *(f"merged_{w:g}" for w in args.weights), "recut_chosen"]
+        names = [*([] if args.merged_only else ["warm_start", *ARMS]), *(f"merged_{w:g}" for w in args.weights),
+                 "recut_chosen"]
         summary = summarise(per_seed, names)
         (args.out / "results.json").write_text(json.dumps({"per_seed": per_seed, "summary": summary,
                                                            "args": {k: str(v) for k, v in vars(args).items()}},
                                                           indent=1))
-        plot(summary, args.weights, args.out / "recut_pareto.png")
+        if not args.merged_only:
+            plot(summary, args.weights, args.out / "recut_pareto.png")
         print(f"seed {seed} done: " + ", ".join(f"{n} {summary[n]['accuracy']['mean']:.3f}/"
                                                 f"{summary[n]['length']['mean']:.1f}" for n in names), flush=True)
 

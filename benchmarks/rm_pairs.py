@@ -1,6 +1,11 @@
 """Preference pairs (and labelled responses) for a Bradley–Terry reward model from a warm start's own samples,
 labelled by the task's verifier: `--samples` responses to each of the first `--prompts` train problems; for each
 problem with both right and wrong responses, up to `--pairs-per-prompt` (right, wrong) pairs of distinct texts.
+With `--oracle` a preference oracle labels the pairs instead (`score.preference.oracle_pairs`: every two distinct
+texts of a problem compared once, ties left out), e.g. the intransitive cyclic one:
+
+    python benchmarks/rm_pairs.py recipes/dno_cyclic_multisol.yaml --model runs/sft_multisol --prompts 256 \
+        --oracle cyclic --pairs-per-prompt 8 --out runs/rm_data/cyclic_pairs.jsonl
 
     python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
         --out runs/rm_data/pairs.jsonl --labels runs/rm_data/labels.jsonl
@@ -15,12 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from implicit_prm_auroc import sample  # noqa: E402
 from outrider.policy.model import Policy  # noqa: E402
 from outrider.recipe import load_recipe  # noqa: E402
+from outrider.score.preference import PREFERENCES, oracle_pairs  # noqa: E402
 from outrider.trainer import build_task  # noqa: E402
 
 
@@ -34,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--labels", type=Path, help="also write every response as {prompt, response, label}")
+    ap.add_argument("--oracle", help="label pairs with this preference oracle (a name or a YAML mapping, e.g. "
+                                     "'{name: cyclic, correct_first: false}') instead of the verifier")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     recipe = load_recipe(args.recipe)
@@ -46,9 +56,19 @@ def main() -> None:
     for e in episodes:
         groups.setdefault(e.group_id, []).append(e)
     pairs, labels = [], []
+    oracle = None
+    if args.oracle:
+        spec = yaml.safe_load(args.oracle)
+        oracle = PREFERENCES.create(spec if isinstance(spec, dict) else {"name": spec}, None, "--oracle")
+    np_rng = np.random.default_rng(args.seed)
     for eps in groups.values():
         prompt = eps[0].turns[0].observation
         labels += [{"prompt": prompt, "response": e.response, "label": float(e.success)} for e in eps]
+        if oracle is not None:
+            texts = [e.response for e in eps]
+            pairs += [{"prompt": prompt, "chosen": texts[i], "rejected": texts[j]}
+                      for i, j in oracle_pairs(oracle(eps), texts, np_rng, args.pairs_per_prompt)]
+            continue
         right = sorted({e.response for e in eps if e.success})
         wrong = sorted({e.response for e in eps if not e.success})
         combos = [(r, w) for r in right for w in wrong]

@@ -15,7 +15,7 @@ from outrider.explore import EXPLORE, ExploreContext
 from outrider.loops.offline import Pair, pair_episodes, parse_pair, read_pairs
 from outrider.policy.model import Policy
 from outrider.registry import BuildContext
-from outrider.score.preference import PREFERENCES, win_rates
+from outrider.score.preference import PREFERENCES, oracle_pairs, win_rates
 
 
 def write(tmp_path, *rows) -> str:
@@ -118,6 +118,22 @@ def test_cyclic_oracle_is_rock_paper_scissors():
     assert oracle("cyclic", correct_first=False)(mixed)[2, 1] == 1
     five = oracle("cyclic", classes=5, correct_first=False)([episode(chr(45 + k)) for k in range(5)])  # classes 0..4
     assert five[0].tolist() == [0.5, 0.0, 0.0, 1.0, 1.0]  # 0 beats 3 and 4 (0 − 3 ≡ 2, 0 − 4 ≡ 1 mod 5)
+
+
+def test_oracle_pairs_label_a_group_for_a_reward_model():
+    """The cyclic oracle's pairs: each two distinct texts once, the winner first, ties and repeats left out."""
+    group = [episode(c, success=ok) for c, ok in [("0", True), ("1", True), ("2", True), ("1", True), ("5", False),
+                                                   ("8", False)]]
+    p = oracle("cyclic")(group)
+    rng = np.random.default_rng(0)
+    pairs = oracle_pairs(p, [e.response for e in group], rng)
+    # 1 beats 0, 2 beats 1, 0 beats 2; successes beat failures; the two failures tie; the repeated '1' is dropped
+    assert sorted(pairs) == sorted([(1, 0), (2, 1), (0, 2), (0, 4), (0, 5), (1, 4), (1, 5), (2, 4), (2, 5)])
+    assert len(oracle_pairs(p, [e.response for e in group], rng, max_pairs=4)) == 4
+    assert oracle_pairs(p[:1, :1], ["0"], rng) == []
+    soft = torch.tensor([[0.5, 0.8], [0.2, 0.5]], dtype=torch.float64)  # soft preferences are drawn
+    draws = [oracle_pairs(soft, ["a", "b"], rng)[0] for _ in range(2000)]
+    assert draws.count((0, 1)) / 2000 == pytest.approx(0.8, abs=0.03)
 
 
 def test_unknown_oracle_or_even_cycle_is_one_line(tmp_path):

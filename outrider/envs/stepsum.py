@@ -16,11 +16,15 @@ instruction switches the style as ReCUT's long and short prompts do. Evaluation 
 Splits. Each term tuple is assigned by a hash of (terms, seed) to train (most), test or validation (the held-out
 shares); train problems are drawn from the train tuples only, and the eval split is the test tuples, or the
 validation tuples with ``holdout: validation`` (for choosing e.g. a merge weight without touching the test set).
+With ``stratify_terms`` a held-out problem draws its number of terms uniformly and then a tuple of that length from
+its split, so test and validation hold each term count equally often (without it, 2-term chains, the easiest, can
+be twice as common in one held-out split as in the other when few 2-term tuples fall in it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +33,7 @@ from pydantic import Field, model_validator
 
 from outrider.envs.base import ENVS, Demonstration, Split
 from outrider.envs.single_turn import SingleTurnConfig, SingleTurnTask
+from outrider.errors import OutriderError
 
 STEP_SEPARATOR = ","
 ANSWER_MARK = "#"
@@ -51,6 +56,11 @@ class StepSumConfig(SingleTurnConfig):
                                                                    "again for validation (by hash).")
     holdout: Literal["test", "validation"] = Field("test", description="Which held-out tuples the eval split uses.")
     seed: int = Field(0, description="Seed of the train/test/validation assignment of term tuples.")
+    stratify_terms: bool = Field(False, description="Held-out problems (test and validation) draw their number of "
+                                                    "terms uniformly first and then a tuple of that length from their "
+                                                    "split, so both splits have the same mix of term counts. false: "
+                                                    "a draw outside the split redraws the count too, so each split's "
+                                                    "mix follows its own share of each count's tuples.")
 
     @model_validator(mode="after")
     def _check(self) -> "StepSumConfig":
@@ -121,13 +131,33 @@ class StepSumTask(SingleTurnTask):
         super().__init__(cfg)
         self.cfg: StepSumConfig = cfg
         self.instructions = dict(cfg.instructions)
+        if cfg.stratify_terms:  # before check_template draws a problem
+            self._check_strata()
         self.check_template()
+
+    def _check_strata(self) -> None:
+        """Every term count must have a tuple in each held-out split, or a stratified draw would never end (checked
+        where the tuples of a count are few enough to list; longer chains have thousands of tuples)."""
+        cfg = self.cfg
+        for n in range(cfg.min_terms, cfg.max_terms + 1):
+            if cfg.max_digit ** n > 100_000:
+                continue
+            buckets = {_bucket(t, cfg.seed, cfg.holdout_fraction)
+                       for t in itertools.product(range(1, cfg.max_digit + 1), repeat=n)}
+            for split in ("test", "validation"):
+                if split not in buckets:
+                    raise OutriderError(f"task.stratify_terms: no {n}-term tuple falls in the {split} split "
+                                        f"(max_digit {cfg.max_digit}, holdout_fraction {cfg.holdout_fraction}); "
+                                        "raise min_terms, max_digit or holdout_fraction, or set stratify_terms false")
 
     def _terms(self, split: str, index: int) -> list[int]:
         want = "train" if split == "train" else self.cfg.holdout
         rng = random.Random(f"stepsum:{self.cfg.seed}:{want}:{index}")
+        stratified = self.cfg.stratify_terms and want != "train"
+        n = rng.randint(self.cfg.min_terms, self.cfg.max_terms)
         while True:  # rejection: a tuple belongs to exactly one of train, test, validation
-            n = rng.randint(self.cfg.min_terms, self.cfg.max_terms)
+            if not stratified:
+                n = rng.randint(self.cfg.min_terms, self.cfg.max_terms)
             terms = [rng.randint(1, self.cfg.max_digit) for _ in range(n)]
             if _bucket(tuple(terms), self.cfg.seed, self.cfg.holdout_fraction) == want:
                 return terms

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
@@ -90,3 +91,26 @@ def win_rates(p: Tensor) -> Tensor:
     if n < 2:
         return torch.full((n,), 0.5, dtype=p.dtype)
     return (p.sum(1) - p.diagonal()) / (n - 1)
+
+
+def oracle_pairs(p: Tensor, responses: list[str], rng: np.random.Generator,
+                 max_pairs: int | None = None) -> list[tuple[int, int]]:
+    """Labelled pairs of one group for a reward model: ``(chosen, rejected)`` indices. Every two samples with
+    different texts are compared once (the first of each repeated text stands for it); a strict preference P[i, j]
+    of 0 or 1 labels the pair, a tie (½) gives none, and a soft one is drawn, i over j with probability P[i, j]
+    (the oracle's own Bradley–Terry noise). With `max_pairs`, a uniform draw of at most that many."""
+    first: dict[str, int] = {}
+    for i, text in enumerate(responses):
+        first.setdefault(text, i)
+    idx = sorted(first.values())
+    out = []
+    for a, i in enumerate(idx):
+        for j in idx[a + 1:]:
+            q = float(p[i, j])
+            if q == 0.5:
+                continue
+            wins = q == 1.0 or (q != 0.0 and rng.random() < q)
+            out.append((i, j) if wins else (j, i))
+    if max_pairs is not None and len(out) > max_pairs:
+        out = [out[k] for k in sorted(rng.choice(len(out), max_pairs, replace=False).tolist())]
+    return out
