@@ -195,6 +195,8 @@ def sft(
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
 ) -> None:
     """Supervised warm start on the task's demonstrations; saves a from_pretrained-loadable model."""
+    import torch
+
     from outrider.observe.progress import RunProgress
     from outrider.policy.sft import warm_start
     from outrider.recipe import load_recipe
@@ -203,6 +205,8 @@ def sft(
 
     rec = load_recipe(recipe, set_ + ([f"policy.warm_start.steps={steps}"] if steps is not None else []))
     check_model_out(out_dir, overwrite)
+    if rec.train.threads:  # as `train` does: the recipe's thread count holds for its warm start too
+        torch.set_num_threads(rec.train.threads)
     policy, task = build_policy(rec, value_head=False), build_task(rec)
     losses: list[float] = []
     try:

@@ -298,6 +298,18 @@ def test_sft_saves_a_loadable_model(tmp_path, monkeypatch, capsys):
     assert policy.model.config.hidden_size == 32 and policy.decode(policy.encode("1 + 2 =")) == "1 + 2 ="
 
 
+def test_sft_uses_the_recipes_thread_count(tmp_path, monkeypatch, capsys):
+    import torch
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    path = write_recipe(tmp_path)
+    code, _, err = call_main(monkeypatch, capsys, "sft", str(path), "--out", str(tmp_path / "sft"), "--steps", "1",
+                             "--set", "train.threads=1")
+    assert code == 0, err
+    assert threads == [1]
+
+
 # ---------------------------------------------------------------- recipe module
 
 
