@@ -76,17 +76,24 @@ def play_seed(root: Path, warm: Path, seed: int, args: argparse.Namespace) -> di
     return out
 
 
+def stat_dict(values: list[float]) -> dict:
+    """Mean and 95% interval over seeds of the finite values; all None when there are none (a policy without a
+    right answer has no class shares)."""
+    stat = stat_of(values)
+    return vars(stat) if stat is not None else {"mean": None, "ci_low": None, "ci_high": None, "n": 0, "values": []}
+
+
 def summarise(per_seed: dict[int, dict]) -> dict:
     first = next(iter(per_seed.values()))
     out: dict = {"policies": {}, "wins": {}}
     for name, row in first["policies"].items():
-        out["policies"][name] = {k: vars(stat_of([s["policies"][name][k] for s in per_seed.values()]))
+        out["policies"][name] = {k: stat_dict([s["policies"][name][k] for s in per_seed.values()])
                                  for k in ("accuracy", "tv_from_uniform")}
         out["policies"][name]["class_shares"] = [
-            vars(stat_of([s["policies"][name]["class_shares"][c] for s in per_seed.values()]))
+            stat_dict([s["policies"][name]["class_shares"][c] for s in per_seed.values()])
             for c in range(len(row["class_shares"]))]
     for key in first["wins"]:
-        out["wins"][key] = vars(stat_of([s["wins"][key] for s in per_seed.values()]))
+        out["wins"][key] = stat_dict([s["wins"][key] for s in per_seed.values()])
     return out
 
 
@@ -102,6 +109,8 @@ def plot(summary: dict, path: Path) -> None:
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         shares = summary["policies"][name]["class_shares"]
+        if any(s["mean"] is None for s in shares):
+            continue  # no right answer in any seed: no shares to draw
         means = [s["mean"] for s in shares]
         err = [[s["mean"] - s["ci_low"] for s in shares], [s["ci_high"] - s["mean"] for s in shares]]
         ax1.bar(np.arange(n) + i * width, means, width, yerr=err, capsize=3, label=name)
