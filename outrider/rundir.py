@@ -3,10 +3,14 @@ that `--out` can be written before anything runs, and telling the user where an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -57,6 +61,25 @@ class ReplacedRun:
         self.aside.rename(self.run_dir)
         self.aside = None
         return True
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends (a Ctrl-C that arrives meanwhile is raised again, through the handler that
+    was in place, right after it), so that what the block writes and the counters an interrupt message reads change
+    together. A handler, not a signal mask: the kernel hands a process-wide signal to any thread that does not block
+    it (torch's threads included). Outside the main thread the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 def report_interrupt(out_dir: Path, completed: int, total: int, replaced: ReplacedRun | None) -> int:

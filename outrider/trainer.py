@@ -33,6 +33,7 @@ from outrider.policy.sampler import SamplingParams
 from outrider.policy.sft import warm_start
 from outrider.recipe import Recipe, resolve
 from outrider.registry import BuildContext
+from outrider.rundir import interrupts_deferred
 from outrider.update.learner import SKIPPED_NONFINITE
 
 
@@ -264,12 +265,13 @@ class Trainer:
                 if step == r.train.steps or (o.eval_every and step % o.eval_every == 0):
                     end = self._evaluate()
                     metrics.update({f"eval/{k}": v for k, v in end.items()})
-                writer.write(step, metrics)
+                with interrupts_deferred():  # the step's metrics line and `completed` (Ctrl-C's message) together
+                    writer.write(step, metrics)
+                    self.summary["steps"] = self.completed = step
                 self._check_step(step, metrics)
                 advance(reward=metrics.get("reward/total"), acc=metrics.get("episode/accuracy"),
                         pass1=metrics.get("eval/pass@1"))
                 self.summary["wall_time_s"] = elapsed_before + time.perf_counter() - t0
-                self.summary["steps"] = self.completed = step
                 if on_started is not None:
                     on_started()
                     on_started = None

@@ -15,6 +15,21 @@ from outrider.recipe import load_recipe
 from test_recipe_cli import assert_main_error, make_existing_run
 
 
+def test_a_ctrl_c_inside_interrupts_deferred_arrives_after_the_block():
+    import os
+
+    from outrider.rundir import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a signal not held would raise here
+            done.append("block finished")
+    assert done == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+
+
 @pytest.mark.slow  # a real process: ~10 s of imports, then SIGINT mid-run
 def test_sigint_stops_train_with_130_and_the_resume_command(tmp_path, monkeypatch, capsys):
     recipe = write_recipe(tmp_path, train={"steps": 100000}, observe={"checkpoint_every": 2})
