@@ -30,6 +30,12 @@ def train_cmd(
     heldout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of the prompts held out (with all their "
                                                                   "examples) for the held-out accuracy.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split, the order and a tiny model's initialisation.")] = 0,
+    contrastive: Annotated[float, typer.Option(min=0.0, help="Pairs: weight λ of the goal-conditioned contrastive "
+                                                             "term on the hidden states [87] (the paper: 0.5), "
+                                                             "its goal state saved for Q(prefix); 0: plain "
+                                                             "Bradley–Terry.")] = 0.0,
+    contrastive_samples: Annotated[int, typer.Option(min=1, help="Pairs with --contrastive: positions drawn per "
+                                                                 "response for the contrastive term.")] = 16,
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
@@ -38,6 +44,7 @@ def train_cmd(
     import torch
 
     from outrider.cli import check_model_out
+    from outrider.errors import OutriderError
     from outrider.observe.progress import RunProgress
     from outrider.policy.model import Policy
     from outrider.score.reward_model import RewardModel, TrainConfig, read_examples, split_by_prompt, train
@@ -46,12 +53,16 @@ def train_cmd(
         torch.set_num_threads(threads)
     check_model_out(out_dir, overwrite)
     kind, examples = read_examples(str(data))
+    if contrastive > 0 and kind != "pairs":
+        raise OutriderError("--contrastive: needs a pairs file {prompt, chosen, rejected}; the data holds "
+                            "labelled responses")
     if model == "tiny":
         policy = Policy.tiny(hidden=hidden, layers=layers, heads=heads, seed=seed, value_head=True)
     else:
         policy = Policy.load(model, value_head=True, where="--model")
     rm = RewardModel(policy, {"data": str(data), "model": model})
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout, seed=seed,
+                      contrastive=contrastive, contrastive_samples=contrastive_samples)
     n_train = len(split_by_prompt(examples, heldout, seed)[0])
     total = epochs * -(-n_train // batch_size)
     try:

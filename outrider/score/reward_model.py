@@ -127,6 +127,11 @@ class RewardModel:
 
     def forward(self, seqs: list[list[int]]) -> Tensor:
         """``r`` of each token sequence (right-padded into one forward), with gradient."""
+        return self.forward_hidden(seqs)[0]
+
+    def forward_hidden(self, seqs: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """(``r`` of each sequence, the last layer's hidden states (batch, width, hidden), each sequence's last
+        position), with gradient: the hidden states are what a goal-conditioned contrastive term [87] reads."""
         p = self.policy
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), p.pad_id, dtype=torch.long, device=p.device)
@@ -137,7 +142,7 @@ class RewardModel:
         hidden = p.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                          use_cache=False).hidden_states[-1]
         last = torch.as_tensor([len(s) - 1 for s in seqs], device=ids.device)
-        return p.value_head(hidden[torch.arange(len(seqs), device=ids.device), last]).squeeze(-1)
+        return p.value_head(hidden[torch.arange(len(seqs), device=ids.device), last]).squeeze(-1), hidden, last
 
     @torch.no_grad()
     def rewards(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[float]:
@@ -162,6 +167,8 @@ class TrainConfig:
     heldout: float = 0.1  # share of the prompts held out (all their examples), for the held-out accuracy
     seed: int = 0
     max_grad_norm: float = 1.0
+    contrastive: float = 0.0  # pairs: weight λ of the goal-conditioned contrastive term [87] (0: plain BT)
+    contrastive_samples: int = 16  # pairs: S, positions drawn per response for that term
 
 
 def split_by_prompt(examples: list, heldout: float, seed: int) -> tuple[list, list]:
@@ -174,13 +181,23 @@ def split_by_prompt(examples: list, heldout: float, seed: int) -> tuple[list, li
     return [e for e in examples if e.prompt not in held_prompts], [e for e in examples if e.prompt in held_prompts]
 
 
-def batch_loss(rm: RewardModel, kind: str, rows: list) -> tuple[Tensor, Tensor]:
+def batch_loss(rm: RewardModel, kind: str, rows: list, contrastive: float = 0.0,
+               samples: int = 16) -> tuple[Tensor, Tensor]:
     """(loss, per-example correctness) of a minibatch: pairs ranked right (a tie counts ½), or labels matched by
-    the sign of r."""
+    the sign of r. Pairs with ``contrastive`` λ > 0: ``BT + λ·ℓ_gc`` (`goal_rm.contrastive_term`, [87])."""
     if kind == "pairs":
-        r = rm.forward([rm.encode(p.prompt, p.chosen) for p in rows] + [rm.encode(p.prompt, p.rejected) for p in rows])
-        rw, rl = r[: len(rows)], r[len(rows):]
-        return bt_loss(rw, rl), ((rw > rl).float() + 0.5 * (rw == rl).float()).detach()
+        seqs = [rm.encode(p.prompt, p.chosen) for p in rows] + [rm.encode(p.prompt, p.rejected) for p in rows]
+        r, hidden, last = rm.forward_hidden(seqs)
+        n, rw, rl = len(rows), r[: len(rows)], r[len(rows):]
+        loss = bt_loss(rw, rl)
+        if contrastive > 0:
+            from outrider.score.goal_rm import contrastive_term
+
+            acts = torch.as_tensor([len(rm.policy.encode(p.chosen)) + 1 for p in rows]
+                                   + [len(rm.policy.encode(p.rejected)) + 1 for p in rows], device=last.device)
+            loss = loss + contrastive * contrastive_term(hidden[:n], last[:n], acts[:n], hidden[n:], last[n:],
+                                                         acts[n:], samples)
+        return loss, ((rw > rl).float() + 0.5 * (rw == rl).float()).detach()
     r = rm.forward([rm.encode(e.prompt, e.response) for e in rows])
     y = torch.tensor([e.label for e in rows], device=r.device)
     return label_loss(r, y), ((r > 0).float() == (y >= 0.5).float()).float().detach()
@@ -218,7 +235,8 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
     for _ in range(cfg.epochs):
         order = rng.permutation(len(train_rows))
         for start in range(0, len(order), cfg.batch_size):
-            loss, _ = batch_loss(rm, kind, [train_rows[i] for i in order[start:start + cfg.batch_size]])
+            loss, _ = batch_loss(rm, kind, [train_rows[i] for i in order[start:start + cfg.batch_size]],
+                                 cfg.contrastive, cfg.contrastive_samples)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.policy.parameters(), cfg.max_grad_norm)
@@ -229,10 +247,29 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
     seconds = time.perf_counter() - t0
     summary = {"objective": "bradley_terry" if kind == "pairs" else "label_bce", "train_examples": len(train_rows),
                "heldout_examples": len(held_rows), "steps": steps, "train_s": seconds, "epochs": cfg.epochs,
-               "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+               "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "heldout_share": cfg.heldout,
                "train": evaluate(rm, kind, train_rows), "heldout": evaluate(rm, kind, held_rows)}
+    if kind == "pairs" and cfg.contrastive > 0:
+        summary.update(contrastive=cfg.contrastive, contrastive_samples=cfg.contrastive_samples,
+                       goal_state=goal_state(rm, train_rows).tolist())
     rm.meta.update(summary)
     return summary
+
+
+@torch.no_grad()
+def goal_state(rm: RewardModel, pairs: list[Pair], batch_size: int = 64) -> Tensor:
+    """The goal of ``Q(prefix, goal)`` [87]: the mean last-layer hidden state at the final position (the EOS) of
+    the distinct preferred responses of `pairs`."""
+    was = rm.policy.training
+    rm.policy.eval()
+    chosen = sorted({(p.prompt, p.chosen) for p in pairs})
+    total = None
+    for i in range(0, len(chosen), batch_size):
+        _, hidden, last = rm.forward_hidden([rm.encode(x, y) for x, y in chosen[i:i + batch_size]])
+        part = hidden[torch.arange(len(last)), last].sum(0)
+        total = part if total is None else total + part
+    rm.policy.train(was)
+    return total / len(chosen)
 
 
 class RewardModelConfig(ComponentConfig):
