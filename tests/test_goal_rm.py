@@ -105,14 +105,14 @@ def test_majority_vote_and_early_abort():
 
 
 def test_rm_train_contrastive_option_saves_a_goal_state_and_q_ranks_prefixes(tmp_path, monkeypatch, capsys):
-    rows = [{"prompt": f"{i}+{i}=", "chosen": f"77{i}", "rejected": f"33{i}"} for i in range(24)]
+    rows = [{"prompt": f"{i}+{i}=", "chosen": f"77{i}", "rejected": f"33{i}"} for i in range(16)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "rm"
     code, stdout, err = call_main(monkeypatch, capsys, "rm", "train", str(data), "--out", str(out), "--hidden",
-                                  "16", "--layers", "1", "--heads", "2", "--epochs", "4", "--batch-size", "8",
+                                  "16", "--layers", "1", "--heads", "2", "--epochs", "3", "--batch-size", "8",
                                   "--lr", "3e-3", "--heldout", "0.25", "--contrastive", "0.5",
-                                  "--contrastive-samples", "4", "--quiet")
+                                  "--contrastive-samples", "4", "--threads", "1", "--quiet")
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["contrastive"] == 0.5 and len(summary["goal_state"]) == 16
@@ -134,6 +134,7 @@ def test_plain_bt_training_is_unchanged_by_the_option_at_zero(tmp_path):
     from outrider.policy.model import Policy
     from outrider.score.reward_model import TrainConfig, train
 
+    torch.set_num_threads(1)
     pairs = [Pair(f"{i}", f"7{i}", f"3{i}") for i in range(8)]
     runs = []
     for cfg in (TrainConfig(epochs=1, batch_size=4, heldout=0.0), TrainConfig(epochs=1, batch_size=4, heldout=0.0,
