@@ -10,7 +10,7 @@ A tabular MDP: transitions ``T[s, a, s']``, discount γ, initial distribution μ
     the advantage of a under π, the same for every s′.
 - **Standardisation** ``s(R) = c(R) / ‖c(R)‖₂`` (``c(R)`` itself when its norm is 0: a reward that makes every
   policy equally good).
-- **STARC distance** ``d(R1, R2) = ½·‖s(R1) − s(R2)‖₂`` ∈ [0, 1]: 0 for a potential-shaped or positively rescaled
+- **STARC distance** ``d(R1, R2) = ½·‖s(R1) − s(R2)‖₂`` between 0 and 1: 0 for a potential-shaped or positively rescaled
   copy, 1 for a negated one, ½ between any reward and a trivial one.
 - **EPIC** ``d = sqrt((1 − ρ)/2)`` with ρ the Pearson correlation of the two EPIC-canonicalised rewards over
   D_S × D_A × D_S; **L2** ``½·‖R1/‖R1‖ − R2/‖R2‖‖₂`` (no canonicalisation).
@@ -69,7 +69,7 @@ def standardise(C: np.ndarray) -> np.ndarray:
 
 
 def starc_distance(R1: np.ndarray, R2: np.ndarray, T: np.ndarray, gamma: float, canon: str = "val") -> float:
-    """``½‖s(R1) − s(R2)‖₂`` with the `canon` ("epic" or "val") canonicalisation; in [0, 1]."""
+    """``½‖s(R1) − s(R2)‖₂`` with the `canon` ("epic" or "val") canonicalisation; between 0 and 1."""
     if canon == "epic":
         c1, c2 = epic_canon(R1, gamma), epic_canon(R2, gamma)
     elif canon == "val":
