@@ -71,7 +71,8 @@ def step_ends(rm: RewardModel, response: str) -> list[int]:
     return ends
 
 
-def evaluate(rm: RewardModel, goal: torch.Tensor, episodes: list, task, abort_steps: int, seed: int) -> dict:
+def evaluate(rm: RewardModel, goal: torch.Tensor, episodes: list, task, abort_steps: list[int],
+             seed: int) -> dict:
     prompts = [e.turns[0].observation for e in episodes]
     responses = [e.response for e in episodes]
     scores = prefix_scores(rm, goal, prompts, responses)
@@ -90,39 +91,46 @@ def evaluate(rm: RewardModel, goal: torch.Tensor, episodes: list, task, abort_st
         out[f"auroc_half_{key}"] = auroc(half[correct].tolist(), half[~correct].tolist())
         out[f"auroc_final_{key}"] = auroc(final[correct].tolist(), final[~correct].tolist())
         out[f"auroc_first_wrong_{key}"] = auroc(steps_pos, steps_neg)
-    # (b) early abort: the window is each response's first `abort_steps` steps
+    # (b) early abort: the window is each response's first `k` steps, for each k of `abort_steps`
     groups: dict[int, list[int]] = {}
     for i, e in enumerate(episodes):
         groups.setdefault(e.group_id, []).append(i)
     answers = [task.parse(y) for y in responses]
     truth = {g: task.problem("eval", episodes[rows[0]].seed)["answer"] for g, rows in groups.items()}
-    windows = [step_ends(rm, y)[min(abort_steps, len(split_steps(y))) - 1] + 1 for y in responses]
     out["vote_all"] = float(np.mean([early_abort_vote([answers[i] for i in rows], [scores[i]["q"] for i in rows],
-                                                      -np.inf, [windows[i] for i in rows])[0] == truth[g]
+                                                      -np.inf, [1] * len(rows))[0] == truth[g]
                                      for g, rows in groups.items()]))
     rng = np.random.default_rng(seed)
-    for key in ("r", "q", "random"):
-        curve = []
-        for quant in QUANTILES:
-            if key == "random":
-                # a random share `quant` is dropped at the window's end: its score is below the threshold there
-                seqs = [np.where(np.arange(len(s["q"])) == windows[i] - 1, -1.0, 1.0) if rng.random() < quant
-                        else np.ones(len(s["q"])) for i, s in enumerate(scores)]
-                threshold = 0.0
-            else:
-                seqs = [s[key] for s in scores]
-                threshold = float(np.quantile([seqs[i][:windows[i]].min() for i in range(len(seqs))], quant))
-            right, saved, total, dropped = [], 0, 0, 0
-            for g, rows in groups.items():
-                vote, s_, t_ = early_abort_vote([answers[i] for i in rows], [seqs[i] for i in rows], threshold,
-                                                [windows[i] for i in rows])
-                right.append(vote == truth[g])
-                saved, total = saved + s_, total + t_
-                dropped += sum(seqs[i][:windows[i]].min() < threshold for i in rows)
-            curve.append({"quantile": quant, "vote": float(np.mean(right)), "tokens_saved": saved / total,
-                          "dropped": dropped / len(episodes)})
-        out[f"vote_{key}"] = curve
+    for k_steps in abort_steps:
+        windows = [step_ends(rm, y)[min(k_steps, len(split_steps(y))) - 1] + 1 for y in responses]
+        for key in ("r", "q", "random"):
+            out[f"vote_{key}_w{k_steps}"] = vote_curve(scores, key, windows, groups, answers, truth, rng)
     return out
+
+
+def vote_curve(scores: list, key: str, windows: list[int], groups: dict, answers: list, truth: dict,
+               rng: np.random.Generator) -> list[dict]:
+    """Vote accuracy, share of tokens saved and share of samples dropped at each threshold quantile."""
+    curve = []
+    for quant in QUANTILES:
+        if key == "random":
+            # a random share `quant` is dropped at the window's end: its score is below the threshold there
+            seqs = [np.where(np.arange(len(s["q"])) == windows[i] - 1, -1.0, 1.0) if rng.random() < quant
+                    else np.ones(len(s["q"])) for i, s in enumerate(scores)]
+            threshold = 0.0
+        else:
+            seqs = [s[key] for s in scores]
+            threshold = float(np.quantile([seqs[i][:windows[i]].min() for i in range(len(seqs))], quant))
+        right, saved, total, dropped = [], 0, 0, 0
+        for g, rows in groups.items():
+            vote, s_, t_ = early_abort_vote([answers[i] for i in rows], [seqs[i] for i in rows], threshold,
+                                            [windows[i] for i in rows])
+            right.append(vote == truth[g])
+            saved, total = saved + s_, total + t_
+            dropped += sum(seqs[i][:windows[i]].min() < threshold for i in rows)
+        curve.append({"quantile": quant, "vote": float(np.mean(right)), "tokens_saved": saved / total,
+                      "dropped": dropped / sum(len(r) for r in groups.values())})
+    return curve
 
 
 def load(path: Path, pairs: list) -> tuple[RewardModel, torch.Tensor]:
@@ -153,7 +161,7 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, window: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,13 +170,13 @@ def plot(summary: dict, path: Path) -> None:
     for arm, key, label in (("gc", "vote_q", "contrastive RM, Q"), ("gc", "vote_r", "contrastive RM, r"),
                             ("bt", "vote_r", "BT RM, r"), ("bt", "vote_q", "BT RM, cos to goal"),
                             ("bt", "vote_random", "random drop")):
-        pts = summary[arm][key]
+        pts = summary[arm][f"{key}_w{window}"]
         x = [p["tokens_saved"][0] for p in pts]
         y = [p["vote"][0] for p in pts]
         err = [[p["vote"][0] - p["vote"][1] for p in pts], [p["vote"][2] - p["vote"][0] for p in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=label)
     ax.axhline(summary["bt"]["vote_all"][0], color="k", lw=0.8, ls="--", label="vote of all samples")
-    ax.set_xlabel("share of tokens saved")
+    ax.set_xlabel(f"share of tokens saved (filter over the first {window} step(s))")
     ax.set_ylabel("majority-vote accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -185,7 +193,7 @@ def main() -> None:
     ap.add_argument("--gc", nargs="+", type=Path, required=True, help="contrastive RMs, one per seed")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--abort-steps", type=int, default=1)
+    ap.add_argument("--abort-steps", type=int, nargs="+", default=[1, 2], help="windows: the first k steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -213,7 +221,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1))
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, args.plot, args.abort_steps[0])
 
 
 if __name__ == "__main__":
