@@ -12,8 +12,9 @@ right"; and for "this step is the first wrong one" (the score after each step up
 `implicit_prm_auroc.py` labels steps: a low score flags the step). (b) Early abort [87]: a sample is dropped when
 its score falls below a threshold at a position within its first `--abort-steps` steps (its tokens from there
 on are saved); the kept samples vote (all of them if none is kept). Thresholds are quantiles of the samples'
-minimum score over that window (no labels used), so each quantile drops about that share of samples; a random
-drop of the same share at the window's end is the reference.
+minimum score over that window (no labels used), so each quantile drops about that share of samples: over all
+samples (one absolute threshold, as the authors' filter) or within each prompt's group (``*_group``: relative to
+the samples generated beside it); a random drop of the same share at the window's end is the reference.
 
     python benchmarks/goal_rm_eval.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum \
         --pairs runs/rm_data/pairs2k.jsonl --bt runs/rm_bt_s{0,1,2} --gc runs/rm_gc_s{0,1,2} \
@@ -103,7 +104,7 @@ def evaluate(rm: RewardModel, goal: torch.Tensor, episodes: list, task, abort_st
     rng = np.random.default_rng(seed)
     for k_steps in abort_steps:
         windows = [step_ends(rm, y)[min(k_steps, len(split_steps(y))) - 1] + 1 for y in responses]
-        for key in ("r", "q", "random"):
+        for key in ("r", "q", "r_group", "q_group", "random"):
             out[f"vote_{key}_w{k_steps}"] = vote_curve(scores, key, windows, groups, answers, truth, rng)
     return out
 
@@ -119,10 +120,13 @@ def vote_curve(scores: list, key: str, windows: list[int], groups: dict, answers
                     else np.ones(len(s["q"])) for i, s in enumerate(scores)]
             threshold = 0.0
         else:
-            seqs = [s[key] for s in scores]
+            seqs = [s[key.removesuffix("_group")] for s in scores]
             threshold = float(np.quantile([seqs[i][:windows[i]].min() for i in range(len(seqs))], quant))
         right, saved, total, dropped = [], 0, 0, 0
         for g, rows in groups.items():
+            if key.endswith("_group"):
+                # relative to the group's samples at the same point (they are generated side by side)
+                threshold = float(np.quantile([seqs[i][:windows[i]].min() for i in rows], quant))
             vote, s_, t_ = early_abort_vote([answers[i] for i in rows], [seqs[i] for i in rows], threshold,
                                             [windows[i] for i in rows])
             right.append(vote == truth[g])
@@ -167,8 +171,9 @@ def plot(summary: dict, path: Path, window: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for arm, key, label in (("gc", "vote_q", "contrastive RM, Q"), ("gc", "vote_r", "contrastive RM, r"),
-                            ("bt", "vote_r", "BT RM, r"), ("bt", "vote_q", "BT RM, cos to goal"),
+    for arm, key, label in (("gc", "vote_q_group", "contrastive RM, Q (within group)"),
+                            ("gc", "vote_q", "contrastive RM, Q (absolute)"),
+                            ("bt", "vote_r_group", "BT RM, r (within group)"), ("bt", "vote_r", "BT RM, r (absolute)"),
                             ("bt", "vote_random", "random drop")):
         pts = summary[arm][f"{key}_w{window}"]
         x = [p["tokens_saved"][0] for p in pts]
