@@ -9,6 +9,7 @@ import pytest
 
 from outrider.envs import ENVS
 from outrider.envs.jsonl_task import _held_out
+from outrider.envs.reasoning_gym_task import canonical_number
 from outrider.errors import OutriderError
 
 CHAIN_SUM_1_DIGIT = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # only ~200 problems
@@ -69,6 +70,36 @@ def test_verifier_rewards_the_reference_answer_only(rg_task):
             env.reset(seed)
             _, reward, done, info = env.step(str(int(problem["answer"]) + 1))
             assert (reward, done, info["success"]) == (0.0, True, False)
+
+
+@pytest.mark.parametrize("spelling, number", [("7", "7"), ("+07", "7"), ("7.0", "7"), ("7.50", "7.5"), ("-0", "0"),
+                                              ("0.00", "0"), ("1,000", "1000"), ("1E+1", "10"), ("-12", "-12"),
+                                              ("abc", "abc"), ("NaN", "NaN"), ("", "")])
+def test_canonical_number_writes_each_decimal_one_way(spelling, number):
+    assert canonical_number(spelling) == number
+
+
+def test_canonical_answer_is_stripped_or_numeric_and_equal_canonicals_score_equally():
+    strip, numeric = chain_sum(), chain_sum(canonical="number")
+    problem = numeric.problem("eval", 0)
+    reference = problem["answer"]
+    spellings = [reference, f" {reference} ", f"{reference}.0", f"{int(reference):+03d}"]
+    infos = {}
+    for task in (strip, numeric):
+        env = task.make_env("eval")
+        infos[task.cfg.canonical] = []
+        for text in spellings:
+            env.reset(0)
+            _, reward, _, info = env.step(text)
+            assert reward == 1.0  # every spelling is right for reasoning-gym's decimal scorer
+            infos[task.cfg.canonical].append(info["canonical"])
+    assert infos["strip"] == [reference, reference, f"{reference}.0", f"{int(reference):+03d}"]
+    assert infos["number"] == [reference] * 4  # one answer, counted once by the bonuses and diversity metrics
+    env = numeric.make_env("eval")
+    env.reset(0)
+    assert env.step("no idea")[3]["canonical"] == "no idea"
+    with pytest.raises(OutriderError, match="canonical"):
+        chain_sum(canonical="float")
 
 
 def test_tagged_answer_without_tag_is_invalid_and_scores_zero():

@@ -4,7 +4,8 @@ import pytest
 
 from outrider.envs.base import ENVS
 from outrider.envs.minigrid_render import egocentric_offset
-from outrider.envs.minigrid_text import EVAL_OFFSET, MiniGridConfig, MiniGridTask, MiniGridTextEnv
+from outrider.envs.minigrid_text import (EVAL_OFFSET, SHORT, MiniGridConfig, MiniGridTask, MiniGridTextEnv,
+                                         room_starts, split_starts)
 from outrider.errors import OutriderError
 
 DOORKEY = "MiniGrid-DoorKey-5x5-v0"
@@ -208,3 +209,48 @@ def test_doorkey6_held_out_layouts_are_disjoint_from_train_ones() -> None:
     for s in list(range(400)) + [10**8 + i for i in range(200)]:
         tr.reset(s)
         assert not tr.held_out() and layout(tr) not in held_out
+
+
+def test_fixed_layout_random_starts_hold_out_starts_and_keep_the_layout() -> None:
+    """task.fixed_layout: one grid for every episode, the agent's start drawn by the seed from its room's starts;
+    eval plays only held-out starts, which no train seed (RL or demonstration) reaches."""
+    t = task("MiniGrid-DoorKey-6x6-v0", fixed_layout=0, demos="random_walk", max_turns=8)
+    tr, ev = t.make_env("train"), t.make_env("eval")
+    reference = MiniGridTextEnv("MiniGrid-DoorKey-6x6-v0")
+    reference.env.reset(seed=0)
+    grid, room = reference.env.grid.encode().tobytes(), set(room_starts(reference.env))
+    assert len(room) == 28 and all(reference.env.grid.get(*cell) is None for cell, _ in room)
+    assert {tuple(map(int, reference.env.agent_pos))} <= {cell for cell, _ in room}
+    assert set(tr.starts) | set(ev.starts) == room and not set(tr.starts) & set(ev.starts)
+    assert len(ev.starts) == round(0.25 * 28)
+
+    def start(env) -> tuple:
+        return tuple(map(int, env.env.agent_pos)), int(env.env.agent_dir)
+
+    seen = {"train": set(), "eval": set()}
+    for split, env in (("train", tr), ("eval", ev)):
+        for s in list(range(90)) + [10**8 + i for i in range(10)]:
+            env.reset(s)
+            assert env.env.grid.encode().tobytes() == grid  # the one layout, doors and key in place
+            seen[split].add(start(env))
+    assert seen["train"] == set(tr.starts) and seen["eval"] == set(ev.starts)  # every start drawn, none crossed
+    assert tr.reset(7) == t.make_env("train").reset(7)
+    demo_starts = set()
+    for demo_seed in range(10):
+        t._demo_env.reset(demo_seed)
+        demo_starts.add(start(t._demo_env))
+    assert demo_starts <= set(tr.starts)
+    assert len(t.demonstrations([3, 4])) == 2
+    ev.reset(2)  # the expert solves a held-out start (the level stays solvable from any start)
+    for name in t.expert_actions(ev):
+        _, reward, done, info = ev.step(SHORT[name])
+    assert done and info["success"]
+
+
+def test_split_starts_keeps_both_splits_and_errors_below_two() -> None:
+    starts = [((1, y), d) for y in (1, 2) for d in range(4)]
+    train, held = split_starts(starts, 0.25)
+    assert len(held) == 2 and sorted(train + held) == sorted(starts) and split_starts(starts, 0.25) == (train, held)
+    assert len(split_starts(starts, 0.01)[1]) == 1 and len(split_starts(starts, 0.99)[0]) == 1
+    with pytest.raises(OutriderError, match=r"^task\.fixed_layout: the layout has 1 start"):
+        split_starts(starts[:1], 0.25)

@@ -36,6 +36,12 @@ finds a train layout; eval seed ``s`` starts at env seed ``2**31 + s`` and moves
 Training therefore never sees a held-out layout; levels with few layouts repeat their few held-out ones across
 eval seeds.
 
+One layout, random starts (``task.fixed_layout: SEED``): every episode plays the layout of env seed SEED, with the
+agent put at a start drawn by the episode's seed from the layout's starts (every empty cell of the agent's own room,
+reached without crossing a wall or door, × 4 directions), the setting of [130]'s "shared structure" arm. The starts
+are split by a hash of (cell, direction): a ``holdout`` share of them (at least one, never all) is held out and
+only evaluation starts there, so held-out evaluation means held-out starts on a layout training has seen.
+
 Warm-start demonstrations (``task.demos``): ``expert`` (the BFS expert's shortest solutions) or ``random_walk``
 (uniformly random actions, the level's own observations): a warm start that teaches the action format and nothing
 of the solutions, for measuring exploration. A walk that happens to solve its layout is drawn again, so no
@@ -92,6 +98,12 @@ class MiniGridConfig(TaskConfig):
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="Share of layouts held out for evaluation, chosen by a "
                                                              "hash of the layout (grid and agent start); training "
                                                              "never sees a held-out layout.")
+    fixed_layout: int | None = Field(None, ge=0, description="One layout for every episode: the level's layout "
+                                                            "of this env seed, the agent at a start (cell and "
+                                                            "direction in its own room) drawn by the episode's seed; "
+                                                            "evaluation plays the held-out `holdout` share of the "
+                                                            "starts, never trained on. null: a fresh layout per "
+                                                            "episode (layouts split by `holdout`).")
     demos: Literal["expert", "random_walk"] = Field("expert", description="Warm-start demonstrations: 'expert' (BFS "
                                                     "shortest solutions) or 'random_walk' (uniformly random actions "
                                                     "for max_turns turns, walks that solve the layout drawn again: "
@@ -109,18 +121,26 @@ class MiniGridConfig(TaskConfig):
 class MiniGridTextEnv:
     """One MiniGrid env behind the text `Env` protocol (see the module docstring for the renderings)."""
 
-    def __init__(self, env_id: str, fmt: str = "compact", split: Split = "train", holdout: float = 0.25):
+    def __init__(self, env_id: str, fmt: str = "compact", split: Split = "train", holdout: float = 0.25,
+                 fixed_layout: int | None = None):
         import gymnasium as gym
         _registry()
         # step the unwrapped env: MiniGrid enforces max_steps itself, and the checker wrappers only cost time
         self.env = gym.make(env_id, disable_env_checker=True).unwrapped
-        self.fmt, self.split, self.holdout = fmt, split, holdout
+        self.fmt, self.split, self.holdout, self.fixed_layout = fmt, split, holdout, fixed_layout
         self.done = False
         self.invalid_count = 0
         self.last_observation = ""
+        self.starts: list[tuple[tuple[int, int], int]] = []
+        if fixed_layout is not None:
+            self.env.reset(seed=fixed_layout)
+            train, held = split_starts(room_starts(self.env), holdout)
+            self.starts = held if split == "eval" else train
 
     # --- protocol -------------------------------------------------------------------------------------------
     def reset(self, seed: int) -> str:
+        if self.fixed_layout is not None:
+            return self._reset_fixed(seed)
         base = EVAL_OFFSET if self.split == "eval" else 0
         offset = seed % EVAL_OFFSET
         for _ in range(MAX_REDRAWS):
@@ -131,6 +151,15 @@ class MiniGridTextEnv:
         else:
             raise OutriderError(f"task.holdout: no {self.split} layout of {self.env.spec.id if self.env.spec else ''} "
                                 f"found in {MAX_REDRAWS} seeds; use a holdout between 0.1 and 0.5")
+        self.done, self.invalid_count = False, 0
+        self.last_observation = self.render(first=True)
+        return self.last_observation
+
+    def _reset_fixed(self, seed: int) -> str:
+        """The fixed layout with the agent at the split's start drawn by `seed` (``task.fixed_layout``)."""
+        self.env.reset(seed=self.fixed_layout)
+        (x, y), direction = self.starts[random.Random(seed).randrange(len(self.starts))]
+        self.env.agent_pos, self.env.agent_dir = (x, y), direction
         self.done, self.invalid_count = False, 0
         self.last_observation = self.render(first=True)
         return self.last_observation
@@ -236,6 +265,38 @@ class MiniGridTextEnv:
         return out
 
 
+def room_starts(env: Any) -> list[tuple[tuple[int, int], int]]:
+    """Every (empty cell, direction) of the agent's room in `env`'s current layout: the cells reached from the
+    agent's position without crossing a wall or a door (objects are crossed, not started on), in grid order."""
+    start = tuple(int(v) for v in env.agent_pos)
+    seen, todo = {start}, [start]
+    while todo:
+        x, y = todo.pop()
+        for nx, ny in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+            if not (0 <= nx < env.width and 0 <= ny < env.height) or (nx, ny) in seen:
+                continue
+            cell = env.grid.get(nx, ny)
+            if cell is None or cell.type not in ("wall", "door", "lava"):
+                seen.add((nx, ny))
+                todo.append((nx, ny))
+    cells = sorted((c for c in seen if env.grid.get(*c) is None), key=lambda c: (c[1], c[0]))
+    return [(c, d) for c in cells for d in range(4)]
+
+
+def split_starts(starts: list[tuple[tuple[int, int], int]],
+                 holdout: float) -> tuple[list[tuple[tuple[int, int], int]], list[tuple[tuple[int, int], int]]]:
+    """(train, held-out) starts: the round(holdout·n) starts with the smallest hash of (cell, direction) are held
+    out, at least one and never all, so both splits exist and never share a start."""
+    if len(starts) < 2:
+        raise OutriderError(f"task.fixed_layout: the layout has {len(starts)} start(s) in the agent's room; "
+                            "pick another seed (two or more are needed to hold some out)")
+    digest = lambda s: hashlib.sha256(repr(s).encode()).digest()  # noqa: E731
+    ranked = sorted(starts, key=digest)
+    n_held = min(len(starts) - 1, max(1, round(holdout * len(starts))))
+    held = set(ranked[:n_held])
+    return [s for s in starts if s not in held], [s for s in starts if s in held]
+
+
 @ENVS.register("minigrid", config=MiniGridConfig)
 class MiniGridTask(Task):
     """MiniGrid/BabyAI levels played in text [Chevalier-Boisvert et al., Minigrid & Miniworld; BabyAI].
@@ -245,13 +306,13 @@ class MiniGridTask(Task):
 
     def __init__(self, cfg: MiniGridConfig):
         self.cfg = cfg
-        self._demo_env = MiniGridTextEnv(cfg.env_id, cfg.format, "train", cfg.holdout)
+        self._demo_env = MiniGridTextEnv(cfg.env_id, cfg.format, "train", cfg.holdout, cfg.fixed_layout)
         self._demo_env.reset(0)  # BabyAI levels set max_steps on reset
         self.max_turns = cfg.max_turns or min(int(self._demo_env.env.max_steps), 64)
         self.eval_size = cfg.eval_size
 
     def make_env(self, split: Split) -> MiniGridTextEnv:
-        return MiniGridTextEnv(self.cfg.env_id, self.cfg.format, split, self.cfg.holdout)
+        return MiniGridTextEnv(self.cfg.env_id, self.cfg.format, split, self.cfg.holdout, self.cfg.fixed_layout)
 
     @property
     def cell_functions(self) -> dict[str, Callable[[Hashable], Hashable]]:

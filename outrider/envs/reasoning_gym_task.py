@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -18,6 +19,11 @@ class ReasoningGymConfig(SingleTurnConfig):
     dataset: str = Field(..., description="reasoning-gym generator name, e.g. chain_sum, countdown, gsm_symbolic.")
     config: dict[str, Any] = Field(default_factory=dict, description="The generator's own config options.")
     seed: int = Field(0, description="Data seed: train problems use seed, held-out problems seed + 1.")
+    canonical: Literal["strip", "number"] = Field(
+        "strip", description="Normal form of an answer, so equal answers count once (outcome bonuses, distinct "
+                             "answers): strip: the stripped text; number: a decimal number written one way "
+                             "('+07', '7.0' and '7' are '7'; commas dropped, as reasoning-gym's decimal scorer "
+                             "does), text that is not a number stays stripped text.")
 
 
 @ENVS.register("reasoning_gym", config=ReasoningGymConfig)
@@ -57,3 +63,21 @@ class ReasoningGymTask(SingleTurnTask):
 
     def verify(self, problem: dict[str, Any], answer: str) -> float:
         return float(self._train.score_answer(answer, problem))
+
+    def canonical(self, problem: dict[str, Any], answer: str) -> str:
+        text = answer.strip()
+        return canonical_number(text) if self.cfg.canonical == "number" else text
+
+
+def canonical_number(text: str) -> str:
+    """A finite decimal in one spelling (no sign on zero, no exponent, no trailing zeros), the equality that
+    reasoning-gym's `compute_decimal_reward` uses (commas removed, then `Decimal` ==); other text is returned as is."""
+    try:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return text
+    if not value.is_finite():
+        return text
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
