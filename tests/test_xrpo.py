@@ -163,7 +163,7 @@ def test_bad_xrpo_options_are_rejected():
         build(phases=0)
 
 
-@pytest.mark.slow  # two runs of 40 small steps and a killed one, ~40 s
+@pytest.mark.slow  # two runs of 40 small steps and a killed one, 55-68 s under load (Knapsack's: 44 s)
 def test_killed_xrpo_run_resumes_to_identical_metrics(tmp_path):
     """Rounds, seeded off-policy rows and the sharpened credit go through the learner; pool, order, estimates
     and the exemplar bank ride in checkpoints."""
