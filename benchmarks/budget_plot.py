@@ -4,6 +4,9 @@ each seed), for each recipe of an `outrider compare` directory.
 
     python benchmarks/budget_plot.py runs/budget_compare --out docs/bonuses/budget_multisol.png
 
+``--rollouts-per-step N`` puts total rollouts (N·step) on the x axis instead of the step; several compare
+directories may be given (their recipes share the axes, e.g. an ablation run as its own compare).
+
 Other metrics: ``--metrics KEY[:rolling] ...`` (e.g. the curriculum's ``explore/curriculum/share_random_labels:rolling
 eval/pass@1``), one panel each, titled by the key.
 """
@@ -29,7 +32,8 @@ def series(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("compare_dir", type=Path)
+    ap.add_argument("compare_dir", type=Path, nargs="+")
+    ap.add_argument("--rollouts-per-step", type=int, default=0, help="x axis: total rollouts (N·step)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--metrics", nargs="*", default=None, help="KEY or KEY:rolling per panel (default: informative "
@@ -39,7 +43,9 @@ def main() -> None:
               ["explore/informative_groups:rolling", "eval/pass@1"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     axes = axes[0]
-    for i, recipe in enumerate(sorted(p for p in args.compare_dir.iterdir() if p.is_dir())):
+    recipes = [p for d in args.compare_dir for p in sorted(d.iterdir()) if p.is_dir()]
+    scale = args.rollouts_per_step or 1
+    for i, recipe in enumerate(recipes):
         color = f"C{i}"
         for ax, (key, smooth) in zip(axes, panels):
             curves = []
@@ -48,11 +54,13 @@ def main() -> None:
                 if smooth:
                     y = np.convolve(y, np.ones(args.window) / args.window, mode="valid")
                     x = x[args.window - 1:]
+                x = x * scale
                 ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
                 curves.append((x, y))
             n = min(len(c[1]) for c in curves)
+            name = recipe.name if len(args.compare_dir) == 1 else f"{recipe.parent.name}/{recipe.name}"
             ax.plot(curves[0][0][:n], np.mean([c[1][:n] for c in curves], 0), color=color, lw=2,
-                    label=f"{recipe.name} (n={len(curves)})")
+                    label=f"{name} (n={len(curves)})")
     if args.metrics is None:
         axes[0].set_title(f"groups with a non-zero gradient (rolling {args.window})")
         axes[1].set_title("held-out pass@1")
@@ -60,7 +68,7 @@ def main() -> None:
         for ax, (key, smooth) in zip(axes, panels):
             ax.set_title(key + (f" (rolling {args.window})" if smooth else ""), fontsize=9)
     for ax in axes:
-        ax.set_xlabel("step")
+        ax.set_xlabel("total rollouts" if args.rollouts_per_step else "step")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8)
     fig.tight_layout()

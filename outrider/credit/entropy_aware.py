@@ -7,7 +7,7 @@ Formulas and defaults follow the official code of each method (checked; see the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, episode_scores
+from outrider.credit.wrapped import WrappedCreditConfig
 from outrider.stats import group_ids, group_moments, masked_mean
 from outrider.data import Batch
 from outrider.errors import OutriderError
@@ -194,12 +195,11 @@ def riskpo(batch: Batch, cfg: RiskPOConfig) -> CreditOutput:
 
 
 # --------------------------------------------------------------------------------------------- PPL/position [144]
-class PPLPositionConfig(CreditConfig):
+class PPLPositionConfig(WrappedCreditConfig):
     """Options of `ppl_position`."""
 
-    base: dict[str, Any] = Field(default_factory=lambda: {"name": "grpo"},
-                                 description="The credit piece whose advantages are reshaped: {name, ...options} "
-                                             "(any registered piece that needs no value head).")
+    piece: ClassVar[str] = "ppl_position"
+
     ppl_alpha: float = Field(0.01, ge=0.0, description="α of the perplexity shaping (ppl_delta); 0 disables it.")
     mode: Literal["scale", "penalty"] = Field(
         "scale", description="scale: A·clamp(1 − α·w_ppl, 0.8, 1.2) (favours low-PPL responses); penalty: "
@@ -208,19 +208,6 @@ class PPLPositionConfig(CreditConfig):
                                               "their group (the penalty path's loss mask in the reference).")
     position_alpha: float = Field(0.1, ge=0.0, description="α of the position bonus (location_alpha); 0 disables "
                                                            "it.")
-
-    @field_validator("base", mode="before")
-    @classmethod
-    def _name_shorthand(cls, v: object) -> object:
-        return {"name": v} if isinstance(v, str) else v
-
-    @model_validator(mode="after")
-    def _base_exists(self) -> "PPLPositionConfig":
-        entry, base_cfg = CREDIT.build(self.base, "credit.base")  # raises OutriderError with the valid names
-        if entry.needs.values:
-            raise OutriderError(f"credit.base: '{entry.name}' needs a value head, which ppl_position does not "
-                                "request; use a critic-free base (grpo, dr_grpo, rloo, ...)")
-        return self
 
 
 def ppl_weights(batch: Batch) -> tuple[Tensor, Tensor]:

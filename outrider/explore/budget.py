@@ -5,7 +5,10 @@ in how the step's ``prompts_per_step · group_size`` rollouts are split:
 
 - ``uniform``: every prompt gets ``group_size`` (GRPO);
 - ``knapsack``: each prompt's success rate p from its earlier rollouts (the piece's state) sets the value of
-  giving it N rollouts, and a knapsack over the step's prompts maximises the total value under the same total.
+  giving it N rollouts, and a knapsack over the step's prompts maximises the total value under the same total;
+- ``xrpo``: XRPO's phased allocation [134], sampled in rounds within the step: ``min_n`` each, then phases that
+  go to the prompts whose t-interval would shrink most (plus an exploration bonus), with all-fail prompts seeded
+  by solved exemplars (`outrider.explore.xrpo`; the exemplar bank is state too).
 
 Prompts recur: at the first step the piece draws ``pool`` train seeds and then walks through them in epochs,
 each epoch in a fresh random order, ``prompts_per_step`` seeds a step. The allocator follows the authors' code
@@ -23,6 +26,7 @@ from pydantic import Field, model_validator
 
 from outrider.data import Episode, groups_of, has_reward_variance
 from outrider.explore import EXPLORE, ExploreConfig, ExploreContext
+from outrider.explore.xrpo import ExemplarBank, xrpo_step
 from outrider.registry import BuildContext, Piece
 
 
@@ -147,9 +151,10 @@ class SuccessTracker:
 
 
 class BudgetConfig(ExploreConfig):
-    allocation: Literal["knapsack", "uniform"] = Field("knapsack", description="knapsack: Knapsack RL's "
-                                                       "per-prompt budgets [141]; uniform: group_size each (GRPO "
-                                                       "over the same prompt pool, the baseline).")
+    allocation: Literal["knapsack", "uniform", "xrpo"] = Field(
+        "knapsack", description="knapsack: Knapsack RL's per-prompt budgets [141]; uniform: group_size each (GRPO "
+                                "over the same prompt pool, the baseline); xrpo: XRPO's phased allocation by "
+                                "t-interval shrinkage and in-context seeding [134], sampled in rounds.")
     pool: int = Field(64, ge=1, description="Train seeds drawn at the first step and walked through in epochs "
                                             "(each in a fresh random order), so prompts recur and their success "
                                             "rates can be estimated.")
@@ -167,6 +172,19 @@ class BudgetConfig(ExploreConfig):
                                                 "(min_buffer_length); before that it gets group_size.")
     buffer_length: int = Field(16, ge=1, description="A group smaller than this is estimated over the prompt's "
                                                      "latest this-many outcomes (reward_buffer_length).")
+
+    phases: int = Field(2, ge=1, description="xrpo: rounds after the first min_n each, the rest of the step's "
+                                             "rollouts split evenly over them.")
+    alpha_t: float = Field(0.05, gt=0, lt=1, description="xrpo: the t-interval's level, h = t_{1-alpha_t/2, n-1}"
+                                                         "·s/sqrt(n).")
+    explore_bonus: float = Field(0.1, ge=0, description="xrpo: λ of the exploration bonus λ·sqrt(log(1+T)/n), T "
+                                                        "the RL step (0: off).")
+    seeding: bool = Field(True, description="xrpo: a prompt whose min_n first rollouts all failed gets seed_n "
+                                            "rollouts with solved exemplars in context (off-policy rows).")
+    seed_n: int = Field(2, ge=1, description="xrpo: seeded rollouts per all-fail prompt (out of the step's total).")
+    exemplars: int = Field(2, ge=1, description="xrpo: solved exemplars (other prompts' successes, prompt and "
+                                                "answer, one per line) shown before a seeded prompt.")
+    bank_size: int = Field(64, ge=1, description="xrpo: prompts whose latest success is kept as an exemplar.")
 
     @model_validator(mode="after")
     def _sizes(self) -> "BudgetConfig":
@@ -189,6 +207,7 @@ class Budget(Piece):
     def __init__(self, cfg: BudgetConfig, build: BuildContext | None = None):
         super().__init__(cfg, build)
         self.tracker = SuccessTracker(cfg.min_count, cfg.buffer_length)
+        self.bank = ExemplarBank(cfg.bank_size)
         self.pool: list[int] = []
         self.order: list[int] = []
         self.position = 0
@@ -213,19 +232,26 @@ class Budget(Piece):
         seeds = self._next_prompts(ctx)
         t0 = time.perf_counter()
         rates = [self.tracker.rate(s) for s in seeds]
-        if cfg.allocation == "uniform":
+        if cfg.allocation in ("uniform", "xrpo"):  # xrpo allocates in its rounds, below
             sizes, info = [cfg.group_size] * len(seeds), {"fallback": 0.0}
         else:
             sizes, info = allocate(rates, cfg.group_size, cfg.min_n, cfg.max_n, cfg.alpha, cfg.negative_n,
                                    cfg.positive_n, cfg.allow_fallback)
         allocation_s = time.perf_counter() - t0
-        starts = [start for seed, size in zip(seeds, sizes) if size > 0 for start in ctx.group_starts([seed], size)]
-        episodes = ctx.rollout(starts)
-        ctx.score(episodes)
+        extra: dict[str, float] = {}
+        if cfg.allocation == "xrpo":
+            episodes, extra = xrpo_step(ctx, seeds, cfg, self.bank)
+            sizes = [sum(e.group_id == g for e in episodes) for g in dict.fromkeys(e.group_id for e in episodes)]
+            seed_of = {e.group_id: e.seed for e in episodes}
+        else:
+            starts = [start for seed, size in zip(seeds, sizes) if size > 0
+                      for start in ctx.group_starts([seed], size)]
+            episodes = ctx.rollout(starts)
+            ctx.score(episodes)
+            seed_of = {start.group_id: start.seed for start in starts}
         groups = groups_of(episodes)
-        seed_of = {start.group_id: start.seed for start in starts}
         for group_id, group in groups.items():
-            self.tracker.update(seed_of[group_id], [float(e.success) for e in group])
+            self.tracker.update(seed_of[group_id], [float(e.success) for e in group if e.origin == "on_policy"])
         known = [r for r in rates if r is not None]
         return episodes, {
             "explore/groups_sampled": float(len(groups)),
@@ -236,14 +262,15 @@ class Budget(Piece):
             "explore/estimated_p0": sum(r == 0 for r in known) / len(seeds),
             "explore/estimated_p1": sum(r == 1 for r in known) / len(seeds),
             "explore/budget_fallback": info["fallback"], "explore/epoch": float(self.epoch),
-            "time/explore/allocation_s": allocation_s,
+            "time/explore/allocation_s": allocation_s, **extra,
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict(), "pool": list(self.pool), "order": list(self.order),
-                "position": self.position, "epoch": self.epoch}
+                "position": self.position, "epoch": self.epoch, "bank": self.bank.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state["tracker"])
         self.pool, self.order = list(state["pool"]), list(state["order"])
         self.position, self.epoch = int(state["position"]), int(state["epoch"])
+        self.bank.load_state_dict(state.get("bank", {}))
