@@ -76,8 +76,9 @@ Estimator = Callable[[list[tuple[int, list[int]]]], list[float]]
 
 @SCORE.register("pav", config=PAVConfig, needs=Needs(level="token"))
 class PAV(Piece):
-    """The `pav` component (module docstring). ``estimate`` maps ``(seed, prefix ids)`` to V̂^μ; tests replace it
-    with a scripted prover."""
+    """PAV [139]: each step's progress ``A^μ_h = V^μ(s_{h+1}) − V^μ(s_h)`` under a prover μ (Monte-Carlo rollouts of
+    μ from the step's prefix), on every token of the step but the response's last (module docstring).
+    ``estimate`` maps ``(seed, prefix ids)`` to V̂^μ; tests replace it with a scripted prover."""
 
     def __init__(self, cfg: PAVConfig, build: BuildContext | None = None):
         super().__init__(cfg, build)
