@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Callable
 
 import torch
 from pydantic import Field
@@ -43,10 +44,15 @@ class ArenaConfig(CreditConfig):
     seed: int = Field(0, description="Seed of the brackets, the tie coins and the judge's noise.")
 
 
-def tournament(values: list[float], rng: random.Random, noise: float = 0.0) -> tuple[list[int], int]:
+Judge = Callable[[int, int, random.Random], bool]
+
+
+def tournament(values: list[float], rng: random.Random, noise: float = 0.0,
+               judge: Judge | None = None) -> tuple[list[int], int]:
     """Rounds survived by each entrant of a single-elimination tournament, in the order of `values`, and the
     number of matches played. The bracket is a shuffle of the entrants; the first 2^⌈log2 n⌉ − n entrants of it
-    get a bye; a match goes to the higher value (a tie: a coin), flipped with probability `noise`."""
+    get a bye; a match goes to the higher value (a tie: a coin), flipped with probability `noise`; or, given
+    ``judge(a, b, rng) -> a wins``, to what it says (the arena toy's noisy judges)."""
     n = len(values)
     order = list(range(n))
     rng.shuffle(order)
@@ -64,7 +70,10 @@ def tournament(values: list[float], rng: random.Random, noise: float = 0.0) -> t
         winners = []
         for a, b in zip(playing[0::2], playing[1::2]):
             matches += 1
-            a_wins = values[a] > values[b] or (values[a] == values[b] and rng.random() < 0.5)
+            if judge is not None:
+                a_wins = judge(a, b, rng)
+            else:
+                a_wins = values[a] > values[b] or (values[a] == values[b] and rng.random() < 0.5)
             if noise and rng.random() < noise:
                 a_wins = not a_wins
             w = a if a_wins else b
