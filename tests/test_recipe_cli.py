@@ -136,7 +136,7 @@ THE_FOUR = {
     "unknown_piece_option": ({"credit": {"name": "grpo", "bogus": 1}},
                              ["credit.bogus: unknown option; valid: std_normalize, epsilon"]),
     "unknown_registry_name": ({"credit": {"name": "nope"}},
-                              ["credit: unknown credit 'nope'; valid: canon, dr_grpo, empg, gae, gigpo, grpo, "
+                              ["credit: unknown credit 'nope'; valid: arena, canon, dr_grpo, empg, gae, gigpo, grpo, "
                                "ppl_position, prime, reinforce_pp, reinforce_pp_baseline, riskpo, rloo, salt"]),
 }
 

@@ -5,8 +5,9 @@ of the O(N²) of a round robin. A member's tournament score is the number of rou
 first-round loser, ⌈log2 N⌉ for the champion); the advantage is the group-normalised score,
 ``A_i = (s_i − mean_g s)/(std_g s + ε)`` (or ``s_i − mean_g s``), copied to every action token.
 
-The bracket: the group's members in a seeded random order (the seed is the option ``seed``, the group's id and its
-members' rewards, so a resumed run draws the same bracket without state), padded to the next power of two with
+The bracket: the group's members (sorted by reward, tokens and sampling statistics, so the rows' order in the batch
+does not matter) in a seeded random order (the seed is the option ``seed``, the group's id and its members'
+rewards, so a resumed run draws the same bracket without state), padded to the next power of two with
 byes; the first ``2^⌈log2 N⌉ − N`` members of the order get a bye in round 1 (a bye counts as a round survived).
 Each round pairs the survivors in order. The judge compares two members' summed rewards ``R_i`` (what the score
 pieces composed: a pointwise reward read pairwise), the higher wins, a tie is a fair coin; with ``judge_noise`` p
@@ -88,6 +89,16 @@ def _group_rng(seed: int, gid: int, values: list[float]) -> random.Random:
     return random.Random(int(digest, 16))
 
 
+def _row_key(batch: Batch, scores: Tensor, i: int) -> tuple:
+    """A row's sort key: its reward, then its tokens, then the log-probs and entropies it was sampled with."""
+    key: tuple = (float(scores[i]),)
+    for name in ("input_ids", "behaviour_logprobs", "behaviour_entropy"):
+        t = getattr(batch, name, None)
+        if t is not None:
+            key += (t[i][batch.action_mask[i] > 0].tolist(),)
+    return key
+
+
 @CREDIT.register("arena", config=ArenaConfig)
 def arena(batch: Batch, cfg: ArenaConfig) -> CreditOutput:
     """ArenaRL tournament ranks as group-normalised advantages [40]; see the module docstring."""
@@ -96,7 +107,8 @@ def arena(batch: Batch, cfg: ArenaConfig) -> CreditOutput:
     matches = 0
     groups = batch.group_index.tolist()
     for gid in sorted(set(groups)):
-        rows = [i for i, g in enumerate(groups) if g == gid]
+        # members in a canonical order, so the bracket does not depend on where rows sit in the batch
+        rows = sorted((i for i, g in enumerate(groups) if g == gid), key=lambda i: _row_key(batch, scores, i))
         values = [float(scores[i]) for i in rows]
         s, m = tournament(values, _group_rng(cfg.seed, int(gid), values), cfg.judge_noise)
         matches += m
