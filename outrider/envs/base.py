@@ -176,6 +176,9 @@ class Task(ABC):
     - ``hint(env) -> str``: a hint text for this state (a reflection a piece may show the sampler).
     - ``feedback(env, action) -> str``: the criteria `action` does not meet from here, in words (empty when it
       meets them all): what a hindsight-guided retry is shown (HeRL [12], explore piece ``herl``).
+    - ``criteria(env, action) -> dict[str, bool]``: the named checks of a rubric and whether `action` meets each
+      (e.g. ``format``, ``step_1``, ``answer``); the same names across problems wherever they mean the same
+      check, so statistics per name make sense (rubric rewards: score pieces ``rubric``, ``verpo`` [66, 50]).
 
     A piece that needs a hook the task lacks stops the run with one line naming its option.
     """

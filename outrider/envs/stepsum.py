@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,6 +118,23 @@ def check_steps(terms: list[int], response: str) -> StepCheck:
     return StepCheck(correct, next((k for k, ok in enumerate(correct) if not ok), None))
 
 
+_TRACE = re.compile(r"(\d+(\+\d+=\d+)?,)*#\d+")
+
+
+def step_criteria(terms: list[int], response: str) -> dict[str, bool]:
+    """The rubric of a stepsum response: ``format`` (a well-formed trace: steps ``s`` or ``a+b=s`` joined by
+    ``,`` and a last step ``#n``, whatever the numbers), ``step_k`` for each of the len(terms) − 1 additions (the
+    k-th step, 1-based, is the true k-th running sum, as `check_steps` says; a missing step fails) and
+    ``answer`` (the answer step is ``#`` and the total: the verifier)."""
+    verdict = check_steps(terms, response)
+    out = {"format": _TRACE.fullmatch(response.strip()) is not None}
+    inner = verdict.correct[:-1]
+    for k in range(len(terms) - 1):
+        out[f"step_{k + 1}"] = k < len(inner) and inner[k]
+    out["answer"] = verdict.correct[-1]
+    return out
+
+
 def _bucket(terms: tuple[int, ...], seed: int, fraction: float) -> str:
     h = int(hashlib.sha256(f"stepsum:{seed}:{terms}".encode()).hexdigest()[:8], 16) / 2**32
     return "test" if h < fraction else "validation" if h < 2 * fraction else "train"
@@ -192,6 +210,11 @@ class StepSumTask(SingleTurnTask):
         if not verdict.correct[-1]:
             unmet.append("the answer must be the last sum")
         return "; ".join(unmet)
+
+    def criteria(self, env: Any, action: str) -> dict[str, bool]:
+        """The rubric of `action` on the problem `env` shows (the optional ``criteria`` hook): `step_criteria`,
+        i.e. ``format``, ``step_1`` … ``step_{n−1}`` and ``answer``."""
+        return step_criteria(env.problem["metadata"]["terms"], action)
 
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         out = []
