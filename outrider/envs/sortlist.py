@@ -87,7 +87,7 @@ class SortListTask(SingleTurnTask):
 
     def parse(self, response: str) -> str | None:
         if self.cfg.reasoning == "none":
-            return response.strip()
+            return super().parse(response)  # plain or tagged, as answer_format says
         return response.rsplit(ANSWER_MARK, 1)[1].strip() if ANSWER_MARK in response else None
 
     def verify(self, problem: dict[str, Any], answer: str | None) -> float:
