@@ -347,6 +347,13 @@ def groups_of(episodes: list[Episode]) -> dict[int, list[Episode]]:
     return out
 
 
+def group_reward_std(group: list[Episode]) -> float:
+    """Population std of a group's total rewards (0 for a group of one): how far its advantages spread."""
+    rewards = [e.total_reward() for e in group]
+    mean = sum(rewards) / len(rewards)
+    return (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+
+
 def has_reward_variance(group: list[Episode], tol: float = 1e-8) -> bool:
     """True when the group's total rewards are not all equal (its group-relative advantage is not all zero)."""
     rewards = [e.total_reward() for e in group]

@@ -133,6 +133,15 @@ def test_invalid_answers_are_counted_in_metrics():
     assert episode_metrics(eps)["episode/invalid_frac"] == pytest.approx(0.5)
 
 
+def test_group_reward_std_is_the_mean_within_group_std():
+    eps = [episode(group_id=0), episode(group_id=0), episode(group_id=1), episode(group_id=1)]
+    for e, r in zip(eps, (0.0, 1.0, 0.5, 0.5)):
+        e.rewards["trajectory"]["verifier"] = r
+    metrics = episode_metrics(eps)
+    assert metrics["episode/group_reward_std"] == pytest.approx((0.5 + 0.0) / 2)
+    assert metrics["episode/zero_variance_group_frac"] == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- pass@k
 
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from outrider.data import Episode, groups_of, has_reward_variance
+from outrider.data import Episode, group_reward_std, groups_of, has_reward_variance
 from outrider.observe.trackers import start_trackers
 
 
@@ -111,8 +111,9 @@ def agent_metrics(episodes: list[Episode]) -> dict[str, float]:
 
 
 def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
-    """Reward per component, accuracy, response length, truncation, invalid actions, zero-variance groups, and
-    the multi-turn measures of `agent_metrics`."""
+    """Reward per component, accuracy, response length, truncation, invalid actions, zero-variance groups, the
+    mean within-group std of the total reward (``episode/group_reward_std``), and the multi-turn measures of
+    `agent_metrics`."""
     n = max(len(episodes), 1)
     out: dict[str, float] = defaultdict(float)
     for e in episodes:
@@ -127,6 +128,7 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
         out["episode/turns"] += len(e.turns) / n
     groups = list(groups_of(episodes).values())
     out["episode/zero_variance_group_frac"] = sum(not has_reward_variance(g) for g in groups) / max(len(groups), 1)
+    out["episode/group_reward_std"] = sum(group_reward_std(g) for g in groups) / max(len(groups), 1)
     out.update(agent_metrics(episodes))
     out.update(origin_metrics(episodes))
     return dict(out)
