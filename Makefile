@@ -21,8 +21,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/outrider train recipes/quickstart.yaml --out runs/quickstart --overwrite
 
+# One pytest worker per core (pytest-xdist), a test file per worker at a time so module fixtures are built once;
+# every test's runs use one torch thread. TEST_WORKERS=0 runs the suite in this process, serially.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,11 @@ TINY_RECIPE: dict[str, Any] = {
                 "checkpoint_every": 2, "tensorboard": False},
     "train": {"steps": 3, "seed": 0, "threads": 1},
 }
+
+# pytest-xdist workers (and shells' background jobs) ignore SIGINT, and a child process inherits an ignored signal:
+# the CLI processes that tests interrupt with SIGINT would run on. Children must start with the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 OUTRIDER = str(Path(sys.executable).with_name("outrider"))  # the installed console script of this venv
 PYTHON_M = [sys.executable, "-m", "outrider.cli"]
