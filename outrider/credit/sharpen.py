@@ -31,7 +31,7 @@ from torch import Tensor
 from outrider.credit import CREDIT, CreditOutput
 from outrider.credit.wrapped import WrappedCreditConfig
 from outrider.data import Batch
-from outrider.stats import group_ids, masked_mean
+from outrider.stats import group_ids, group_moments, masked_mean
 
 
 class SharpenConfig(WrappedCreditConfig):
@@ -48,9 +48,8 @@ def novelty(logprobs: Tensor, mask: Tensor, group_index: Tensor) -> Tensor:
     of s over its group (a group of one: η = 1)."""
     s = masked_mean(logprobs.to(torch.float64), mask.to(torch.float64), dim=-1)
     inverse, k = group_ids(group_index)
-    total = torch.zeros(k, dtype=s.dtype).index_add_(0, inverse, s)
-    count = torch.zeros(k, dtype=s.dtype).index_add_(0, inverse, torch.ones_like(s))
-    return torch.exp(s - (total / count)[inverse])
+    _, mean, _ = group_moments(s, inverse, k)
+    return torch.exp(s - mean[inverse])
 
 
 def sharpen(adv: Tensor, eta: Tensor, mask: Tensor, lam: float, kappa: float) -> Tensor:

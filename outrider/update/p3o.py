@@ -31,6 +31,7 @@ from torch import Tensor
 from outrider.kl import LOG_RATIO_CLAMP
 from outrider.registry import Needs, PieceConfig
 from outrider.update import TERMS, TermOutput, TokenContext
+from outrider.update.pairwise import no_pairs
 
 
 class P3OConfig(PieceConfig):
@@ -91,7 +92,7 @@ def p3o(ctx: TokenContext, cfg: P3OConfig) -> TermOutput:
     b, m = ctx.batch, ctx.mask
     first, second = group_pairs(b.group_index, cfg.pairing)
     if first.numel() == 0:
-        return TermOutput(loss=ctx.logprobs.sum() * 0.0, metrics={"pairs": 0.0})
+        return no_pairs(ctx)
     zero = torch.zeros_like(m)
     log_ratio = torch.where(m > 0, ctx.logprobs - ctx.old_logprobs, zero).sum(-1)
     reward = torch.where(m > 0, b.token_rewards * m, zero).sum(-1).detach()

@@ -61,7 +61,8 @@ def pair_metrics(v: PairView, z: Tensor, beta: float) -> dict[str, Tensor]:
             "pairs": float(v.chosen.numel())}
 
 
-def _no_pairs(ctx: TokenContext) -> TermOutput:
+def no_pairs(ctx: TokenContext) -> TermOutput:
+    """A minibatch without a pair: a zero loss that keeps the graph, and ``pairs`` 0."""
     return TermOutput(loss=ctx.logprobs.sum() * 0.0, metrics={"pairs": 0.0})
 
 
@@ -85,7 +86,7 @@ def dpo(ctx: TokenContext, cfg: DPOConfig) -> TermOutput:
     """
     v = pair_view(ctx)
     if v.empty:
-        return _no_pairs(ctx)
+        return no_pairs(ctx)
     z = cfg.beta * (v.s[v.chosen] - v.s[v.rejected])
     return TermOutput(loss=cfg.coef * smoothed_logistic(z, cfg.label_smoothing).mean(),
                       metrics=pair_metrics(v, z, cfg.beta))
@@ -107,7 +108,7 @@ def robust_dpo(ctx: TokenContext, cfg: RobustDPOConfig) -> TermOutput:
     towards 0.5. Metrics as `dpo`'s, under ``robust_dpo/``."""
     v = pair_view(ctx)
     if v.empty:
-        return _no_pairs(ctx)
+        return no_pairs(ctx)
     z = cfg.beta * (v.s[v.chosen] - v.s[v.rejected])
     eps = cfg.label_smoothing
     loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
@@ -133,7 +134,7 @@ def ipo(ctx: TokenContext, cfg: IPOConfig) -> TermOutput:
     ``ℓ = (h − 1/(2τ))²``, averaged over pairs (TRL's ``ipo`` loss). Metrics as `dpo`'s with z = h."""
     v = pair_view(ctx)
     if v.empty:
-        return _no_pairs(ctx)
+        return no_pairs(ctx)
     per_row = v.s / v.n.clamp(min=1.0) if cfg.length_normalize else v.s
     h = per_row[v.chosen] - per_row[v.rejected]
     loss = (h - 1 / (2 * cfg.beta)) ** 2
@@ -157,7 +158,7 @@ def step_apo(ctx: TokenContext, cfg: StepAPOConfig) -> TermOutput:
     sides differ more in value must be separated more. α = 0 is DPO. Metrics as `dpo`'s, plus ``value_gap``."""
     v = pair_view(ctx)
     if v.empty:
-        return _no_pairs(ctx)
+        return no_pairs(ctx)
     gap = v.r[v.chosen] - v.r[v.rejected]
     z = cfg.beta * (v.s[v.chosen] - v.s[v.rejected]) - cfg.alpha * gap
     metrics = pair_metrics(v, z, cfg.beta)
