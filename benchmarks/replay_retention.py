@@ -3,7 +3,10 @@ whose recipes use the `spear` explore piece with a prompt pool (spear_calculator
 
 For each run: the training prompts ever solved (a group with a success) during training, from the final
 checkpoint's piece state, are played again by the final policy, `--samples` times each on the train split;
-"retained" is the share of them it still solves at least once, "success" its mean success on them. With held-out
+"retained" is the share of them it still solves at least once, "success" its mean success on them. Seeds that
+name the same problem (a pool larger than a task's train split, as multisol's 161 train pairs) count once. When
+the runs start from a shared warm start (`policy.model` a directory, `warm_start.steps: 0`), the warm start plays
+the same prompts with the same samples ("retained_warm", "success_warm"): what RL lost below the start. With held-out
 pass@1, the entropy band (min / mean / max of the training token entropy), the train success of the on-policy rows
 and the cost per step. Means over seeds with 95% bootstrap intervals, and the paired difference to `--baseline`.
 Writes a JSON summary and a two-panel figure (retained share along training, token entropy; mean over
@@ -36,19 +39,39 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def replay_end(run: Path, samples: int) -> dict[str, float]:
-    """The final policy on the training prompts ever solved: share still solved (>= 1 of `samples`), mean success."""
-    recipe = load_recipe(run / "recipe.yaml")
-    checkpoint = list_checkpoints(run)[-1]
-    solved = sorted(int(s) for s in read_state(checkpoint)["pieces"]["explore"]["first_solved"])
-    task, policy = build_task(recipe), Policy.load(checkpoint)
-    torch.set_num_threads(1)
-    starts = [Start(seed=s, group_id=i) for i, s in enumerate(solved) for _ in range(samples)]
+def distinct_problems(task, seeds: list[int]) -> list[int]:
+    """The first seed of each distinct train problem among `seeds` (all of them when the task cannot say)."""
+    if not hasattr(task, "problem"):
+        return seeds
+    first: dict[str, int] = {}
+    for s in seeds:
+        first.setdefault(str(task.problem("train", s)["question"]), s)
+    return sorted(first.values())
+
+
+def solve_rates(policy: Policy, task, recipe, seeds: list[int], samples: int) -> np.ndarray:
+    starts = [Start(seed=s, group_id=i) for i, s in enumerate(seeds) for _ in range(samples)]
     episodes = rollout(policy, lambda: task.make_env("train"), starts, sampling_params(recipe),
                        torch.Generator().manual_seed(12345), task.max_turns)
-    hits = np.array([e.success for e in episodes], dtype=float).reshape(len(solved), samples)
-    return {"ever_solved": float(len(solved)), "retained": float((hits.max(1) > 0).mean()),
-            "retained_success": float(hits.mean())}
+    return np.array([e.success for e in episodes], dtype=float).reshape(len(seeds), samples)
+
+
+def replay_end(run: Path, samples: int) -> dict[str, float]:
+    """The final policy (and a shared warm start, if any) on the training prompts ever solved: share still solved
+    (>= 1 of `samples`), mean success."""
+    recipe = load_recipe(run / "recipe.yaml")
+    checkpoint = list_checkpoints(run)[-1]
+    task = build_task(recipe)
+    ever = sorted(int(s) for s in read_state(checkpoint)["pieces"]["explore"]["first_solved"])
+    solved = distinct_problems(task, ever)
+    torch.set_num_threads(1)
+    hits = solve_rates(Policy.load(checkpoint), task, recipe, solved, samples)
+    out = {"ever_solved": float(len(solved)), "retained": float((hits.max(1) > 0).mean()),
+           "retained_success": float(hits.mean())}
+    if recipe.policy.warm_start.steps == 0 and Path(recipe.policy.model).is_dir():
+        warm = solve_rates(Policy.load(recipe.policy.model), task, recipe, solved, samples)
+        out.update({"retained_warm": float((warm.max(1) > 0).mean()), "success_warm": float(warm.mean())})
+    return out
 
 
 def run_numbers(run: Path, samples: int) -> dict[str, float]:
@@ -77,8 +100,9 @@ def plot(groups: dict[str, list[Path]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for (key, title), ax in zip((("explore/retained_frac", "ever-solved prompts solved at their latest visit"),
+                                 ("eval/pass@1", "held-out pass@1"),
                                  ("policy/entropy", "token entropy (training)")), axes):
         for name, runs in groups.items():
             curves = [[(r["step"], r[key]) for r in rows_of(run) if key in r] for run in runs]
