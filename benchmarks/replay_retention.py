@@ -68,6 +68,10 @@ def replay_end(run: Path, samples: int) -> dict[str, float]:
     hits = solve_rates(Policy.load(checkpoint), task, recipe, solved, samples)
     out = {"ever_solved": float(len(solved)), "retained": float((hits.max(1) > 0).mean()),
            "retained_success": float(hits.mean())}
+    if hasattr(task, "problem"):  # held-out problems must be disjoint from the pool: count the ones that are not
+        held_out = {str(task.problem("eval", i)["question"]) for i in range(task.eval_size)}
+        pool = {str(task.problem("train", s)["question"]) for s in range(recipe.explore.get("pool") or 0)}
+        out["heldout_in_pool"] = float(len(held_out & pool))
     if recipe.policy.warm_start.steps == 0 and Path(recipe.policy.model).is_dir():
         warm = solve_rates(Policy.load(recipe.policy.model), task, recipe, solved, samples)
         out.update({"retained_warm": float((warm.max(1) > 0).mean()), "success_warm": float(warm.mean())})
