@@ -32,6 +32,7 @@ from outrider.policy.model import Policy
 from outrider.trainer import build_task, sampling_params
 
 KS = (1, 2, 4, 8, 16)
+WARM = "warm_start"  # the step-0 policy's column
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -96,6 +97,7 @@ def main() -> None:
     seeds = sorted({r.name for runs in groups.values() for r in runs})
     prompts = list(range(args.prompts))
     buckets, numbers = {}, {name: [] for name in groups}
+    numbers[WARM] = []
     for s in seeds:
         runs = {name: next(r for r in rs if r.name == s) for name, rs in groups.items() if any(r.name == s for r in rs)}
         step0 = {name: list_checkpoints(r)[0] for name, r in runs.items()}
@@ -106,9 +108,20 @@ def main() -> None:
         overlap = check_disjoint(base_run, prompts)
         warm = successes(first, base_run, prompts, args.group, 777)
         hard = [p for p, h in zip(prompts, warm) if h.sum() == 0]
-        buckets[s] = {"hard": len(hard), "overlap_with_train": overlap, "warm_pass@1": float(warm.mean())}
+        task = build_task(load_recipe(base_run / "recipe.yaml"))
+        n_terms = {p: len(task.problem("eval", p).get("metadata", {}).get("terms", [])) for p in hard}
+        by_terms = {n: [p for p in hard if n_terms[p] == n] for n in sorted(set(n_terms.values()))}
+        buckets[s] = {"hard": len(hard), "overlap_with_train": overlap, "warm_pass@1": float(warm.mean()),
+                      "hard_by_terms": {n: len(v) for n, v in by_terms.items()}}
         print(f"{s}: warm pass@1 {warm.mean():.3f}, hard bucket {len(hard)}/{len(prompts)}, "
               f"held-out problems among training ones: {overlap}")
+        # the warm start itself, resampled as the final policies are: where the bucket starts (0 of G by selection)
+        w = successes(first, base_run, prompts, args.samples, 4242)
+        numbers.setdefault(WARM, []).append(
+            {"hard_solve_rate": float(w[[prompts.index(p) for p in hard]].mean()), "all_pass@1": float(w.mean()),
+             "all_pass@16": pass_at(w, 16), **{f"hard_pass@{k}": pass_at(w[[prompts.index(p) for p in hard]], k)
+                                                for k in KS},
+             **{f"hard_solve_rate_{n}terms": float(w[idx].mean()) for n, idx in by_terms.items() if idx}})
         for name, run in runs.items():
             final = list_checkpoints(run)[-1]
             hits_all = successes(final, run, prompts, args.samples, 4242)
@@ -127,15 +140,22 @@ def main() -> None:
                                                           for r in steps])),
                         # HeRL's guided samples against the groups' own (tokens sampled per step)
                         "guided_tokens": float(np.mean([r.get("explore/guided_tokens", 0.0) for r in steps])),
-                        "policy_tokens": float(np.mean([r["explore/sampled_tokens"] for r in steps]))})
+                        "policy_tokens": float(np.mean([r["explore/sampled_tokens"] for r in steps])),
+                        # the guided rows' importance weights pi_old/mu (steps with guided rows only)
+                        "guided_iw_mean": mean_of(steps, "origin/guided/iw_mean"),
+                        "guided_iw_max": float(max([r["origin/guided/iw_max"] for r in steps
+                                                    if "origin/guided/iw_max" in r], default=float("nan"))),
+                        "guided_prob_mean": mean_of(steps, "guided_shaping/prob_mean")})
+            for n, idx in by_terms.items():  # the bucket's prompts by their number of terms
+                out[f"hard_solve_rate_{n}terms"] = float(hits_all[idx].mean()) if idx else float("nan")
             numbers[name].append(out)
     base = numbers.get(args.baseline)
-    keys = list(next(iter(numbers.values()))[0])
+    keys = list(numbers[next(iter(groups))][0])
     print("| | " + " | ".join(numbers) + " |\n|---|" + "---|" * len(numbers))
     for k in keys:
-        print(f"| {k} | " + " | ".join(fmt([x[k] for x in v]) for v in numbers.values()) + " |")
+        print(f"| {k} | " + " | ".join(fmt([x.get(k, float("nan")) for x in v]) for v in numbers.values()) + " |")
     for name, v in numbers.items():
-        if base is not None and name != args.baseline and len(v) == len(base):
+        if base is not None and name not in (args.baseline, WARM) and len(v) == len(base):
             for k in ("hard_solve_rate", "hard_pass@16", "all_pass@1", "step_s"):
                 print(f"paired {name} - {args.baseline} {k}: {fmt([a[k] - b[k] for a, b in zip(v, base)])}")
     if "ampo_stepsum" in numbers and "always_mix_stepsum" in numbers:
@@ -145,6 +165,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps({"buckets": buckets, "runs": numbers}, indent=1))
     plot(groups, numbers, args.out / f"{args.name}.png")
+
+
+def mean_of(rows: list[dict], key: str) -> float:
+    """Mean of a metric over the steps that logged it (nan when none did)."""
+    vals = [r[key] for r in rows if key in r]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def fmt(values: list[float]) -> str:
@@ -162,6 +188,8 @@ def plot(groups: dict[str, list[Path]], numbers: dict[str, list[dict]], out: Pat
         y = np.array([[x[f"hard_pass@{k}"] for k in KS] for x in v])
         axes[0].plot(KS, y.mean(0), marker="o", label=name)
         axes[0].fill_between(KS, y.min(0), y.max(0), alpha=0.2)
+        if name not in groups:
+            continue
         curves = [[(r["step"], r.get("origin/on_policy/accuracy", r.get("reward/verifier"))) for r in rows_of(run)
                    if "time/step_s" in r] for run in groups[name]]
         n = min(len(c) for c in curves)
