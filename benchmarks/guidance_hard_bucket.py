@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="samples of the final policy per prompt")
     ap.add_argument("--out", type=Path, default=Path("docs/guidance"))
     ap.add_argument("--name", default="hard_bucket")
+    ap.add_argument("--bucket-from", type=Path, default=None,
+                    help="fix the bucket from this model (the shared warm start) instead of each run's step 0")
     ap.add_argument("--against", action="append", default=[], help="also pair every arm with this one")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -100,10 +102,13 @@ def main() -> None:
     buckets, numbers = {}, {name: [] for name in groups}
     for s in seeds:
         runs = {name: next(r for r in rs if r.name == s) for name, rs in groups.items() if any(r.name == s for r in rs)}
-        step0 = {name: list_checkpoints(r)[0] for name, r in runs.items()}
-        assert all(c.name == "step_0" for c in step0.values()), step0
-        first = next(iter(step0.values()))
-        assert all(same_weights(first, c) for c in step0.values()), "warm starts differ between methods"
+        if args.bucket_from is None:
+            step0 = {name: list_checkpoints(r)[0] for name, r in runs.items()}
+            assert all(c.name == "step_0" for c in step0.values()), step0
+            first = next(iter(step0.values()))
+            assert all(same_weights(first, c) for c in step0.values()), "warm starts differ between methods"
+        else:  # arms that start from different checkpoints (RL after self-training): the shared warm start's bucket
+            first = args.bucket_from
         base_run = next(iter(runs.values()))
         overlap = check_disjoint(base_run, prompts)
         warm = successes(first, base_run, prompts, args.group, 777)
