@@ -1,7 +1,7 @@
 """The hard-bucket experiment of docs/exploration.md ("Guidance on demand") from an `outrider compare` directory of
-stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml, herl_stepsum.yaml and its ablations in
-benchmarks/guidance/; star_stepsum.yaml and regft_stepsum.yaml with ``--baseline star_stepsum``) kept with their step-0 checkpoint
-(``--set observe.keep_checkpoints=...`` large enough).
+stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml, herl_stepsum.yaml and its ablations
+in benchmarks/guidance/; star_stepsum.yaml and regft_stepsum.yaml with ``--baseline star_stepsum``) kept with their
+step-0 checkpoint (``--set observe.keep_checkpoints=...`` large enough).
 
 For each seed, the hard bucket is found before training: the warm-started policy (the step-0 checkpoint, the same
 for every method of a seed: checked) samples `--group` answers to each of the first `--prompts` held-out

@@ -66,7 +66,8 @@ def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
 
 
 def partial_hint(answer: str, fraction: float) -> str:
-    """The first ``⌈fraction · len(answer)⌉`` characters of a reference answer (ReGFT's partial reference [104])."""
+    """The first ``⌈fraction · len(answer)⌉`` characters of a reference answer (ReGFT's partial reference
+    [104])."""
     return answer[: math.ceil(fraction * len(answer))]
 
 
