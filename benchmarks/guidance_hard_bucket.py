@@ -1,6 +1,7 @@
 """The hard-bucket experiment of docs/exploration.md ("Guidance on demand") from an `outrider compare` directory of
-stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml, herl_stepsum.yaml) kept with their step-0 checkpoint
-(``--set observe.keep_checkpoints=...`` large enough).
+stepsum runs (grpo_stepsum.yaml, ampo_stepsum.yaml, always_mix_stepsum.yaml, herl_stepsum.yaml and its ablations
+in benchmarks/guidance/; star_stepsum.yaml and regft_stepsum.yaml with ``--baseline star_stepsum``) kept with their
+step-0 checkpoint (``--set observe.keep_checkpoints=...`` large enough).
 
 For each seed, the hard bucket is found before training: the warm-started policy (the step-0 checkpoint, the same
 for every method of a seed: checked) samples `--group` answers to each of the first `--prompts` held-out
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="samples of the final policy per prompt")
     ap.add_argument("--out", type=Path, default=Path("docs/guidance"))
     ap.add_argument("--name", default="hard_bucket")
+    ap.add_argument("--bucket-from", type=Path, default=None,
+                    help="fix the bucket from this model (the shared warm start) instead of each run's step 0")
+    ap.add_argument("--against", action="append", default=[], help="also pair every arm with this one")
     args = ap.parse_args()
     torch.set_num_threads(1)
     groups = {d.name: sorted(r for r in d.glob("seed*") if (r / "summary.json").exists())
@@ -100,10 +104,13 @@ def main() -> None:
     numbers[WARM] = []
     for s in seeds:
         runs = {name: next(r for r in rs if r.name == s) for name, rs in groups.items() if any(r.name == s for r in rs)}
-        step0 = {name: list_checkpoints(r)[0] for name, r in runs.items()}
-        assert all(c.name == "step_0" for c in step0.values()), step0
-        first = next(iter(step0.values()))
-        assert all(same_weights(first, c) for c in step0.values()), "warm starts differ between methods"
+        if args.bucket_from is None:
+            step0 = {name: list_checkpoints(r)[0] for name, r in runs.items()}
+            assert all(c.name == "step_0" for c in step0.values()), step0
+            first = next(iter(step0.values()))
+            assert all(same_weights(first, c) for c in step0.values()), "warm starts differ between methods"
+        else:  # arms that start from different checkpoints (RL after self-training): the shared warm start's bucket
+            first = args.bucket_from
         base_run = next(iter(runs.values()))
         overlap = check_disjoint(base_run, prompts)
         warm = successes(first, base_run, prompts, args.group, 777)
@@ -148,6 +155,8 @@ def main() -> None:
                         "guided_prob_mean": mean_of(steps, "guided_shaping/prob_mean")})
             for n, idx in by_terms.items():  # the bucket's prompts by their number of terms
                 out[f"hard_solve_rate_{n}terms"] = float(hits_all[idx].mean()) if idx else float("nan")
+            if any("bstar/round" in r for r in steps):  # self-training rounds (STaR, ReGFT): per-round means
+                out.update(rounds_numbers(steps))
             numbers[name].append(out)
     base = numbers.get(args.baseline)
     keys = list(numbers[next(iter(groups))][0])
@@ -158,6 +167,11 @@ def main() -> None:
         if base is not None and name not in (args.baseline, WARM) and len(v) == len(base):
             for k in ("hard_solve_rate", "hard_pass@16", "all_pass@1", "step_s"):
                 print(f"paired {name} - {args.baseline} {k}: {fmt([a[k] - b[k] for a, b in zip(v, base)])}")
+    for other in args.against:
+        for name, v in numbers.items():
+            if name not in (other, args.baseline) and other in numbers:
+                for k in ("hard_solve_rate", "hard_pass@16", "all_pass@1", "all_pass@16"):
+                    print(f"paired {name} - {other} {k}: {fmt([a[k] - b[k] for a, b in zip(v, numbers[other])])}")
     if "ampo_stepsum" in numbers and "always_mix_stepsum" in numbers:
         a, m = numbers["ampo_stepsum"], numbers["always_mix_stepsum"]
         for k in ("hard_solve_rate", "hard_pass@16", "all_pass@1", "all_pass@16"):
@@ -171,6 +185,21 @@ def mean_of(rows: list[dict], key: str) -> float:
     """Mean of a metric over the steps that logged it (nan when none did)."""
     vals = [r[key] for r in rows if key in r]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def rounds_numbers(steps: list[dict]) -> dict[str, float]:
+    """Per-round means of a `bstar` run: the share of all-fail prompts (none of K right), ReGFT's hinted
+    resampling (share of hinted samples right, share of all-fail prompts it solved: means over the rounds that
+    had any) and the tokens sampled per round, hinted ones included."""
+    hinted = [r for r in steps if r.get("regft/hinted_prompts", 0) > 0]
+    return {"all_fail_share": float(np.mean([1.0 - r["bstar/pass_at_k_s/1"] for r in steps])),
+            "kept_per_round": float(np.mean([r["bstar/selected"] for r in steps])),
+            "hinted_success": float(np.mean([r["regft/hinted_success"] for r in hinted])) if hinted else 0.0,
+            "hinted_solved": float(np.mean([r["regft/hinted_solved"] for r in hinted])) if hinted else 0.0,
+            "hinted_selected": float(np.mean([r.get("regft/hinted_selected", 0.0) for r in steps])),
+            "hinted_tokens": float(np.mean([r.get("regft/hinted_tokens", 0.0) for r in steps])),
+            "tokens_per_round": float(np.mean([r["explore/sampled_tokens"] + r.get("regft/hinted_tokens", 0.0)
+                                               for r in steps]))}
 
 
 def fmt(values: list[float]) -> str:

@@ -9,7 +9,7 @@ import yaml
 from conftest import read_jsonl, tiny_recipe
 from outrider.errors import OutriderError
 from outrider.loops import LOOPS
-from outrider.data import Episode
+from outrider.data import Episode, Turn
 from outrider.envs.base import Demonstration
 from outrider.loops.bstar import (PAPER_TEMPERATURES, PAPER_THRESHOLDS, balance_score, choose, hinted_starts,
                                   partial_hint, pass_at_k_s, query_balance, select_unique, unique_correct)
@@ -153,6 +153,17 @@ def test_partial_hint_cuts_at_the_ceiling_of_the_fraction():
     assert partial_hint("3905", 0.0) == ""
 
 
+def test_the_warm_start_shows_partial_hints_at_hint_cut():
+    import random
+
+    from outrider.policy.sft import add_hints
+
+    demos = [Demonstration([("p1", "13,19,20,#20")]), Demonstration([("p2", "7,9,#9")])]
+    assert [d.turns[0][0] for d in add_hints(demos, 1.0, "Hint: {hint}\n", random.Random(0), cut=0.5)] == \
+        ["Hint: 13,19,\np1", "Hint: 7,9\np2"]  # ⌈6⌉ and ⌈3⌉ characters; the actions stay whole
+    assert add_hints(demos, 1.0, "{hint}|", random.Random(0))[1].turns[0] == ("7,9,#9|p2", "7,9,#9")
+
+
 class DemoTask:
     def demonstrations(self, seeds):
         return [Demonstration([(f"p{s}", f"{s}{s}{s}{s}")]) for s in seeds]
@@ -165,6 +176,21 @@ def test_hinted_starts_one_new_group_per_failed_group_of_its_size():
     assert starts[0].context == "Hint: 77\n" and starts[-1].context == "Hint: 22\n"
     assert all(s.context_at == "before_observation" and s.origin == "guided" and not s.keep_context
                for s in starts)
+
+
+def test_hinted_metrics_count_solved_prompts_and_tokens_by_hand():
+    from outrider.loops.bstar import hinted_metrics
+
+    def ep(group, ok, n):
+        e = Episode(group_id=group, seed=group, success=ok)
+        e.turns = [Turn("o", [1], "a", [2] * n)]
+        return e
+
+    # prompt 9: 1 of 3 hinted samples right; prompt 10: none of 2; 4 + 3 + 2 + 5 + 1 tokens
+    out = hinted_metrics([ep(9, False, 4), ep(9, True, 3), ep(9, False, 2), ep(10, False, 5), ep(10, False, 1)])
+    assert out == {"regft/hinted_success": 0.2, "regft/hinted_solved": 0.5, "regft/hinted_tokens": 15.0}
+    assert hinted_metrics([]) == {"regft/hinted_success": 0.0, "regft/hinted_solved": 0.0,
+                                  "regft/hinted_tokens": 0.0}
 
 
 def test_hints_need_demonstrations():

@@ -135,6 +135,29 @@ def test_guided_rows_train_without_the_experience_and_keep_mu_from_under_it():
     assert metrics["explore/guided_tokens"] > 0 and metrics["time/guidance_s"] >= 0
 
 
+def test_without_the_experience_the_failures_are_resampled_from_the_plain_prompt():
+    task, policy = stepsum(), Policy.tiny(hidden=32, layers=1, heads=2)
+    piece = herl(policy, task, replace=1, guided_temperature=0.3, experience=False)
+    piece.feedback_text = None  # the task's feedback is never asked for
+    shown = []
+    sample = piece.sample
+    piece.sample = lambda c, starts: shown.extend(starts) or sample(c, starts)
+    episodes, metrics = piece(real_ctx(task, policy))
+    assert len(shown) == 6 and all(s.context is None and s.origin == "guided" for s in shown)
+    assert metrics["explore/context_chars"] == 0.0 and metrics["explore/guided_sampled"] == 6
+    env = task.make_env("train")
+    for e in (e for e in episodes if e.origin == "guided"):
+        turn = e.turns[0]
+        assert e.off_policy and e.weight == 0.0 and turn.observation == env.reset(e.seed)
+        # μ: the plain prompt's log-probs at the guided temperature
+        ids = torch.tensor([[policy.bos_id] + turn.observation_ids + turn.action_ids])
+        with torch.no_grad():
+            lp = policy.score(ids, torch.ones_like(ids), 0.3).logprobs[0, 1 + len(turn.observation_ids):]
+        torch.testing.assert_close(torch.tensor(turn.behaviour_logprobs), lp, rtol=1e-4, atol=1e-4)
+    entry, cfg = ENVS.build({"name": "multisol"}, "task")  # a task without the feedback hook is fine here
+    Hindsight(HindsightConfig(experience=False), BuildContext(task=entry.fn(cfg), where="explore"))
+
+
 def test_a_successful_guided_retry_replaces_a_member_and_its_experience_gets_the_bonus():
     task = stepsum()
     piece = herl(None, task, replace=1, alpha=0.05, shaping=False)

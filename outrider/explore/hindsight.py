@@ -28,6 +28,9 @@ Then, following the authors' code (sikelifei/HeRL, ``verl/trainer/ppo/ray_traine
   ``update.off_policy``). The learner logs ``origin/guided/iw_mean`` = π_old/μ: how far the context moved the
   policy. The authors' released scripts set ``train_use_rewrite_prompt: True`` (the row keeps the guided prompt,
   μ = the recomputed old log-probs there); ``keep_context: true`` is that variant (on-policy rows).
+- **The ablation without the experience** (``experience: false``): the same candidates are resampled from the
+  plain prompt at ``guided_temperature``, no feedback shown; the rows are still off-policy (μ at that
+  temperature), so only the experience differs from HeRL.
 
 Logged: ``explore/herl_groups`` (share of groups guided), ``guided_sampled``, ``guided_success`` (share of the
 guided responses that succeed), ``guided_improved`` (share beating their candidate), ``guided_rows``,
@@ -74,6 +77,10 @@ class HindsightConfig(ExploreConfig):
     keep_context: bool = Field(False, description="false: the guided row trains without the experience "
                                                   "(off-policy, mu under the context: the paper); true: it keeps it "
                                                   "as untrained prompt tokens (on-policy; the authors' scripts).")
+    experience: bool = Field(True, description="false: the ablation without the experience: the best failed "
+                                               "members are resampled from the plain prompt at guided_temperature "
+                                               "(no feedback, no context); mu is still the sampler's at that "
+                                               "temperature, so the rows stay off-policy.")
     shaping: bool = Field(True, description="true: guided rows have weight 0 in the surrogate and the "
                                             "guided_shaping term (ratio: behaviour) trains them with -A·r/(r+gamma); "
                                             "false: the surrogate trains them (ratio pi/mu, clipped).")
@@ -102,7 +109,7 @@ def experiences(members: list[Episode], limit: int) -> list[Episode]:
 def check_build(cfg: HindsightConfig, build: BuildContext) -> None:
     """One-line errors: a task without the feedback hook; shaping without its term."""
     where = build.where or "explore"
-    if build.task is not None and not callable(getattr(build.task, "feedback", None)):
+    if cfg.experience and build.task is not None and not callable(getattr(build.task, "feedback", None)):
         raise OutriderError(f"{where}: herl needs the task's feedback(env, action) hook (the criteria a response "
                             f"fails), which {type(build.task).__name__} does not have; built-in tasks with it: "
                             f"{FEEDBACK_TASKS}")
@@ -146,13 +153,16 @@ class Hindsight(Piece):
         starts, parents = [], []
         for gid, members in guided_groups.items():
             for parent in experiences(members, cfg.candidates):
-                text = self.feedback_text(ctx.task, parent)
+                text = self.feedback_text(ctx.task, parent) if cfg.experience else None
                 for _ in range(cfg.samples):
                     starts.append(Start(seed=parent.seed, group_id=gid, context=text,
                                         context_at="before_observation", keep_context=cfg.keep_context,
                                         origin="guided"))
                     parents.append(parent)
         guided = self.sample(ctx, starts)
+        if not cfg.experience:  # no context, but μ is the guided temperature's: not the policy's own sample
+            for e in guided:
+                e.off_policy = True
         ctx.score(guided)
         by_parent: dict[int, list[float]] = defaultdict(list)
         for parent, e in zip(parents, guided):

@@ -40,7 +40,6 @@ least S correct among their K samples), ``bstar/unique_correct`` (distinct corre
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from typing import Annotated, Any, Sequence
@@ -56,6 +55,7 @@ from outrider.loops import LOOPS, Run
 from outrider.loops.rl import collect
 from outrider.loops.self_training import fine_tune, require_terms
 from outrider.observe.metrics import episode_metrics
+from outrider.policy.sft import partial_hint
 from outrider.registry import BuildContext, Piece, PieceConfig
 from outrider.score import compose
 
@@ -149,11 +149,6 @@ def unique_correct(queries: Sequence[Sequence[Sample]]) -> float:
     return float(np.mean([len({r for r, _, c in q if c}) for q in queries])) if queries else 0.0
 
 
-def partial_hint(answer: str, fraction: float) -> str:
-    """The first ``⌈fraction · len(answer)⌉`` characters of a reference answer (ReGFT's partial reference [104])."""
-    return answer[: math.ceil(fraction * len(answer))]
-
-
 def hinted_starts(task: Any, failed: Sequence[Sequence[Episode]], fraction: float, template: str,
                   first_group: int) -> list[Start]:
     """As many hinted starts as each failed group has members, each group under a new id from `first_group` on: the
@@ -163,6 +158,16 @@ def hinted_starts(task: Any, failed: Sequence[Sequence[Episode]], fraction: floa
     return [Start(g[0].seed, first_group + k, context=template.format(hint=partial_hint(d.turns[0][1], fraction)),
                   context_at="before_observation", origin="guided")
             for k, (g, d) in enumerate(zip(failed, demos)) for _ in g]
+
+
+def hinted_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """ReGFT's hinted resampling in numbers: ``regft/hinted_success`` (share of hinted samples correct),
+    ``regft/hinted_solved`` (share of the all-fail prompts with at least one correct hinted sample) and
+    ``regft/hinted_tokens`` (action tokens sampled under hints, the extra sampling cost)."""
+    groups = list(groups_of(list(episodes)).values())
+    return {"regft/hinted_success": sum(e.success for e in episodes) / max(len(episodes), 1),
+            "regft/hinted_solved": sum(any(e.success for e in g) for g in groups) / max(len(groups), 1),
+            "regft/hinted_tokens": float(sum(e.num_action_tokens for e in episodes))}
 
 
 @LOOPS.register("bstar", config=BStarConfig)
@@ -250,8 +255,8 @@ class BStar(Piece):
     def hinted(self, run: Run, groups: list[list[Episode]], temperature: float, threshold: float, step: int,
                metrics: dict[str, float], timers: dict[str, float]) -> list[Episode]:
         """ReGFT [104]: resample the groups with no success under a partial reference and return the distinct
-        selected hinted episodes. Metrics: ``regft/hinted_prompts``, ``regft/hinted_success`` (share of hinted
-        samples correct), ``regft/hinted_selected``."""
+        selected hinted episodes. Metrics: ``regft/hinted_prompts``, those of `hinted_metrics`,
+        ``regft/hinted_selected``; the hinted tokens count in the step's sampled tokens."""
         failed = [g for g in groups if not any(e.success for e in g)]
         metrics["regft/hinted_prompts"] = float(len(failed))
         if not failed:
@@ -266,7 +271,8 @@ class BStar(Piece):
         timers["sample_s"] += time.perf_counter() - t0
         hinted = list(groups_of(episodes).values())
         kept = [g[i] for g, q in zip(hinted, as_samples(episodes)) for i in select_unique(q, threshold)]
-        metrics["regft/hinted_success"] = sum(e.success for e in episodes) / len(episodes)
+        metrics.update(hinted_metrics(episodes))
+        timers["sample_tokens"] += metrics["regft/hinted_tokens"]
         metrics["regft/hinted_selected"] = float(len(kept))
         return kept
 

@@ -3,6 +3,7 @@ warm-started policy is imperfect and RL has something to do)."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
@@ -32,6 +33,10 @@ class WarmStartConfig(Options):
                                                               "retry's reflection is (explore: reflect_retry).")
     hint_template: str = Field("Hint: {hint}\n", description="The hint text; {hint} is the demonstrated action. "
                                                              "Use the explore piece's template.")
+    hint_cut: float = Field(1.0, gt=0, le=1, description="The hint shows the first ⌈cut·L⌉ characters of the "
+                                                         "action (L its length): 1 the whole action; below 1 a "
+                                                         "partial reference the policy learns to continue (set "
+                                                         "it to loop bstar's hint_fraction for ReGFT [104]).")
     feedback_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose first observation "
                                                                   "is preceded by a hindsight experience: another "
                                                                   "demonstration's (usually wrong) response and the "
@@ -60,16 +65,24 @@ def demo_episode(policy: Policy, demo: Demonstration, group_id: int) -> Episode:
     return ep
 
 
-def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: random.Random) -> list[Demonstration]:
+def partial_hint(answer: str, fraction: float) -> str:
+    """The first ``⌈fraction · len(answer)⌉`` characters of a reference answer (ReGFT's partial reference
+    [104])."""
+    return answer[: math.ceil(fraction * len(answer))]
+
+
+def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: random.Random,
+              cut: float = 1.0) -> list[Demonstration]:
     """In `fraction` of the demonstrations, prefix one random turn's observation with `template` naming that
-    turn's action (a tiny model learns to follow a hint only if it has seen one)."""
+    turn's action, or its first ⌈cut·L⌉ characters (a tiny model learns to follow a hint only if it has seen
+    one)."""
     out = []
     for d in demos:
         if d.turns and rng.random() < fraction:
             turns = list(d.turns)
             j = rng.randrange(len(turns))
             obs, action = turns[j]
-            turns[j] = (template.format(hint=action) + obs, action)
+            turns[j] = (template.format(hint=partial_hint(action, cut)) + obs, action)
             out.append(Demonstration(turns))
         else:
             out.append(d)
@@ -130,7 +143,7 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
         seeds = [DEMO_SEED_OFFSET + step * cfg.batch_size + i for i in range(cfg.batch_size)]
         demos = corrupt(task.demonstrations(seeds), cfg.wrong_fraction, rng)
         if cfg.hint_fraction:
-            demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng)
+            demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng, cfg.hint_cut)
         if cfg.feedback_fraction:
             demos = add_feedback(task, demos, seeds, cfg.feedback_fraction, cfg.feedback_template, feedback_rng)
         batch = pack([demo_episode(policy, d, i) for i, d in enumerate(demos)], policy.pad_id, policy.bos_id)
