@@ -187,6 +187,16 @@ def test_guided_shaping_is_zero_without_guided_rows_or_advantage():
     assert term(term_ctx(batch, torch.ones(2, 3))[0]).loss is None
 
 
+def test_guided_shaping_leaves_guided_rows_the_surrogate_trains():
+    """A guided row with weight 1 (``shaping: false``, HeRL's ``keep_context: true``) is the surrogate's: the term
+    does not train it a second time."""
+    term = TERMS.create({"name": "guided_shaping"})
+    batch = guided_batch()
+    batch.sample_weight = torch.ones(2)
+    out = term(term_ctx(batch, torch.ones(2, 3))[0])
+    assert out.loss is None and out.metrics["rows"] == 0.0
+
+
 def test_the_guided_rows_importance_weights_per_origin_by_hand():
     """The policy term's per-origin metrics on a guided row: ρ = π_old/μ with π_old the current log-probs."""
     batch = guided_batch()

@@ -60,9 +60,11 @@ def shaped(p: Tensor, gamma: float) -> Tensor:
 
 @TERMS.register("guided_shaping", config=GuidedShapingConfig, needs=Needs(zero_at_zero_advantage=True))
 def guided_shaping(ctx: TokenContext, cfg: GuidedShapingConfig) -> TermOutput:
-    """``coef · agg(−A_t·f(π_θ(y_t)))`` over the guided rows' trained tokens (0 elsewhere) [121]."""
+    """``coef · agg(−A_t·f(π_θ(y_t)))`` over the trained tokens of guided rows with weight 0 (0 elsewhere) [121]."""
     b = ctx.batch
-    rows = (b.origin == GUIDED) if b is not None and b.origin is not None else \
+    # only the guided rows the surrogate leaves out (weight 0): a row with weight 1 (`shaping: false`, HeRL's
+    # `keep_context: true`) is trained by the surrogate already
+    rows = (b.origin == GUIDED) & (b.sample_weight == 0) if b is not None and b.origin is not None else \
         torch.zeros(ctx.mask.shape[0], dtype=torch.bool, device=ctx.mask.device)
     metrics: dict[str, Tensor | float] = {"rows": float(rows.float().mean())}
     m = ctx.mask * rows[:, None].to(ctx.mask.dtype)
