@@ -80,10 +80,11 @@ def train_cmd(
     rm.save(out_dir)
     held = summary["heldout"]
     what = {"pairs": "pair accuracy", "labels": "label accuracy", "steps": "step accuracy"}[kind]
+    noun = {"pairs": "pairs", "labels": "labelled responses", "steps": "step-labelled responses"}[kind]
     extra = (f", first-wrong-step AUROC {held['first_wrong_auroc']:.3f} ({held['first_wrong_steps']:.0f} first "
              f"wrong steps, {held['right_steps_before']:.0f} right steps before them)") if kind == "steps" and held \
         else ""
-    out.print(f"saved {out_dir}: {summary['train_examples']} {kind} trained on, {summary['steps']} steps in "
+    out.print(f"saved {out_dir}: {summary['train_examples']} {noun} trained on, {summary['steps']} steps in "
               f"{summary['train_s']:.1f} s; held-out {what} "
               + (f"{held['accuracy']:.3f} on {summary['heldout_examples']}{extra}" if held
                  else "(nothing held out)"))
