@@ -9,6 +9,13 @@ texts of a problem compared once, ties left out), e.g. the intransitive cyclic o
 
     python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
         --out runs/rm_data/pairs.jsonl --labels runs/rm_data/labels.jsonl
+
+With `--steps` every response is also written with the task's step checker's verdicts (`{prompt, response,
+step_labels}`, one label per step cut at `,`: a step PRM's data, `outrider rm train`); `--split eval` samples the
+held-out problems instead (a held-out step file for `benchmarks/step_prm_auroc.py`):
+
+    python benchmarks/rm_pairs.py recipes/prm_sum_stepsum.yaml --model runs/sft_long_stepsum --prompts 1024 \
+        --out runs/rm_data/long_pairs.jsonl --steps runs/rm_data/long_steps.jsonl
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--labels", type=Path, help="also write every response as {prompt, response, label}")
+    ap.add_argument("--steps", type=Path, help="also write every response as {prompt, response, step_labels} "
+                                               "(the task's check_steps verdicts)")
+    ap.add_argument("--split", choices=["train", "eval"], default="train", help="the problems sampled")
     ap.add_argument("--oracle", help="label pairs with this preference oracle (a name or a YAML mapping, e.g. "
                                      "'{name: cyclic, correct_first: false}') instead of the verifier")
     args = ap.parse_args()
@@ -50,7 +60,7 @@ def main() -> None:
     task = build_task(recipe)
     policy = Policy.load(args.model).eval()
     t0 = time.perf_counter()
-    episodes = sample(policy, task, recipe, "train", args.prompts, args.samples, args.seed)
+    episodes = sample(policy, task, recipe, args.split, args.prompts, args.samples, args.seed)
     rng = random.Random(args.seed)
     groups: dict[int, list] = {}
     for e in episodes:
@@ -78,6 +88,11 @@ def main() -> None:
     args.out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     if args.labels:
         args.labels.write_text("".join(json.dumps(x) + "\n" for x in labels))
+    if args.steps:
+        args.steps.write_text("".join(json.dumps({"prompt": e.turns[0].observation, "response": e.response,
+                                                  "step_labels": [float(ok) for ok in task.check_steps(
+                                                      task.problem(args.split, e.seed), e.response).correct]}) + "\n"
+                                      for e in episodes))
     acc = sum(e.success for e in episodes) / len(episodes)
     print(json.dumps({"responses": len(episodes), "accuracy": acc, "pairs": len(pairs),
                       "prompts_with_pairs": len({p["prompt"] for p in pairs}),

@@ -1,4 +1,4 @@
-"""`outrider rm`: train a reward model from a file of preference pairs or labelled responses."""
+"""`outrider rm`: train a reward model from a file of preference pairs, labelled responses or step labels."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ out = Console()
 
 @app.command("train")
 def train_cmd(
-    data: Annotated[Path, typer.Argument(help="JSONL: pairs {prompt, chosen, rejected} (Bradley–Terry) or "
-                                              "labelled responses {prompt, response, label} (cross-entropy).")],
+    data: Annotated[Path, typer.Argument(help="JSONL: pairs {prompt, chosen, rejected} (Bradley–Terry), "
+                                              "labelled responses {prompt, response, label} (cross-entropy) or "
+                                              "step-labelled responses {prompt, response, step_labels} (a PRM: "
+                                              "cross-entropy at each step's last token).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the reward model (loads with "
                                                         "RewardModel.load, or score: reward_model, path).")],
     model: Annotated[str, typer.Option(help="'tiny' (built from --hidden/--layers/--heads) or a model directory "
@@ -36,6 +38,9 @@ def train_cmd(
                                                              "Bradley–Terry.")] = 0.0,
     contrastive_samples: Annotated[int, typer.Option(min=1, help="Pairs with --contrastive: positions drawn per "
                                                                  "response for the contrastive term.")] = 16,
+    delimiter: Annotated[str, typer.Option(help="Step labels: the text that ends a step (stepsum's ','); "
+                                                "step_labels holds one label per part of the response split at "
+                                                "it.")] = ",",
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
@@ -52,7 +57,9 @@ def train_cmd(
     if threads is not None:
         torch.set_num_threads(threads)
     check_model_out(out_dir, overwrite)
-    kind, examples = read_examples(str(data))
+    if not delimiter:
+        raise OutriderError("--delimiter: must be a non-empty string")
+    kind, examples = read_examples(str(data), delimiter)
     if contrastive > 0 and kind != "pairs":
         raise OutriderError("--contrastive: needs a pairs file {prompt, chosen, rejected}; the data holds "
                             "labelled responses")
@@ -62,7 +69,7 @@ def train_cmd(
         policy = Policy.load(model, value_head=True, where="--model")
     rm = RewardModel(policy, {"data": str(data), "model": model})
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, heldout=heldout, seed=seed,
-                      contrastive=contrastive, contrastive_samples=contrastive_samples)
+                      contrastive=contrastive, contrastive_samples=contrastive_samples, delimiter=delimiter)
     n_train = len(split_by_prompt(examples, heldout, seed)[0])
     total = epochs * -(-n_train // batch_size)
     try:
@@ -72,9 +79,14 @@ def train_cmd(
         raise SystemExit("interrupted; nothing was saved (rm train saves once, at the end)") from None
     rm.save(out_dir)
     held = summary["heldout"]
-    what = "pair accuracy" if kind == "pairs" else "label accuracy"
-    out.print(f"saved {out_dir}: {summary['train_examples']} {kind} trained on, {summary['steps']} steps in "
+    what = {"pairs": "pair accuracy", "labels": "label accuracy", "steps": "step accuracy"}[kind]
+    noun = {"pairs": "pairs", "labels": "labelled responses", "steps": "step-labelled responses"}[kind]
+    extra = (f", first-wrong-step AUROC {held['first_wrong_auroc']:.3f} ({held['first_wrong_steps']:.0f} first "
+             f"wrong steps, {held['right_steps_before']:.0f} right steps before them)") if kind == "steps" and held \
+        else ""
+    out.print(f"saved {out_dir}: {summary['train_examples']} {noun} trained on, {summary['steps']} steps in "
               f"{summary['train_s']:.1f} s; held-out {what} "
-              + (f"{held['accuracy']:.3f} on {summary['heldout_examples']}" if held else "(nothing held out)"))
+              + (f"{held['accuracy']:.3f} on {summary['heldout_examples']}{extra}" if held
+                 else "(nothing held out)"))
     if quiet:
         print(json.dumps(summary))

@@ -15,16 +15,22 @@ step with a step scorer, shapes the step rewards and returns their sum as the ep
 The step scorer ``valid_equations`` is a rule-based PRM: a step scores 1 when it is an addition ``a+b=c`` with
 ``a + b = c``, else 0. Like a learned PRM it judges each step on its own, not whether it belongs to the solution,
 so a policy can earn reward with correct but useless equations (stepsum's long traces, ``3+5=8,8+2=10,#10``).
+The step scorer ``learned`` is a PRM trained from step labels (`score.step_rm`, ``outrider rm train`` on a
+``{prompt, response, step_labels}`` file): a step scores ``p_k = σ(z_k)``, the PRM's probability that it is right,
+read at its last token (steps without tokens are not scored); its time per step is logged as
+``time/score/process_reward_s``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+import time
+from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from outrider.data import Episode
+from outrider.errors import OutriderError
 from outrider.registry import BuildContext, Piece
 from outrider.score import SCORE, ComponentConfig
 from outrider.score.shaping import clip_steps, delta_steps, par, segment_delimiter
@@ -48,8 +54,13 @@ def valid_equation_scores(text: str, delimiter: str = ",") -> list[float]:
 class ProcessRewardConfig(ComponentConfig):
     """Options of the `process_reward` component."""
 
-    prm: Literal["valid_equations"] = Field("valid_equations", description="Step scorer: valid_equations, 1 for a "
-                                                                           "true addition a+b=c, else 0.")
+    prm: Literal["valid_equations", "learned"] = Field(
+        "valid_equations", description="Step scorer: valid_equations, 1 for a true addition a+b=c, else 0; learned, "
+                                       "a step PRM's probability that the step is right (`model`).")
+    model: Optional[str] = Field(None, description="prm learned: directory of a PRM trained from step labels "
+                                                   "(outrider rm train on {prompt, response, step_labels}); same "
+                                                   "tokenizer and delimiter as this component.")
+    batch_size: int = Field(64, ge=1, description="prm learned: responses per forward of the PRM.")
     delimiter: str = Field(",", min_length=1, description="Text that ends a step (stepsum's `,`).")
     shaping: Literal["sum", "clip", "delta", "par"] = Field(
         "sum", description="sum: Σ r_k (pays for more steps); clip: Σ min(r_k − eta, 0) [42]; delta: Σ (r_k − "
@@ -57,6 +68,12 @@ class ProcessRewardConfig(ComponentConfig):
     eta: float = Field(1.0, description="Clip's threshold η: a step scoring η or more gives 0, below it r − η.")
     references: int = Field(64, ge=1, description="par: how many of the first responses scored (the initial "
                                                   "policy's) are kept as reference rewards.")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "ProcessRewardConfig":
+        if self.prm == "learned" and not self.model:
+            raise ValueError("model: prm learned needs the directory of a step PRM (outrider rm train on step labels)")
+        return self
 
 
 @SCORE.register("process_reward", config=ProcessRewardConfig)
@@ -68,13 +85,29 @@ class ProcessReward(Piece):
         self.reference: list[float] = []
         self._steps: list[int] = []
         self._valid: list[float] = []
+        self.seconds = 0.0
+        self.scorer = None
+        if cfg.prm == "learned":
+            from outrider.score.step_rm import StepScorer
 
-    def steps(self, episode: Episode) -> list[float]:
-        return valid_equation_scores(episode.response, self.cfg.delimiter)
+            where = f"{build.where}.model" if build is not None and build.where else "process_reward.model"
+            self.scorer = StepScorer(cfg.model, where, build.policy if build is not None else None)
+            if self.scorer.delimiter != cfg.delimiter:
+                raise OutriderError(f"{where}: the PRM was trained on steps ending in {self.scorer.delimiter!r}, "
+                                    f"this component's delimiter is {cfg.delimiter!r}")
+
+    def per_step(self, episodes: list[Episode]) -> list[list[float]]:
+        """Each response's step scores."""
+        if self.scorer is None:
+            return [valid_equation_scores(e.response, self.cfg.delimiter) for e in episodes]
+        prompts = [e.turns[0].observation if e.turns else "" for e in episodes]
+        return self.scorer(prompts, [e.response for e in episodes], self.cfg.batch_size)
 
     def __call__(self, episodes: list[Episode]) -> list[float]:
         cfg: ProcessRewardConfig = self.cfg
-        per_step = [self.steps(e) for e in episodes]
+        t0 = time.perf_counter()
+        per_step = self.per_step(episodes)
+        self.seconds += time.perf_counter() - t0
         self._steps += [len(r) for r in per_step]
         self._valid += [sum(r) for r in per_step]
         if cfg.shaping == "clip":
@@ -92,7 +125,9 @@ class ProcessReward(Piece):
         """Mean steps per response and mean raw (unshaped, unweighted) step score of the step's responses."""
         n = max(len(self._steps), 1)
         out = {"process_reward/steps": sum(self._steps) / n, "process_reward/raw": sum(self._valid) / n}
-        self._steps, self._valid = [], []
+        if self.scorer is not None:
+            out["time/score/process_reward_s"] = self.seconds
+        self._steps, self._valid, self.seconds = [], [], 0.0
         return out
 
     def state_dict(self) -> dict[str, Any]:

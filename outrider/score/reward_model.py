@@ -58,34 +58,54 @@ class Labelled(NamedTuple):
     label: float
 
 
-def parse_labelled(row: dict[str, Any], where: str) -> Labelled:
-    """One line of a labelled-responses file; a missing or mistyped field is one error naming the line."""
+def check_fields(row: dict[str, Any], where: str, keys: tuple[str, ...], what: str) -> None:
+    """The ``prompt`` and ``response`` of a data line are strings and no field is outside `keys` (one error naming
+    the line and the field)."""
     for k in ("prompt", "response"):
         if not isinstance(row.get(k), str):
             problem = "missing" if k not in row else f"a {type(row[k]).__name__}, not a string"
-            raise OutriderError(f"{where}: field '{k}' is {problem} (a labelled response is {{\"prompt\", "
-                                "\"response\", \"label\"}})")
-    label = row.get("label")
-    if isinstance(label, bool):
-        label = float(label)
-    if not isinstance(label, (int, float)) or not math.isfinite(label) or not 0 <= label <= 1:
-        raise OutriderError(f"{where}: field 'label' must be a number from 0 to 1 or a boolean, got {label!r}")
-    unknown = sorted(set(row) - set(LABEL_KEYS))
+            raise OutriderError(f"{where}: field '{k}' is {problem} (a {what} is {{"
+                                + ", ".join(f'"{x}"' for x in keys) + "})")
+    unknown = sorted(set(row) - set(keys))
     if unknown:
-        raise OutriderError(f"{where}: unknown field '{unknown[0]}'; valid: {', '.join(LABEL_KEYS)}")
-    return Labelled(row["prompt"], row["response"], float(label))
+        raise OutriderError(f"{where}: unknown field '{unknown[0]}'; valid: {', '.join(keys)}")
 
 
-def read_examples(path: str) -> tuple[str, list[Pair] | list[Labelled]]:
-    """``("pairs", pairs)`` or ``("labels", labelled)`` from a JSONL file, the kind told by its first line (pairs:
-    ``chosen``/``rejected``, as `outrider.loops.offline` reads them; labels: ``response``/``label``). Every line must
-    be of that kind; a bad line is one error naming file, line and field."""
+def unit_label(label: Any) -> float | None:
+    """A label as a float from 0 to 1 (a boolean is 0/1); None when it is not one."""
+    if isinstance(label, bool):
+        return float(label)
+    if not isinstance(label, (int, float)) or not math.isfinite(label) or not 0 <= label <= 1:
+        return None
+    return float(label)
+
+
+def parse_labelled(row: dict[str, Any], where: str) -> Labelled:
+    """One line of a labelled-responses file; a missing or mistyped field is one error naming the line."""
+    check_fields(row, where, LABEL_KEYS, "labelled response")
+    label = unit_label(row.get("label"))
+    if label is None:
+        raise OutriderError(f"{where}: field 'label' must be a number from 0 to 1 or a boolean, got "
+                            f"{row.get('label')!r}")
+    return Labelled(row["prompt"], row["response"], label)
+
+
+def read_examples(path: str, delimiter: str = ",") -> tuple[str, list]:
+    """``("pairs", pairs)``, ``("labels", labelled)`` or ``("steps", step-labelled)`` from a JSONL file, the kind
+    told by its first line (pairs: ``chosen``/``rejected``, as `outrider.loops.offline` reads them; steps:
+    ``step_labels``, one per step of the response cut at `delimiter` (`score.step_rm`); labels:
+    ``response``/``label``). Every line must be of that kind; a bad line is one error naming file, line and field."""
+    from outrider.score.step_rm import parse_step_labelled
+
     kind, out = None, []
     for n, row in json_objects(path, "rm train DATA"):
         where = f"{path}:{n}"
         if kind is None:
-            kind = "pairs" if "chosen" in row or "rejected" in row else "labels"
-        if kind == "pairs":
+            kind = ("pairs" if "chosen" in row or "rejected" in row else "steps" if "step_labels" in row
+                    else "labels")
+        if kind == "steps":
+            out.append(parse_step_labelled(row, where, delimiter))
+        elif kind == "pairs":
             pair = parse_pair(row, where)
             if pair.prefix:
                 raise OutriderError(f"{where}: field 'prefix' is not read by a reward model; give whole responses")
@@ -169,6 +189,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     contrastive: float = 0.0  # pairs: weight λ of the goal-conditioned contrastive term [87] (0: plain BT)
     contrastive_samples: int = 16  # pairs: S, positions drawn per response for that term
+    delimiter: str = ","  # steps: the text that ends a step (`score.step_rm`)
 
 
 def split_by_prompt(examples: list, heldout: float, seed: int) -> tuple[list, list]:
@@ -182,9 +203,14 @@ def split_by_prompt(examples: list, heldout: float, seed: int) -> tuple[list, li
 
 
 def batch_loss(rm: RewardModel, kind: str, rows: list, contrastive: float = 0.0,
-               samples: int = 16) -> tuple[Tensor, Tensor]:
-    """(loss, per-example correctness) of a minibatch: pairs ranked right (a tie counts ½), or labels matched by
-    the sign of r. Pairs with ``contrastive`` λ > 0: ``BT + λ·ℓ_gc`` (`goal_rm.contrastive_term`, [87])."""
+               samples: int = 16, delimiter: str = ",") -> tuple[Tensor, Tensor]:
+    """(loss, per-example correctness) of a minibatch: pairs ranked right (a tie counts ½), labels matched by the
+    sign of r, or (steps) each labelled step matched by the sign of its logit (`step_rm.step_batch_loss`). Pairs
+    with ``contrastive`` λ > 0: ``BT + λ·ℓ_gc`` (`goal_rm.contrastive_term`, [87])."""
+    if kind == "steps":
+        from outrider.score.step_rm import step_batch_loss
+
+        return step_batch_loss(rm, rows, delimiter)
     if kind == "pairs":
         seqs = [rm.encode(p.prompt, p.chosen) for p in rows] + [rm.encode(p.prompt, p.rejected) for p in rows]
         r, hidden, last = rm.forward_hidden(seqs)
@@ -204,10 +230,15 @@ def batch_loss(rm: RewardModel, kind: str, rows: list, contrastive: float = 0.0,
 
 
 @torch.no_grad()
-def evaluate(rm: RewardModel, kind: str, rows: list, batch_size: int = 64) -> dict[str, float]:
-    """Mean loss and accuracy (pairs ranked right, or labels matched) over `rows`."""
+def evaluate(rm: RewardModel, kind: str, rows: list, batch_size: int = 64, delimiter: str = ",") -> dict[str, float]:
+    """Mean loss and accuracy (pairs ranked right, or labels matched; steps: per labelled step, and the
+    first-wrong-step AUROC, `step_rm.evaluate_steps`) over `rows`."""
     if not rows:
         return {}
+    if kind == "steps":
+        from outrider.score.step_rm import evaluate_steps
+
+        return evaluate_steps(rm, rows, delimiter, batch_size)
     rm.policy.eval()
     losses, right = [], []
     for i in range(0, len(rows), batch_size):
@@ -236,7 +267,7 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
         order = rng.permutation(len(train_rows))
         for start in range(0, len(order), cfg.batch_size):
             loss, _ = batch_loss(rm, kind, [train_rows[i] for i in order[start:start + cfg.batch_size]],
-                                 cfg.contrastive, cfg.contrastive_samples)
+                                 cfg.contrastive, cfg.contrastive_samples, cfg.delimiter)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.policy.parameters(), cfg.max_grad_norm)
@@ -245,10 +276,14 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
             if on_step is not None:
                 on_step(float(loss.detach()))
     seconds = time.perf_counter() - t0
-    summary = {"objective": "bradley_terry" if kind == "pairs" else "label_bce", "train_examples": len(train_rows),
+    objective = {"pairs": "bradley_terry", "labels": "label_bce", "steps": "step_bce"}[kind]
+    summary = {"objective": objective, "train_examples": len(train_rows),
                "heldout_examples": len(held_rows), "steps": steps, "train_s": seconds, "epochs": cfg.epochs,
                "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "heldout_share": cfg.heldout,
-               "train": evaluate(rm, kind, train_rows), "heldout": evaluate(rm, kind, held_rows)}
+               "train": evaluate(rm, kind, train_rows, delimiter=cfg.delimiter),
+               "heldout": evaluate(rm, kind, held_rows, delimiter=cfg.delimiter)}
+    if kind == "steps":
+        summary["delimiter"] = cfg.delimiter
     if kind == "pairs" and cfg.contrastive > 0:
         summary.update(contrastive=cfg.contrastive, contrastive_samples=cfg.contrastive_samples,
                        goal_state=goal_state(rm, train_rows).tolist())
