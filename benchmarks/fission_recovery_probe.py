@@ -13,6 +13,7 @@ recovery success of each, and two recovery rollouts per feedback.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import torch
 
@@ -44,7 +45,11 @@ def main() -> None:
     erred = [(e, k) for e in episodes if (k := first_invalid(e)) is not None]
     print(f"success {sum(e.success for e in episodes) / len(episodes):.3f}; episodes with an invalid action "
           f"{len(erred)} of {len(episodes)}, of which succeeded anyway {sum(e.success for e, _ in erred)}")
-    candidates = [(e, k) for e, k in erred if not e.success and k + 1 < len(e.turns)][:40]
+    candidates = [(e, k) for e, k in erred if not e.success and k + 1 < len(e.turns)]
+    at = Counter(k for _, k in candidates)
+    print(f"fission candidates {len(candidates)}, first error at turn: "
+          + ", ".join(f"{k}: {n}" for k, n in sorted(at.items())))
+    candidates = candidates[:40]
     for label, place in (("env text only", None), ("hint after the error text", "after_observation"),
                          ("hint before the error text", "before_observation")):
         recovery = []
