@@ -91,6 +91,30 @@ def run_numbers(run: Path, samples: int) -> dict[str, float]:
                                                        for r in steps[-10:]])),
                 "retained_frac_training": steps[-1].get("explore/retained_frac", float("nan"))})
     out.update({k.split("/")[1]: float(np.mean([r[k] for r in steps])) for k in STEP_KEYS})
+    out.update(value_and_sil(run, steps))
+    return out
+
+
+def value_and_sil(run: Path, steps: list[dict]) -> dict[str, float]:
+    """With a value head: the mean value loss (``loss/value``); with the ``sil`` term: its rows' share of the batch,
+    the share of its tokens with R > V, and its part of the loss, ``coef·sil/loss + β·sil/value_loss``, against the
+    sum of the parts' magnitudes (``|loss/policy| + vf_coef·loss/value + |sil part|``), all means over the steps."""
+    out: dict[str, float] = {}
+    if not any("loss/value" in r for r in steps):
+        return out
+    out["value_loss"] = float(np.mean([r["loss/value"] for r in steps if "loss/value" in r]))
+    update = load_recipe(run / "recipe.yaml").update
+    sil = next((t for t in (update.terms or []) if t.get("name") == "sil"), None)
+    if sil is None:
+        return out
+    coef, beta = sil.get("coef", 1.0), sil.get("value_coef", 0.01)
+    part = [coef * r.get("sil/loss", 0.0) + beta * r.get("sil/value_loss", 0.0) for r in steps]
+    whole = [abs(r.get("loss/policy", 0.0)) + update.vf_coef * r.get("loss/value", 0.0) + abs(x)
+             for r, x in zip(steps, part)]
+    out.update({"sil_rows": float(np.mean([r.get("sil/rows", 0.0) for r in steps])),
+                "sil_valid_frac": float(np.mean([r["sil/valid_frac"] for r in steps if "sil/valid_frac" in r] or [0])),
+                "sil_loss": float(np.mean(part)),
+                "sil_share": float(np.mean([abs(x) / w if w else 0.0 for x, w in zip(part, whole)]))})
     return out
 
 
@@ -145,7 +169,9 @@ def main() -> None:
     if base is not None:
         for name, v in numbers.items():
             if name != args.baseline and len(v) == len(base):
-                for k in ("retained", "retained_success", "pass@1_end", "step_s", "train_s"):
+                for k in ("retained", "retained_success", "pass@1_end", "step_s", "train_s", "value_loss"):
+                    if k not in v[0] or k not in base[0]:
+                        continue
                     print(f"paired {name} - {args.baseline} {k}: {fmt([a[k] - b[k] for a, b in zip(v, base)])}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(numbers, indent=1))

@@ -39,6 +39,17 @@ def run_costs(run: Path) -> dict[str, float]:
             "step_s": mean("time/step_s"), "sample_s": mean("time/sample_s"), "train_s": mean("time/train_s")}
 
 
+def recovery_totals(run: Path) -> tuple[float, float, float] | None:
+    """A fission run's totals at its last step: fissions, recovery rollouts, successful ones (None otherwise)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "explore/fissions_total" in r]
+    if not rows:
+        return None
+    recovery_rollouts = sum(r["explore/fissions"] for r in rows)  # each fission: recovery_group_size rollouts
+    size = yaml.safe_load((run / "recipe.yaml").read_text())["explore"].get("recovery_group_size", 8)
+    return rows[-1]["explore/fissions_total"], recovery_rollouts * size, rows[-1]["explore/recovered_total"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dirs", nargs="+", type=Path)
@@ -61,6 +72,13 @@ def main() -> None:
             end = [s["eval_end"][key] for s in runs.values()]
             diff = [runs[s]["eval_end"][key] - base[s]["eval_end"][key] for s in runs if s in base]
             print(f"| {name} | {len(runs)} | {fmt(start)} | {fmt(end)} | {fmt(diff) if name != args.baseline else ''} |")
+    print("\nfission recoveries: recipe | fissions | recovery rollouts | succeeded | success rate (per seed)")
+    for name, runs in recipes.items():
+        ends = [recovery_totals(r) for r in runs.values()]
+        if all(e is not None for e in ends):
+            rates = [e[2] / max(e[1], 1) for e in ends]
+            print(f"| {name} | " + " | ".join(" / ".join(f"{e[i]:.0f}" for e in ends) for i in range(3))
+                  + f" | {fmt(rates)} ({' / '.join(f'{r:.3f}' for r in rates)}) |")
     print("\ncost per RL step: recipe | env steps | sampled tokens | step s | sample s | train s")
     for name, runs in recipes.items():
         costs = [run_costs(r) for r in runs.values()]

@@ -210,7 +210,7 @@ def test_the_replayed_rows_importance_weights_per_origin_by_hand():
 
 
 def test_sil_weights_the_loglikelihood_and_value_by_the_positive_return_gap():
-    term = TERMS.create({"name": "sil", "coef": 1.0, "value_coef": 0.01})
+    term = TERMS.create({"name": "sil", "coef": 1.0, "value_coef": 0.01, "clip": None, "normalize": "aggregate"})
     batch = replay_batch(None)
     values = torch.tensor([[0.0, 0.25, 1.5], [0.0, 0.25, 1.5]], requires_grad=True)
     ctx, leaf = term_ctx(batch, values)
@@ -224,6 +224,34 @@ def test_sil_weights_the_loglikelihood_and_value_by_the_positive_return_gap():
     torch.testing.assert_close(leaf.grad[1], torch.tensor([0.0, -0.75 / 2, 0.0]))
     assert torch.all(leaf.grad[0] == 0)
     torch.testing.assert_close(values.grad[1], torch.tensor([0.0, -0.01 * 0.75 / 2, 0.0]))
+
+
+@pytest.mark.parametrize("min_samples", [1, 64])
+def test_sil_clips_the_gap_at_c_and_divides_by_the_tokens_above_the_value_as_the_authors_code(min_samples):
+    term = TERMS.create({"name": "sil", "coef": 1.0, "value_coef": 0.01, "min_samples": min_samples})  # clip 1
+    values = torch.tensor([[0.0, -0.5, 0.25], [0.0, -0.5, 0.25]], requires_grad=True)
+    ctx, leaf = term_ctx(replay_batch(None), values)
+    out = term(ctx)
+    # row 1: R_t = 1; (R − V)₊ = 1.5, 0.75 → g = 1 (clipped), 0.75; both tokens above V: n = max(2, min_samples)
+    n = max(2, min_samples)
+    policy = (1.0 * 1.0 + 1.0 * 0.75) / n  # −log π = 1, 1
+    value = (1.0 * (1.5 - 0.5) + 0.5 * 0.75 ** 2) / n  # linear above c: c·(gap − c/2)
+    assert float(out.loss) == pytest.approx(policy + 0.01 * value)
+    assert float(out.metrics["loss"]) == pytest.approx(policy) and out.metrics["valid_frac"] == 1.0
+    out.loss.backward()
+    torch.testing.assert_close(leaf.grad[1], torch.tensor([0.0, -1.0 / n, -0.75 / n]))
+    torch.testing.assert_close(values.grad[1], torch.tensor([0.0, -0.01 * 1.0 / n, -0.01 * 0.75 / n]))
+    assert torch.all(values.grad[0] == 0)
+
+
+def test_sil_without_a_token_above_the_value_trains_nothing():
+    term = TERMS.create({"name": "sil", "min_samples": 1})
+    values = torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, 1.0]], requires_grad=True)  # V ≥ R = 1 everywhere
+    ctx, leaf = term_ctx(replay_batch(None), values)
+    out = term(ctx)
+    assert float(out.loss) == 0.0 and out.metrics["valid_frac"] == 0.0
+    out.loss.backward()
+    assert torch.all(leaf.grad == 0) and torch.all(values.grad == 0)
 
 
 # --- a run ----------------------------------------------------------------------------------------------------------

@@ -11,21 +11,26 @@ weights do not apply.
   existing `clip_cov` surrogate, computed over the replayed tokens, with the authors' replay constants: ratio
   0.02, band (2, 60)). The weight ramps up: ``coef·(1 − cos(π·t/T))/2`` for step t ≤ T (``ramp_steps``, the
   authors' ``max_replay_loss_ascending_steps`` 100), ``coef`` after.
-- ``sil`` (Oh et al. 2018, "Self-Imitation Learning", arXiv:1806.05635): ``ℓ_t = −log π_θ(x_t)·(R_t − V_t)₊
-  + β·½·((R_t − V_t)₊)²`` with R_t the undiscounted return from token t (the rewards at and after it) and V_t the
-  value head's prediction (`Needs(values=True)`: the PPO recipe's head); β = 0.01 as in the paper. The
-  ``(R − V)₊`` weight is detached in the policy part; only rows that did better than the value predicts train.
+- ``sil`` (Oh et al. 2018, "Self-Imitation Learning", arXiv:1806.05635): ``ℓ_t = −log π_θ(x_t)·g_t
+  + β·½·g_t²`` with ``g_t = min((R_t − V_t)₊, c)``, R_t the undiscounted return from token t (the rewards at and
+  after it) and V_t the value head's prediction (`Needs(values=True)`: the PPO recipe's head); β = 0.01 as in the
+  paper. As in the authors' code (junhyukoh/self-imitation-learning, ``common/self_imitation.py``
+  ``build_loss_op``): the gap is clipped at c = 1 (``clip``; above it the value part is linear, its gradient
+  −c), and both parts are summed over the replayed tokens and divided by ``max(n_valid, min_samples)``, n_valid the
+  tokens with R > V (their ``num_samples``, ``min_batch_size`` 64); ``normalize: aggregate`` uses the recipe's
+  aggregation over all replayed tokens instead. The weight g is detached in the policy part; only tokens that did
+  better than the value predicts train.
 
 Metrics: ``sil/rows`` (replayed rows with a positive weight, share of the minibatch's rows), ``sil/coef``,
 ``sil/advantage_mean``; for ``spear_sil`` the ratio against μ over the replayed tokens, ``sil/ratio_mean``,
 ``sil/ratio_max`` and ``sil/clipped_frac`` (tokens where the clip holds: r > 1 + ε_high), and
-``sil/cov_detached_frac``; for ``sil`` ``sil/value_loss``.
+``sil/cov_detached_frac``; for ``sil`` ``sil/value_loss`` and ``sil/valid_frac`` (replayed tokens with R > V).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -137,11 +142,28 @@ class SpearSIL(StepCounter):
 class SILConfig(PieceConfig):
     coef: float = Field(1.0, ge=0, description="Weight of the self-imitation policy part.")
     value_coef: float = Field(0.01, ge=0, description="beta: weight of the value part (Oh et al.: 0.01).")
+    clip: float | None = Field(1.0, gt=0, description="c: (R - V)+ clipped at c in both parts (authors' code: 1; "
+                                                      "null: no clip).")
+    normalize: Literal["valid", "aggregate"] = Field(
+        "valid", description="valid: sums over the replayed tokens / max(tokens with R > V, min_samples) (authors' "
+                             "code); aggregate: the recipe's aggregation over all replayed tokens.")
+    min_samples: int = Field(64, ge=1, description="normalize: valid: the divisor's floor (authors' min_batch_size "
+                                                   "64).")
+
+
+def sil_gap_losses(returns: Tensor, values: Tensor, clip: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token: the clipped gap ``g = min((R − V)₊, c)`` (detached), its value loss ``½·(R − V)₊²`` up to c and
+    ``c·((R − V)₊ − c/2)`` above (gradient −g, the authors' clipped ``delta``), and the ``R > V`` indicator."""
+    raw = torch.clamp(returns - values, min=0.0)
+    gap = raw if clip is None else torch.clamp(raw, max=clip)
+    value = 0.5 * raw ** 2 if clip is None else torch.where(raw <= clip, 0.5 * raw ** 2, clip * (raw - 0.5 * clip))
+    return gap.detach(), value, (returns > values).to(values.dtype)
 
 
 @TERMS.register("sil", config=SILConfig, needs=Needs(values=True))
 class SIL(Term):
-    """Self-Imitation Learning (Oh et al. 2018): ``−log π·(R − V)₊ + β·½·(R − V)₊²`` on replayed rows."""
+    """Self-Imitation Learning (Oh et al. 2018): ``−log π·g + β·½·g²``, ``g = min((R − V)₊, c)``, on replayed
+    rows."""
 
     prefix = "sil"
     cfg: SILConfig
@@ -155,10 +177,15 @@ class SIL(Term):
         mask = ctx.mask[rows]
         rewards = b.token_rewards[rows] * mask
         returns = rewards.flip(-1).cumsum(-1).flip(-1)  # R_t: the rewards at and after token t (γ = 1)
-        gap = torch.clamp(returns - ctx.values[rows], min=0.0) * mask
-        policy = -ctx.logprobs[rows] * gap.detach()
-        value = 0.5 * gap ** 2
-        policy_loss, value_loss = ctx.aggregate(policy, mask), ctx.aggregate(value, mask)
-        metrics.update({"advantage_mean": masked_mean(gap.detach(), mask), "loss": policy_loss.detach(),
-                        "value_loss": value_loss.detach()})
+        gap, value, valid = sil_gap_losses(returns, ctx.values[rows], cfg.clip)
+        gap, value, valid = gap * mask, value * mask, valid * mask
+        policy = -ctx.logprobs[rows] * gap
+        n_valid = float(valid.sum())
+        if cfg.normalize == "valid":
+            n = max(n_valid, float(cfg.min_samples))
+            policy_loss, value_loss = policy.sum() / n, value.sum() / n
+        else:
+            policy_loss, value_loss = ctx.aggregate(policy, mask), ctx.aggregate(value, mask)
+        metrics.update({"advantage_mean": masked_mean(gap, mask), "loss": policy_loss.detach(),
+                        "value_loss": value_loss.detach(), "valid_frac": n_valid / float(mask.sum())})
         return TermOutput(loss=cfg.coef * policy_loss + cfg.value_coef * value_loss, metrics=metrics)
