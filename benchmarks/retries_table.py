@@ -50,6 +50,22 @@ def recovery_totals(run: Path) -> tuple[float, float, float] | None:
     return rows[-1]["explore/fissions_total"], recovery_rollouts * size, rows[-1]["explore/recovered_total"]
 
 
+RETRY = ("explore/first_success", "explore/retry_success", "explore/retries", "origin/retry/iw_mean")
+
+
+def retry_means(run: Path) -> dict[str, float]:
+    """Per-step means of R³L's retry metrics ({} for a run without retries); the retry success and importance
+    weight over the steps that had retries."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "explore/retries" in r]
+    out = {}
+    for key in RETRY:
+        vals = [r[key] for r in rows if key in r and (key == "explore/first_success" or r["explore/retries"] > 0)]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    return out if len(out) == len(RETRY) else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dirs", nargs="+", type=Path)
@@ -79,6 +95,12 @@ def main() -> None:
             rates = [e[2] / max(e[1], 1) for e in ends]
             print(f"| {name} | " + " | ".join(" / ".join(f"{e[i]:.0f}" for e in ends) for i in range(3))
                   + f" | {fmt(rates)} ({' / '.join(f'{r:.3f}' for r in rates)}) |")
+    print("\nretries, mean over steps: recipe | first-attempt success | retry success | retries a step | "
+          "retries' importance weight")
+    for name, runs in recipes.items():
+        means = [retry_means(r) for r in runs.values()]
+        if all(m for m in means):
+            print(f"| {name} | " + " | ".join(fmt([m[k] for m in means]) for k in RETRY) + " |")
     print("\ncost per RL step: recipe | env steps | sampled tokens | step s | sample s | train s")
     for name, runs in recipes.items():
         costs = [run_costs(r) for r in runs.values()]

@@ -292,6 +292,33 @@ def test_warm_start_hints_name_the_demonstrated_action():
     assert add_hints(demos, 0.0, "Hint: {hint}\n", random.Random(0)) == demos
 
 
+def test_warm_start_decoy_hints_name_another_demonstrations_action_and_end_there():
+    """A decoy: the hinted turn's action is another demonstration's at that turn (its last if shorter), named by
+    the hint, and nothing follows; the hints' own draws (which turn) are those of a run without decoys."""
+    import random
+
+    from outrider.envs.base import Demonstration
+    from outrider.policy.sft import add_hints
+
+    demos = [Demonstration([("q1\n", "calc: 1*2"), ("= 2\n", "answer: 2")]), Demonstration([("q2\n", "calc: 3*4")])]
+    plain = add_hints(demos, 1.0, "H {hint}\n", random.Random(0))
+    decoyed = add_hints(demos, 1.0, "H {hint}\n", random.Random(0), decoy=1.0, decoy_rng=random.Random(0))
+    for d, p, h, donor in zip(demos, plain, decoyed, demos[::-1]):
+        j = next(k for k, (a, b) in enumerate(zip(d.turns, p.turns)) if a != b)  # the plain run's hinted turn
+        action = donor.turns[min(j, len(donor.turns) - 1)][1]
+        assert h.turns == d.turns[:j] + [(f"H {action}\n" + d.turns[j][0], action)]
+    # decoy 0 (or no decoy stream) leaves the hints as they were
+    assert add_hints(demos, 1.0, "H {hint}\n", random.Random(0), decoy=0.0, decoy_rng=random.Random(0)) == plain
+
+
+def test_warm_start_decoys_need_hints():
+    from outrider.errors import OutriderError
+    from outrider.policy.sft import WarmStartConfig, warm_start
+
+    with pytest.raises(OutriderError, match="hint_decoy_fraction: needs hint_fraction"):
+        warm_start(None, None, WarmStartConfig(steps=1, hint_decoy_fraction=0.5))  # type: ignore[arg-type]
+
+
 def test_fill_fresh_replaces_a_first_attempt_without_retry(task, policy):
     """The authors' workflow keeps every group at 2 x first attempts: a success gets a fresh rollout instead."""
     episodes, metrics, starts = step_with(task, policy, first_attempts(task, policy), fill="fresh")

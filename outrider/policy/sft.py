@@ -37,6 +37,13 @@ class WarmStartConfig(Options):
                                                          "action (L its length): 1 the whole action; below 1 a "
                                                          "partial reference the policy learns to continue (set "
                                                          "it to loop bstar's hint_fraction for ReGFT [104]).")
+    hint_decoy_fraction: float = Field(0.0, ge=0, le=1, description="Share of the hinted demonstrations whose "
+                                       "hinted action is another demonstration's action at that turn (usually "
+                                       "wrong for this problem), named by the hint, the demonstration ending there: "
+                                       "only the hint predicts that action, so the policy learns to act on a hint "
+                                       "even where the observation suggests otherwise (hints that merely repeat "
+                                       "what the observation implies are ignored by a tiny model). Needs "
+                                       "hint_fraction > 0.")
     feedback_fraction: float = Field(0.0, ge=0, le=1, description="Share of demonstrations whose first observation "
                                                                   "is preceded by a hindsight experience: another "
                                                                   "demonstration's (usually wrong) response and the "
@@ -71,17 +78,23 @@ def partial_hint(answer: str, fraction: float) -> str:
     return answer[: math.ceil(fraction * len(answer))]
 
 
-def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: random.Random,
-              cut: float = 1.0) -> list[Demonstration]:
+def add_hints(demos: list[Demonstration], fraction: float, template: str, rng: random.Random, cut: float = 1.0,
+              decoy: float = 0.0, decoy_rng: random.Random | None = None) -> list[Demonstration]:
     """In `fraction` of the demonstrations, prefix one random turn's observation with `template` naming that
     turn's action, or its first ⌈cut·L⌉ characters (a tiny model learns to follow a hint only if it has seen
-    one)."""
+    one). In `decoy` of those (drawn from `decoy_rng`, so the hints' own draws do not change), the hinted action is
+    a random other demonstration's action at that turn (its last, if shorter) and the demonstration ends with it:
+    there the hint, not the observation, is what predicts the action."""
     out = []
     for d in demos:
         if d.turns and rng.random() < fraction:
             turns = list(d.turns)
             j = rng.randrange(len(turns))
             obs, action = turns[j]
+            if decoy and decoy_rng is not None and len(demos) > 1 and decoy_rng.random() < decoy:
+                donor = decoy_rng.choice([o for o in demos if o is not d and o.turns] or [d])
+                action = donor.turns[min(j, len(donor.turns) - 1)][1]
+                turns = turns[:j + 1]  # what follows was played after the demonstrated action, not this one
             turns[j] = (template.format(hint=partial_hint(action, cut)) + obs, action)
             out.append(Demonstration(turns))
         else:
@@ -132,6 +145,10 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
     rng = random.Random(cfg.seed)
     hint_rng = random.Random(f"hints:{cfg.seed}")  # its own stream: runs without hints draw exactly as before
     feedback_rng = random.Random(f"feedback:{cfg.seed}")
+    decoy_rng = random.Random(f"hint-decoys:{cfg.seed}")
+    if cfg.hint_decoy_fraction and not cfg.hint_fraction:
+        raise OutriderError("policy.warm_start.hint_decoy_fraction: needs hint_fraction > 0 (decoys are a share "
+                            "of the hinted demonstrations)")
     if cfg.feedback_fraction and not callable(getattr(task, "feedback", None)):
         raise OutriderError(f"policy.warm_start.feedback_fraction: needs the task's feedback(env, action) hook, "
                             f"which {type(task).__name__} does not have (built-in tasks with it: stepsum)")
@@ -143,7 +160,8 @@ def warm_start(policy: Policy, task: Task, cfg: WarmStartConfig,
         seeds = [DEMO_SEED_OFFSET + step * cfg.batch_size + i for i in range(cfg.batch_size)]
         demos = corrupt(task.demonstrations(seeds), cfg.wrong_fraction, rng)
         if cfg.hint_fraction:
-            demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng, cfg.hint_cut)
+            demos = add_hints(demos, cfg.hint_fraction, cfg.hint_template, hint_rng, cfg.hint_cut,
+                              cfg.hint_decoy_fraction, decoy_rng)
         if cfg.feedback_fraction:
             demos = add_feedback(task, demos, seeds, cfg.feedback_fraction, cfg.feedback_template, feedback_rng)
         batch = pack([demo_episode(policy, d, i) for i, d in enumerate(demos)], policy.pad_id, policy.bos_id)
