@@ -2,6 +2,11 @@
 directory (runs under <dir>/<recipe>/seed<k>/metrics.jsonl): the sparse-level figure of docs/exploration.md.
 
     python benchmarks/exploration_plot.py runs/doorkey6_compare --out docs/exploration_doorkey6.png
+    python benchmarks/exploration_plot.py runs/fixed_robustify --out docs/exploration/fixed_robustify.png \
+        --panels explore/archive_cells=cells explore/start_success:rolling="success from the start state"
+
+`--panels KEY[:rolling]=TITLE ...` picks the panels (default: cells, solved layouts, held-out success);
+`:rolling` plots a trailing mean over `--window` logged values (for per-step rates such as start success).
 
 Curves are means over seeds with 95% percentile-bootstrap bands (the compare report's intervals), each seed's
 x the cumulative `explore/env_steps` (env steps taken by rollouts: restores are not steps, replayed prefix turns
@@ -37,22 +42,42 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(xs), np.array(ys)
 
 
+def panel(spec: str) -> tuple[str, bool, str]:
+    """'KEY[:rolling][=TITLE]' -> (key, rolling, title)."""
+    key, _, title = spec.partition("=")
+    key, _, mode = key.partition(":")
+    return key, mode == "rolling", title or key
+
+
+def rolling(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    lo = np.maximum(np.arange(1, len(y) + 1) - window, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(y) + 1) - lo)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("compare_dir", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/exploration_doorkey6.png"))
+    ap.add_argument("--panels", nargs="+", default=[f"{k}={t}" for k, t in PANELS])
+    ap.add_argument("--window", type=int, default=5)
     args = ap.parse_args()
+    panels = [panel(p) for p in args.panels]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recipes = sorted(p for p in args.compare_dir.iterdir() if p.is_dir() and list(p.glob("seed*/metrics.jsonl")))
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    axes = axes[0]
     for recipe in recipes:
         runs = [load(r) for r in sorted(recipe.glob("seed*")) if (r / "metrics.jsonl").exists()]
-        for ax, (key, title) in zip(axes, PANELS):
+        for ax, (key, smooth, title) in zip(axes, panels):
             curves = [series(rows, key) for rows in runs]
+            if smooth:
+                curves = [(x, rolling(y, args.window)) for x, y in curves]
             n = min(len(x) for x, _ in curves)
             if n == 0:
                 continue
