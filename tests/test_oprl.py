@@ -16,6 +16,7 @@ from outrider.credit import CREDIT
 from outrider.credit.oprl import (dpo_pair_loss, group_step_advantages, preference_pairs, trajectory_scores,
                                   turn_log_ratios)
 from outrider.credit.outcome import broadcast_to_actions, grpo_episode_advantages
+from outrider.credit.step_level import broadcast_turns
 from outrider.data import Batch, Episode, Turn, pack
 from outrider.errors import OutriderError
 from outrider.policy.model import Policy
@@ -157,6 +158,20 @@ def test_state_round_trip_continues_identically():
     a, b = piece(batch), fresh(batch)
     assert torch.equal(a.advantages, b.advantages) and a.metrics["prm_loss"] == b.metrics["prm_loss"]
     assert all(torch.equal(v, fresh.phi.state_dict()[k]) for k, v in piece.phi.state_dict().items())
+
+
+def test_step_mode_centres_the_step_rewards_without_std():
+    # the authors' code: step rewards minus the group's mean (no std), the episode part still GRPO's
+    piece, policy = make_piece(step_mode="mean_norm", step_scale="none")
+    batch = piece_batch()
+    piece(batch)  # φ moves off θold
+    with torch.no_grad():
+        phi = piece.phi.score(batch.input_ids, batch.attention_mask, groups=batch.group_index).logprobs
+        old = policy.score(batch.input_ids, batch.attention_mask, groups=batch.group_index).logprobs
+    q, valid = turn_log_ratios(phi, old, batch, 0.5)
+    expected = broadcast_to_actions(grpo_episode_advantages(batch, True, EPS), batch.action_mask) + \
+        broadcast_turns(group_step_advantages(q, valid, batch.group_index, False, EPS), batch)
+    torch.testing.assert_close(piece(batch).advantages, expected, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- runs

@@ -63,6 +63,9 @@ class OPRLConfig(CreditConfig):
     mode: Literal["mean_norm", "mean_std_norm"] = Field(
         "mean_std_norm", description="mean_norm: subtract the group mean; mean_std_norm: also divide by the group "
                                      "std + ε. Applies to the episode and the step level alike.")
+    step_mode: Literal["mean_norm", "mean_std_norm"] | None = Field(
+        None, description="The step level's normalisation when it differs from `mode` (the authors' code: the "
+                          "batch_max-scaled step rewards minus the group mean, no std); None: `mode`.")
     epsilon: float = Field(1e-6, ge=0.0, description="Added to a std before dividing (mean_std_norm only).")
     pairing: Literal["label", "order"] = Field(
         "label", description="Preference pairs inside a group: label = every episode with R > label_threshold "
@@ -180,9 +183,9 @@ class OPRL(Piece):
         scaled = r
         if cfg.step_scale == "batch_max" and bool(valid.any()):
             scaled = r / (r[valid].abs().max() + 1e-6)
-        std_norm = cfg.mode == "mean_std_norm"
-        a_step = group_step_advantages(scaled, valid, batch.group_index, std_norm, cfg.epsilon)
-        a_ep = grpo_episode_advantages(batch, std_norm, cfg.epsilon)
+        step_std = (cfg.step_mode or cfg.mode) == "mean_std_norm"
+        a_step = group_step_advantages(scaled, valid, batch.group_index, step_std, cfg.epsilon)
+        a_ep = grpo_episode_advantages(batch, cfg.mode == "mean_std_norm", cfg.epsilon)
         adv = broadcast_to_actions(a_ep, batch.action_mask) + cfg.omega * broadcast_turns(a_step, batch)
         metrics["step_reward_abs"] = float(r[valid].abs().mean()) if bool(valid.any()) else 0.0
         metrics["step_advantage_abs"] = float(a_step[valid].abs().mean()) if bool(valid.any()) else 0.0
