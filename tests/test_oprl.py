@@ -43,7 +43,8 @@ def test_turn_log_ratios_sum_each_turns_action_tokens():
     phi = torch.tensor([[3.0, -1.0, -2.0, 9.0, -0.5, -0.5], [0.0, -1.0, -1.0, 4.0, 4.0, 4.0]])
     old = torch.tensor([[0.0, -2.0, -2.0, 0.0, -1.0, -1.5], [0.0, -0.5, -1.5, 0.0, 0.0, 0.0]])
     q, valid = turn_log_ratios(phi, old, b, beta=0.5)
-    # observation and padding tokens are ignored: row 0 turn 0: (1 + 0)·.5, turn 1: (.5 + 1)·.5; row 1: (−.5 + .5)·.5
+    # observation and padding tokens are ignored:
+    # row 0 turn 0: (1 + 0)·.5, turn 1: (.5 + 1)·.5; row 1: (−.5 + .5)·.5
     torch.testing.assert_close(q, torch.tensor([[0.5, 0.75], [0.0, 0.0]]))
     assert valid.tolist() == [[True, True], [True, False]]
     torch.testing.assert_close(trajectory_scores(q, valid, "sum"), torch.tensor([1.25, 0.0]))

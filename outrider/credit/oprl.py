@@ -5,7 +5,7 @@ the old policy, whose per-turn log-ratio is a step reward, and step advantages a
 Notation as in `step_level`: episode i of group g has turns k (``batch.step_index``); a turn is a *step* when it
 has an action token; ``R_i`` is the episode's composed reward (the verifier's). Each call, on the packed batch:
 
-- ``q_{i,k} = β·Σ_{t ∈ turn k} (log πφ(y_t | y_<t) − log πθold(y_t | y_<t))`` over the turn's action tokens, with
+- ``q_{i,k} = β·Σ_{t ∈ turn k} (log πφ(y_t|y_<t) − log πθold(y_t|y_<t))`` over the turn's action tokens, with
   πθold the policy as it is when credit runs (before this step's update) and πφ the PRM, a copy of the policy made
   at the first call (the warm start). ``r_{i,k} = q_{i,k}`` (from φ *before* this batch's update: a step's
   reward never saw its own pair) is the implicit step reward;
@@ -16,8 +16,9 @@ has an action token; ``R_i`` is the episode's composed reward (the verifier's). 
 - φ takes ``updates`` Adam steps on ``L = mean_pairs −log σ(s_+ − s_−)``; a batch with no pair leaves φ and its
   optimiser untouched;
 - step advantage: ``A^S_{i,k} = (r̃_{i,k} − mean_g r̃) / (std_g r̃ + ε)`` over ALL steps of the group's episodes
-  (``mode: mean_std_norm``; ``mean_norm`` only subtracts the mean), with ``r̃ = r / (max_batch |r| + 1e-6)`` under
-  ``step_scale: batch_max`` (the authors' ``istar_norm``; it cancels under mean_std_norm up to ε);
+  (``mode: mean_std_norm``; ``mean_norm`` only subtracts the mean; ``step_mode`` sets the step level apart), with
+  ``r̃ = r / (max_batch |r| + 1e-6)`` under ``step_scale: batch_max`` (the authors' ``istar_norm``; it cancels under
+  mean_std_norm up to ε);
 - ``A_{i,t} = A^E_i + ω·A^S_{i,k(t)}`` with ``A^E`` GRPO's episode advantage in the same ``mode``.
 
 Deviations, all checked against the authors' code (Tongyi-ConvAI/Qwen-Character, ``CharacterRL-iStar/istar``):
@@ -84,8 +85,8 @@ class OPRLConfig(CreditConfig):
 
 # ------------------------------------------------------------------------------------------------- the formulas
 def turn_log_ratios(phi_logprobs: Tensor, old_logprobs: Tensor, batch: Batch, beta: float) -> tuple[Tensor, Tensor]:
-    """``q_{i,k} = β·Σ_{t ∈ turn k, m_t > 0} (log πφ − log πθold)`` ``[B, K]`` (differentiable in φ's log-probs)
-    and the step flag ``[B, K]``."""
+    """``q_{i,k} = β·Σ_{t ∈ turn k, m_t > 0} (log πφ − log πθold)`` ``[B, K]`` (differentiable in φ's
+    log-probs) and the step flag ``[B, K]``."""
     m = batch.action_mask
     diff = torch.where(m > 0, phi_logprobs - old_logprobs, torch.zeros_like(phi_logprobs))
     sums, counts = _per_turn_sum(diff, batch)
