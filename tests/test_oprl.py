@@ -95,6 +95,9 @@ def test_bad_options_name_the_field():
         CREDIT.build({"name": "oprl", "beta": 0})
     with pytest.raises(OutriderError, match="bogus"):
         CREDIT.build({"name": "oprl", "bogus": 1})
+    entry, cfg = CREDIT.build({"name": "oprl"})
+    with pytest.raises(OutriderError, match="needs the run's policy"):
+        entry.create(cfg)(piece_batch())  # built outside a run: no policy to copy
 
 
 # ------------------------------------------------------------------------------------------------------ piece

@@ -45,6 +45,7 @@ from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, episode_scores, grpo_episode_advantages
 from outrider.credit.step_level import _cluster, _cluster_mean_std, _per_turn_sum, broadcast_turns
 from outrider.data import Batch
+from outrider.errors import OutriderError
 from outrider.policy.model import Policy
 from outrider.registry import BuildContext, Piece
 
@@ -149,6 +150,8 @@ class OPRL(Piece):
 
     def _start(self) -> None:
         """Copy the policy as φ (first call: the policy is the warm start by then)."""
+        if self.policy is None:
+            raise OutriderError("credit 'oprl' needs the run's policy: its PRM is a copy of it")
         self.phi = copy.deepcopy(self.policy).eval()
         self.optimizer = torch.optim.Adam(self.phi.parameters(), lr=self.cfg.lr)
 
