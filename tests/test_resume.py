@@ -38,7 +38,7 @@ RESUME_OVERRIDES = dict(
              "keep_checkpoints": 3, "tensorboard": True},
     train={"steps": STEPS},
 )
-UNTIMED = re.compile(r"^(time|throughput)/")
+UNTIMED = re.compile(r"^(time|throughput)/|.*_time_s$")  # a piece's own wall time (credit/prm_time_s) too
 STEP_CKPT = re.compile(r"^step_([1-9][0-9]*)$")
 
 

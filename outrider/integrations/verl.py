@@ -37,7 +37,8 @@ from outrider.update import LOSSES, TokenContext
 from outrider.update.aggregate import aggregate
 
 PREFIX = "outrider_"
-SKIPPED_CREDIT = {"gae": "needs a value head: use verl's own gae"}
+SKIPPED_CREDIT = {"gae": "needs a value head: use verl's own gae",
+                  "oprl": "trains a PRM copied from the policy, which verl's estimator call does not give"}
 SKIPPED_LOSSES = {"none": "trains no policy"}
 
 
@@ -73,6 +74,8 @@ def adv_estimator(section: dict[str, Any] | str) -> Callable[..., tuple[Tensor, 
     ``fn(token_level_rewards, response_mask, index=None, config=None, **kwargs) -> (advantages, returns)``."""
     section = {"name": section} if isinstance(section, str) else dict(section)
     piece = CREDIT.create(section, where=f"verl adv_estimator {section.get('name')!r}")
+    if piece.name in SKIPPED_CREDIT and piece.name != "gae":
+        raise OutriderError(f"credit '{piece.name}': {SKIPPED_CREDIT[piece.name]}")
     if piece.needs.values:
         raise OutriderError(f"credit '{section['name']}': needs a value head, which verl's estimator call does not "
                             "give; use verl's own gae")
