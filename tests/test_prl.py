@@ -149,3 +149,10 @@ def test_a_prl_run_keeps_a_frozen_reference_and_logs_the_process_term(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "reference").is_dir()
     assert rows[0]["credit/prl_process_abs"] == pytest.approx(0.0, abs=1e-5)  # step 1: π_old = π_ref
     assert rows[-1]["credit/prl_process_abs"] > 0.0 and rows[-1]["credit/prl_segments"] >= 1.0
+
+
+def test_a_batch_without_log_probs_is_a_one_line_error():
+    batch = _batch([[1.0]], [[1]], [0], [[0.0]], [[0.0]])
+    batch.ref_logprobs = None
+    with pytest.raises(OutriderError, match="^credit prl: needs the sampling policy's and the reference's log-probs"):
+        CREDIT.create({"name": "prl"})(batch)

@@ -198,6 +198,8 @@ def test_context_for_the_sampler_alone_makes_the_episode_off_policy(policy):
 def assert_untrained_positions_carry_nothing(batch) -> None:
     """Every credit piece gives 0 advantage and every loss 0 gradient where ``action_mask`` is 0."""
     batch.values = torch.zeros_like(batch.token_rewards)
+    batch.old_logprobs = torch.full_like(batch.token_rewards, -0.5)  # what the run fills for prl
+    batch.ref_logprobs = torch.full_like(batch.token_rewards, -1.0)
     for entry in CREDIT.entries():
         adv = entry.fn(batch, entry.config()).advantages
         assert adv[batch.action_mask == 0].abs().sum() == 0, entry.name

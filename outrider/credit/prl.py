@@ -37,6 +37,7 @@ from torch import Tensor
 from outrider.credit import CREDIT, CreditConfig, CreditOutput
 from outrider.credit.outcome import broadcast_to_actions, grpo_episode_advantages
 from outrider.data import Batch
+from outrider.errors import OutriderError
 from outrider.registry import Needs
 from outrider.stats import masked_mean
 
@@ -82,6 +83,9 @@ def prl(batch: Batch, cfg: PRLConfig) -> CreditOutput:
     Metrics: ``credit/prl_process_abs`` (mean |S_{e_k}/η| over action tokens), ``credit/prl_log_ratio`` (mean
     sequence log-ratio ``Σ_t log π_old/π_ref``, a k1 estimate of the KL to the reference) and
     ``credit/prl_segments`` (mean segments per response)."""
+    if batch.old_logprobs is None or batch.ref_logprobs is None:
+        raise OutriderError("credit prl: needs the sampling policy's and the reference's log-probs (batch."
+                            "old_logprobs, batch.ref_logprobs), which a run fills from the piece's needs")
     m = batch.action_mask
     outcome = broadcast_to_actions(grpo_episode_advantages(batch, cfg.std_normalize, cfg.epsilon), m)
     suffix = suffix_log_ratio(batch.old_logprobs, batch.ref_logprobs, m)
