@@ -12,6 +12,7 @@ from outrider.credit.prl import segment_end_values, suffix_log_ratio
 from outrider.data import Batch
 from outrider.errors import OutriderError
 from outrider.recipe import load_recipe
+from outrider.score.shaping import segment_fixed
 from outrider.trainer import Trainer
 
 
@@ -35,6 +36,11 @@ def test_segment_end_values_by_hand():
     # a gap (observation tokens between two turns) does not count toward a segment
     gap = torch.tensor([[1, 0, 0, 1, 1, 1.0]])
     assert segment_end_values(torch.arange(6.0)[None], gap, 2).tolist() == [[3, 0, 0, 3, 5, 5]]
+    # the segments are `score/shaping.segment_fixed`'s chunks over the action tokens
+    for n in range(1, 10):
+        for length in (1, 2, 3, 4):
+            got = segment_end_values(torch.arange(float(n))[None], torch.ones(1, n), length)[0].tolist()
+            assert got == [float(e - 1) for s, e in segment_fixed(n, length) for _ in range(s, e)]
 
 
 def test_suffix_log_ratio_counts_action_tokens_only():
