@@ -8,6 +8,8 @@ import torch
 
 from outrider.credit import CREDIT
 from outrider.data import Episode, GroupIds, Turn, pack
+from outrider.policy.model import Policy
+from outrider.registry import BuildContext
 
 
 def episode(group: int, reward: float, states: tuple, entropy: float) -> Episode:
@@ -66,10 +68,20 @@ def test_every_credit_piece_takes_unequal_groups_in_any_order(name):
     eps, _ = unequal_batch()
     batch = pack(eps, pad_id=0)
     batch.values = torch.linspace(0, 1, batch.action_mask.numel()).view_as(batch.action_mask)
-    piece = CREDIT.create({"name": name})
-    adv = piece(batch).advantages
+    # what the run fills for pieces that need the old-policy and reference log-probs (prl)
+    batch.old_logprobs = -torch.linspace(0, 2, batch.action_mask.numel()).view_as(batch.action_mask)
+    batch.ref_logprobs = -torch.linspace(0, 1, batch.action_mask.numel()).view_as(batch.action_mask).flip(-1)
+    adv = fresh_piece(name)(batch).advantages
     assert torch.isfinite(adv).all() and adv[batch.action_mask == 0].abs().sum() == 0
     order = torch.randperm(len(eps), generator=torch.Generator().manual_seed(0))
     shuffled = pack([eps[i] for i in order], pad_id=0)
     shuffled.values = batch.values[order]
-    torch.testing.assert_close(piece(shuffled).advantages, adv[order], rtol=1e-5, atol=1e-6)
+    shuffled.old_logprobs, shuffled.ref_logprobs = batch.old_logprobs[order], batch.ref_logprobs[order]
+    torch.testing.assert_close(fresh_piece(name)(shuffled).advantages, adv[order], rtol=1e-5, atol=1e-6)
+
+
+def fresh_piece(name: str):
+    """A new piece each call (a stateful one, oprl, trains at each call), built as a run builds it: with the
+    run's policy, which oprl copies as its PRM."""
+    entry, cfg = CREDIT.build({"name": name})
+    return entry.create(cfg, BuildContext(None, Policy.tiny(hidden=32, layers=1, seed=0), torch.device("cpu"), 0))

@@ -16,6 +16,7 @@ from outrider.envs.base import close_env
 from outrider.explore.rollout import rollout
 from outrider.policy.model import Policy
 from outrider.policy.sampler import SamplingParams
+from outrider.registry import BuildContext
 from outrider.update import LOSSES, TokenContext
 from outrider.update.aggregate import aggregate
 
@@ -138,7 +139,7 @@ def test_a_restarted_episode_keeps_its_prefix_untrained(policy, by):
     batch = pack(episodes, policy.pad_id, policy.bos_id)
     trained = batch.action_mask.sum(-1)
     assert trained.tolist() == [float(e.num_action_tokens - given) for e in episodes]
-    assert_untrained_positions_carry_nothing(batch)
+    assert_untrained_positions_carry_nothing(batch, policy)
 
 
 def test_the_rl_loop_counts_env_calls_of_restarts_and_replays(policy):
@@ -195,11 +196,14 @@ def test_context_for_the_sampler_alone_makes_the_episode_off_policy(policy):
     assert removed.turns[0].behaviour_logprobs == kept.turns[0].behaviour_logprobs
 
 
-def assert_untrained_positions_carry_nothing(batch) -> None:
-    """Every credit piece gives 0 advantage and every loss 0 gradient where ``action_mask`` is 0."""
+def assert_untrained_positions_carry_nothing(batch, policy: Policy) -> None:
+    """Every credit piece gives 0 advantage and every loss 0 gradient where ``action_mask`` is 0 (pieces built as
+    a run builds them, with its policy: oprl copies it as its PRM)."""
     batch.values = torch.zeros_like(batch.token_rewards)
+    batch.old_logprobs = torch.full_like(batch.token_rewards, -0.5)  # what the run fills for prl
+    batch.ref_logprobs = torch.full_like(batch.token_rewards, -1.0)
     for entry in CREDIT.entries():
-        adv = entry.fn(batch, entry.config()).advantages
+        adv = entry.create(entry.config(), BuildContext(None, policy, torch.device("cpu"), 0))(batch).advantages
         assert adv[batch.action_mask == 0].abs().sum() == 0, entry.name
     logprobs = torch.randn(batch.input_ids.shape, requires_grad=True)
     ctx = TokenContext(logprobs, logprobs.detach() + 0.1, torch.randn(batch.input_ids.shape), batch.action_mask,

@@ -64,7 +64,7 @@ def outrider_batch(d) -> Batch:
                  old_logprobs=d["old"], turn_state_ids=d["states"])
 
 
-CREDIT_CASES = [n for n in CREDIT.names() if n not in ("gae", "oprl")] + ["canon_length", "riskpo_wide"]
+CREDIT_CASES = [n for n in CREDIT.names() if n not in ("gae", "oprl", "prl")] + ["canon_length", "riskpo_wide"]
 OPTIONS = {"canon_length": {"name": "canon", "metric": "length"},
            "riskpo_wide": {"name": "riskpo", "alpha": 0.4, "bundle_size": 1, "natural_baseline": True}}
 
@@ -180,6 +180,8 @@ def test_bad_names_and_kinds_are_one_line(core):
         adv_estimator("gae")
     with pytest.raises(OutriderError, match="oprl.*copied from the policy"):
         adv_estimator("oprl")
+    with pytest.raises(OutriderError, match="reference policy's log-probs"):
+        adv_estimator("prl")
     with pytest.raises(OutriderError, match="verl's own"):
         register("vanilla", "ppo", "policy_loss")
     with pytest.raises(OutriderError, match="kind"):

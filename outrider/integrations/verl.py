@@ -38,7 +38,8 @@ from outrider.update.aggregate import aggregate
 
 PREFIX = "outrider_"
 SKIPPED_CREDIT = {"gae": "needs a value head: use verl's own gae",
-                  "oprl": "trains a PRM copied from the policy, which verl's estimator call does not give"}
+                  "oprl": "trains a PRM copied from the policy, which verl's estimator call does not give",
+                  "prl": "needs the reference policy's log-probs, which verl's estimator call does not give"}
 SKIPPED_LOSSES = {"none": "trains no policy"}
 
 
@@ -79,6 +80,9 @@ def adv_estimator(section: dict[str, Any] | str) -> Callable[..., tuple[Tensor, 
     if piece.needs.values:
         raise OutriderError(f"credit '{section['name']}': needs a value head, which verl's estimator call does not "
                             "give; use verl's own gae")
+    if piece.needs.ref_logprobs:
+        raise OutriderError(f"credit '{section['name']}': needs the reference policy's log-probs, which verl's "
+                            "estimator call does not give")
 
     def estimate(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
                  entropys: Tensor | None = None, old_log_probs: Tensor | None = None,
