@@ -115,10 +115,11 @@ def test_pfr_of_a_right_and_a_diverged_path_by_hand():
     # the prefix diverges at step 2: step 1 keeps the right path's PFR, step 2 drops to the diverged value
     assert out[2] == pytest.approx([RIGHT_1] * 2 + [WRONG_2] * 2 + [0.0] * 3)
     assert WRONG_2 < RIGHT_2 and WRONG_1 < RIGHT_1
-    assert stub.calls == 1 and stub.rows == 6  # one forward, two boundaries per response
+    # one forward, two boundaries per response; the first step "1," of two responses is one row
+    assert stub.calls == 1 and stub.rows == 5
     m = piece.step_metrics()
-    assert m["p2s/rows"] == 6 and m["p2s/steps_per_episode"] == 2
-    assert m["p2s/tokens"] == 3 * (5 + 3)
+    assert m["p2s/rows"] == 5 and m["p2s/steps_per_episode"] == 2
+    assert m["p2s/tokens"] == 5 + 3 + 5 + 3 + 3
     assert m["p2s/pfr"] == pytest.approx((2 * RIGHT_1 + RIGHT_2 + WRONG_1 + 2 * WRONG_2) / 6)
     assert m["p2s/pfr_first"] == pytest.approx((2 * RIGHT_1 + WRONG_1) / 3)
     assert m["time/score/p2s_s"] >= 0 and piece.step_metrics()["p2s/rows"] == 0  # reset after reading
@@ -133,7 +134,7 @@ def test_mean_progress_and_variants_by_hand():
     progress = build(stub, combine="progress")(eps)
     assert progress[0] == pytest.approx([RIGHT_1 - PFR_0] * 2 + [RIGHT_2 - RIGHT_1] * 2 + [0.0] * 3)
     assert progress[1] == pytest.approx([RIGHT_1 - PFR_0] * 2 + [WRONG_2 - RIGHT_1] * 2 + [0.0] * 3)
-    assert stub.rows == 4 + 1  # PFR_0 once for the two responses to the same prompt
+    assert stub.rows == 3 + 1  # the shared first step and PFR_0 once for the two responses to the same prompt
     geo = build(variant="geo_p", end_token=False)([episode("1,2,#2")])
     assert geo[0][:4] == pytest.approx([(0.8 * 0.9 * 0.5 * 0.6) ** 0.25] * 2 + [(0.5 * 0.6) ** 0.5] * 2)
 

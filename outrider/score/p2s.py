@@ -35,8 +35,9 @@ distinct prompt; `progress` only).
   brings, PAV's [139] form with PFR as the value; summed it telescopes to PFR_M − PFR_0).
 
 Only the last turn's action is cut into steps (single-turn tasks; earlier turns' tokens get 0). Cost and signal
-per step: ``time/score/p2s_s`` (gold CoTs and the scoring passes), ``p2s/rows`` and ``p2s/tokens`` (sequences and
-target tokens scored), ``p2s/steps_per_episode`` (scored steps), ``p2s/pfr`` (mean PFR over scored steps) and
+per step: ``time/score/p2s_s`` (gold CoTs and the scoring passes), ``p2s/rows`` and ``p2s/tokens`` (distinct
+sequences and their target tokens scored: identical prefix–suffix pairs, such as a group's shared first steps,
+are scored once), ``p2s/steps_per_episode`` (scored steps), ``p2s/pfr`` (mean PFR over scored steps) and
 ``p2s/pfr_first`` (mean PFR_1).
 """
 
@@ -150,31 +151,32 @@ class P2S(Piece):
         t0 = time.perf_counter()
         cfg = self.cfg
         pairs: list[tuple[list[int], list[int]]] = []
-        plans, base_rows = [], {}
+        index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+
+        def row(context: list[int], target: list[int]) -> int:
+            """The pair's row; identical pairs (a group's shared first steps, one prompt's PFR_0) are scored once."""
+            key = (tuple(context), tuple(target))
+            if key not in index:
+                index[key] = len(pairs)
+                pairs.append((context, target))
+            return index[key]
+
+        plans = []
         for e in episodes:
             ids = list(e.turns[-1].action_ids) if e.turns else []
             prompt = prompt_ids(e, self.policy.bos_id) or [self.policy.bos_id if self.policy.bos_id is not None
                                                             else self.policy.eos_id]
             gold = gold_steps(self.gold_of(e), cfg.delimiter)
             ends = boundaries([self._token_text(i) for i in ids], cfg.delimiter)[: max(len(gold) - 1, 0)]
-            rows = []
-            for k, end in enumerate(ends, start=1):
-                rows.append(len(pairs))
-                pairs.append((prompt + ids[:end], self._target(gold[k:])))
-            key = None
-            if cfg.combine == "progress" and ends:
-                key = (tuple(prompt), tuple(gold))
-                if key not in base_rows:
-                    base_rows[key] = len(pairs)
-                    pairs.append((prompt, self._target(gold)))
-            plans.append((e.num_action_tokens - len(ids), len(ids), ends, rows, key))
+            rows = [row(prompt + ids[:end], self._target(gold[k:])) for k, end in enumerate(ends, start=1)]
+            base = row(prompt, self._target(gold)) if cfg.combine == "progress" and ends else None
+            plans.append((e.num_action_tokens - len(ids), len(ids), ends, rows, base))
         scored = continuation_logprobs(self.policy, pairs) if pairs else []
         values = [pfr_value(lp, cfg.variant) for lp in scored]
         out = []
-        for earlier, n, ends, rows, key in plans:
+        for earlier, n, ends, rows, base in plans:
             pfr = [values[r] for r in rows]
-            base = values[base_rows[key]] if key is not None else 0.0
-            out.append([0.0] * earlier + place(pfr, ends, n, cfg.combine, base))
+            out.append([0.0] * earlier + place(pfr, ends, n, cfg.combine, values[base] if base is not None else 0.0))
             self._add("steps", len(pfr))
             self._add("pfr", sum(pfr))
             self._add("pfr_first", pfr[0] if pfr else 0.0)
