@@ -216,6 +216,11 @@ class StepSumTask(SingleTurnTask):
         i.e. ``format``, ``step_1`` … ``step_{n−1}`` and ``answer``."""
         return step_criteria(env.problem["metadata"]["terms"], action)
 
+    def gold_cot(self, env: Any) -> str:
+        """The reference chain of thought of the problem `env` shows (the optional ``gold_cot`` hook, P2S [39]): the
+        program's own short trace ``s_1,s_2,…,#total``, the running sums, right by construction."""
+        return trace(env.problem["metadata"]["terms"], "short")
+
     def demonstrations(self, seeds: list[int]) -> list[Demonstration]:
         out = []
         for s in seeds:
