@@ -29,15 +29,17 @@ the batch's contributions are computed with φ *before* it sees the batch, so a 
 then the episodes join a buffer of the most recent ``buffer`` episodes and φ takes ``updates`` AdamW steps on
 minibatches of ``batch_size`` episodes drawn from it. The head starts at zero, so without a warm-up the first
 step's rewards are grounding only; ``warmup_updates`` stands in for the paper's exploration stage: on the first
-call φ first takes that many steps on the first batch (the warm start's own rollouts), then scores it. φ, the head, the optimiser, the buffer and the draw's generator are the component's state:
-a run resumes bit-identically.
+call φ first takes that many steps on the first batch (the warm start's own rollouts), then scores it (that
+batch's rewards have seen their labels). φ, the head, the optimiser, the buffer and the draw's generator are the
+component's state: a run resumes bit-identically.
 
 Diagnostics (the toy check of [59]'s claim that c_t tracks progress): turns whose env ``events`` contain one of
 ``events`` for the first time in the episode (MiniGrid: picked_key, opened_door, reached_goal) are progress
 turns; ``spa/event_auroc`` is P(c of a progress turn > c of another turn), ``spa/event_corr`` the Pearson
 correlation of c with the progress indicator, both on the batch before φ trains on it. Also ``spa/mse`` (the
 batch's MSE before the update, a held-out error), ``spa/sum_corr`` (corr of Σ_t c_t with R), ``spa/loss`` (the
-updates' mean loss), ``spa/c_event`` and ``spa/c_other``, ``spa/grounded`` (share of executed actions) and
+updates' mean loss), ``spa/warmup_loss`` (the warm-up's last), ``spa/c_event`` and ``spa/c_other``,
+``spa/grounded`` (share of executed actions) and
 ``time/score/spa_s`` (the component's time: the scoring forward and the updates).
 """
 
