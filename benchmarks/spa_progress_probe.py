@@ -3,7 +3,8 @@ the return on held-out episodes, and does c_t single out the turns with a progre
 opened, goal reached)? The estimator is the `spa` score piece's own (`score/spa.py`); it trains on the rollouts of
 `--train` episodes and is measured on `--test` other episodes of the same policy (train layouts, other seeds).
 
-    python benchmarks/spa_progress_probe.py --model runs/warm_dk5 --out docs/rewards/spa_probe.json
+    python benchmarks/spa_progress_probe.py --model runs/warm_dk5 --train 128 --test 64 --updates 50 \
+        --configs logits:3e-4,hidden:1e-3     # docs/rewards/spa_probe.txt
 """
 
 from __future__ import annotations
