@@ -80,7 +80,7 @@ def test_untrained_tokens_never_carry_advantage_or_loss_gradient(policy, given):
         _, is_action, _ = sequence_ids(e, policy.bos_id)
         flags[row, : len(is_action)] = torch.tensor(is_action, dtype=flags.dtype)
     assert batch.token_rewards[flags == 0].abs().sum() == 0  # observation tokens never carry reward
-    assert_untrained_positions_carry_nothing(batch)
+    assert_untrained_positions_carry_nothing(batch, policy)
 
 
 def test_pack_gives_batch_local_turn_state_and_action_ids(policy):
