@@ -10,6 +10,12 @@ texts of a problem compared once, ties left out), e.g. the intransitive cyclic o
     python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
         --out runs/rm_data/pairs.jsonl --labels runs/rm_data/labels.jsonl
 
+With `--flip ε` each pair's label is flipped (chosen and rejected swapped) with probability ε, a noisy pairwise
+annotator (the same sampled pairs as without it; docs/rewards.md, P3O vs a BT RM under noisy labels):
+
+    python benchmarks/rm_pairs.py recipes/grpo_stepsum.yaml --model runs/sft_stepsum --prompts 2048 --samples 8 \
+        --flip 0.2 --out runs/rm_data/pairs2k_flip20.jsonl
+
 With `--steps` every response is also written with the task's step checker's verdicts (`{prompt, response,
 step_labels}`, one label per step cut at `,`: a step PRM's data, `outrider rm train`); `--split eval` samples the
 held-out problems instead (a held-out step file for `benchmarks/step_prm_auroc.py`):
@@ -39,6 +45,15 @@ from outrider.score.preference import PREFERENCES, oracle_pairs  # noqa: E402
 from outrider.trainer import build_task  # noqa: E402
 
 
+def flip_pairs(pairs: list[dict], p: float, seed: int) -> tuple[list[dict], int]:
+    """A noisy annotator: each pair's chosen and rejected swapped with probability ``p``; the pairs and how many
+    were flipped. The coins are their own stream, so the pairs sampled do not depend on ``p``."""
+    rng = random.Random(f"flip:{seed}")
+    coins = [rng.random() < p for _ in pairs]
+    out = [{**x, "chosen": x["rejected"], "rejected": x["chosen"]} if c else x for x, c in zip(pairs, coins)]
+    return out, sum(coins)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe", type=Path)
@@ -54,7 +69,11 @@ def main() -> None:
     ap.add_argument("--split", choices=["train", "eval"], default="train", help="the problems sampled")
     ap.add_argument("--oracle", help="label pairs with this preference oracle (a name or a YAML mapping, e.g. "
                                      "'{name: cyclic, correct_first: false}') instead of the verifier")
+    ap.add_argument("--flip", type=float, default=0.0, help="probability that a pair's label is flipped (a noisy "
+                                                                "annotator), drawn with --seed")
     args = ap.parse_args()
+    if not 0.0 <= args.flip <= 1.0:
+        ap.error(f"--flip: a probability in [0, 1], got {args.flip}")
     torch.manual_seed(args.seed)
     recipe = load_recipe(args.recipe)
     task = build_task(recipe)
@@ -84,6 +103,7 @@ def main() -> None:
         combos = [(r, w) for r in right for w in wrong]
         for r, w in rng.sample(combos, min(args.pairs_per_prompt, len(combos))):
             pairs.append({"prompt": prompt, "chosen": r, "rejected": w})
+    pairs, flipped = flip_pairs(pairs, args.flip, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     if args.labels:
@@ -95,7 +115,7 @@ def main() -> None:
                                       for e in episodes))
     acc = sum(e.success for e in episodes) / len(episodes)
     print(json.dumps({"responses": len(episodes), "accuracy": acc, "pairs": len(pairs),
-                      "prompts_with_pairs": len({p["prompt"] for p in pairs}),
+                      "prompts_with_pairs": len({p["prompt"] for p in pairs}), "flipped": flipped,
                       "sample_s": time.perf_counter() - t0}))
 
 

@@ -11,7 +11,8 @@ import torch
 from outrider.data import Batch, Episode, Turn
 from outrider.score import SCORE
 from outrider.update import TERMS, TokenContext
-from outrider.update.p3o import group_pairs, p3o_pair_loss
+from outrider.errors import OutriderError
+from outrider.update.p3o import group_pairs, judge_flips, p3o_pair_loss
 
 # four rows, groups (0, 0, 1, 1); position 0 is the prompt; row 1 has one trained token
 MASK = torch.tensor([[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 1, 1]], dtype=torch.float)
@@ -132,3 +133,57 @@ def test_prompt_offset_is_per_prompt_and_deterministic():
     mean = sum(z) / len(z)
     std = math.sqrt(sum((x - mean) ** 2 for x in z) / len(z))
     assert abs(mean) < 0.1 and abs(std - 1.0) < 0.1
+
+
+def judged(rewards, groups=(0, 0, 1, 1)) -> TokenContext:
+    """`context` with distinct tokens per row (the judge's coins hash the rows)."""
+    ctx = context(rewards, groups=groups)
+    ctx.batch.input_ids = torch.arange(ctx.batch.input_ids.numel()).view_as(ctx.batch.input_ids)
+    return ctx
+
+
+@pytest.mark.parametrize("clip", ["separate", "joint"])
+def test_a_judge_that_always_flips_negates_the_gradient(clip):
+    # rewards (1, 0 | 0.5, 2): δ = 0.5 and −0.75 become −0.5 and +0.75, so the on-policy gradient changes sign
+    _, g = run(judged([1.0, 0.0, 0.5, 2.0]), clip=clip)
+    out, g_flip = run(judged([1.0, 0.0, 0.5, 2.0]), clip=clip, judge_noise=1.0)
+    assert torch.allclose(g_flip, -g, atol=1e-6) and out.metrics["judge_flips"].item() == 1.0
+    # a tie gets no verdict: nothing to flip, no gradient
+    out, g_tie = run(judged([0.7, 0.7, -2.0, -2.0]), clip=clip, judge_noise=1.0)
+    assert torch.equal(g_tie, torch.zeros_like(g_tie)) and out.metrics["judge_flips"].item() == 0.0
+
+
+def test_sign_verdict_keeps_only_the_direction():
+    # rewards (1, 0 | 0.5, 2): δ = +0.5 and −0.5 (not −0.75): gradient −δ/2 on y₁'s trained tokens, +δ/2 on y₂'s
+    out, g = run(judged([1.0, 0.0, 0.5, 2.0]), verdict="sign")
+    want = torch.tensor([[0, -0.25, -0.25], [0, 0.25, 0], [0, 0.25, 0.25], [0, -0.25, -0.25]])
+    assert torch.allclose(g, want, atol=1e-6) and out.metrics["reward_gap"].item() == pytest.approx(1.0)
+    # on a 0/1 reward `sign` and `difference` are the same
+    _, g_sign = run(judged([1.0, 0.0, 0.0, 1.0]), verdict="sign")
+    _, g_diff = run(judged([1.0, 0.0, 0.0, 1.0]))
+    assert torch.equal(g_sign, g_diff)
+
+
+def test_judge_flips_are_seeded_per_pair_and_near_the_noise_rate():
+    n = 64  # one group of 64 distinct rows: 2016 pairs
+    ids = torch.arange(n * 3).view(n, 3)
+    batch = Batch(input_ids=ids, attention_mask=torch.ones(n, 3, dtype=torch.long),
+                  action_mask=torch.ones(n, 3), token_rewards=torch.zeros(n, 3),
+                  step_index=torch.zeros(n, 3, dtype=torch.long), group_index=torch.zeros(n, dtype=torch.long),
+                  sample_weight=torch.ones(n))
+    first, second = group_pairs(batch.group_index, "all")
+    flips = judge_flips(batch, first, second, 0.2, seed=0)
+    assert 0.17 < flips.float().mean().item() < 0.23
+    assert torch.equal(flips, judge_flips(batch, first, second, 0.2, seed=0))  # the same verdicts every call
+    assert not torch.equal(flips, judge_flips(batch, first, second, 0.2, seed=1))
+    # the coin belongs to the unordered pair: swapping the two sides draws the same flip
+    assert torch.equal(flips, judge_flips(batch, second, first, 0.2, seed=0))
+    assert not judge_flips(batch, first, second, 0.0, seed=0).any()
+
+
+def test_bad_judge_options_are_one_line_errors():
+    with pytest.raises(OutriderError, match=r"update\.terms\[0\]\.judge_noise") as e:
+        TERMS.create({"name": "p3o", "judge_noise": 1.5}, where="update.terms[0]")
+    assert "\n" not in str(e.value).strip()
+    with pytest.raises(OutriderError, match=r"update\.terms\[0\]\.verdict"):
+        TERMS.create({"name": "p3o", "verdict": "majority"}, where="update.terms[0]")

@@ -18,11 +18,19 @@ Both give the PPG at ρ = 1. The formulas follow our reading of [45] (the paper'
 this machine; the clipped forms are the PPO-style reconstruction above, see docs/rewards.md). Pairs are formed
 inside each group of the minibatch (`Needs(pairs=True)` keeps groups whole): every pair of its rows (``all``) or
 disjoint neighbours (``adjacent``: rows 1–2, 3–4, …, the paper's two responses per prompt).
+
+A noisy pairwise judge (``judge_noise`` p, the toy of [45]'s preference feedback): the judge prefers the row with
+the higher reward and its verdict on a pair is flipped with probability p, i.e. δ → −δ; a pair of equal rewards
+gets no verdict (δ = 0). With ``verdict: sign`` the judge gives only the direction, δ = sign(R₁ − R₂)/2 (the same
+as ``difference`` on a 0/1 reward). A flip is drawn once per pair from a hash of ``judge_seed`` and the two rows'
+tokens and sampling log-probs, so every minibatch, epoch and resumed run sees the same verdict without state.
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+import hashlib
 
 import torch
 from pydantic import Field
@@ -45,6 +53,11 @@ class P3OConfig(PieceConfig):
                                                                    "adjacent: disjoint neighbours (rows 1–2, 3–4, "
                                                                    "…; an odd last row is left out).")
     coef: float = Field(1.0, ge=0, description="Weight of the term in the learner's sum.")
+    verdict: Literal["difference", "sign"] = Field("difference", description="difference: δ = (R₁ − R₂)/2; "
+                                                   "sign: a pairwise judge's direction only, δ = sign(R₁ − R₂)/2.")
+    judge_noise: float = Field(0.0, ge=0.0, le=1.0, description="Probability that the pairwise verdict is "
+                                                                "flipped (δ → −δ; a noisy pairwise judge).")
+    judge_seed: int = Field(0, description="Seed of the judge's flips (hashed with the pair's rows).")
 
 
 def group_pairs(group_index: Tensor, pairing: str) -> tuple[Tensor, Tensor]:
@@ -83,12 +96,34 @@ def p3o_pair_loss(delta: Tensor, log_ratio_1: Tensor, log_ratio_2: Tensor, clip:
     return loss_1 + loss_2, held_1 | held_2
 
 
+def _row_key(batch, i: int) -> str:
+    """A row's identity for the judge's coin: its tokens and the log-probs it was sampled with."""
+    key = [batch.input_ids[i][batch.attention_mask[i] > 0].tolist()]
+    if batch.behaviour_logprobs is not None:
+        key.append(batch.behaviour_logprobs[i][batch.action_mask[i] > 0].tolist())
+    return repr(key)
+
+
+def judge_flips(batch, first: Tensor, second: Tensor, noise: float, seed: int) -> Tensor:
+    """``[P]`` bool: which pairs' verdicts the noisy judge flips; a coin per unordered pair from a hash."""
+    if noise <= 0.0:
+        return torch.zeros(first.shape, dtype=torch.bool, device=first.device)
+    keys = [_row_key(batch, i) for i in range(batch.input_ids.shape[0])]
+    coins = []
+    for a, b in zip(first.tolist(), second.tolist()):
+        lo, hi = sorted((keys[a], keys[b]))
+        digest = hashlib.sha256(f"p3o-judge:{seed}:{lo}:{hi}".encode()).digest()
+        coins.append(int.from_bytes(digest[:8], "big") / 2.0 ** 64 < noise)
+    return torch.tensor(coins, dtype=torch.bool, device=first.device)
+
+
 @TERMS.register("p3o", config=P3OConfig, needs=Needs(pairs=True))
 def p3o(ctx: TokenContext, cfg: P3OConfig) -> TermOutput:
     """P3O [45] on the minibatch's within-group pairs: the mean over pairs of the clipped pairwise objective
     (module docstring), times `coef`. A group of one row has no pair; no pair in the minibatch gives 0. Metrics:
     ``p3o/pairs``, ``p3o/reward_gap`` (mean |R₁ − R₂|), ``p3o/clip_frac`` (share of pairs a bound holds),
-    ``p3o/ratio_mean`` (mean trajectory ratio of the paired rows)."""
+    ``p3o/ratio_mean`` (mean trajectory ratio of the paired rows), ``p3o/judge_flips`` (share of pairs with a
+    verdict, δ ≠ 0, that the judge flipped; with ``judge_noise`` > 0)."""
     b, m = ctx.batch, ctx.mask
     first, second = group_pairs(b.group_index, cfg.pairing)
     if first.numel() == 0:
@@ -97,8 +132,15 @@ def p3o(ctx: TokenContext, cfg: P3OConfig) -> TermOutput:
     log_ratio = torch.where(m > 0, ctx.logprobs - ctx.old_logprobs, zero).sum(-1)
     reward = torch.where(m > 0, b.token_rewards * m, zero).sum(-1).detach()
     delta = (reward[first] - reward[second]) / 2
+    if cfg.verdict == "sign":
+        delta = torch.sign(delta) / 2
+    flips = judge_flips(b, first, second, cfg.judge_noise, cfg.judge_seed)
+    delta = torch.where(flips, -delta, delta)
     loss, held = p3o_pair_loss(delta, log_ratio[first], log_ratio[second], cfg.clip, cfg.epsilon)
     rows = torch.cat([first, second])
     metrics = {"pairs": float(first.numel()), "reward_gap": (2 * delta).abs().mean(),
                "clip_frac": held.float().mean(), "ratio_mean": torch.exp(log_ratio[rows].detach()).mean()}
+    if cfg.judge_noise > 0:
+        decided = delta != 0
+        metrics["judge_flips"] = (flips & decided).sum() / decided.sum().clamp(min=1)
     return TermOutput(loss=cfg.coef * loss.mean(), metrics=metrics)
