@@ -97,11 +97,11 @@ def p3o_pair_loss(delta: Tensor, log_ratio_1: Tensor, log_ratio_2: Tensor, clip:
 
 
 def _row_key(batch, i: int) -> str:
-    """A row's identity for the judge's coin: its tokens and the log-probs it was sampled with."""
-    key = [batch.input_ids[i][batch.attention_mask[i] > 0].tolist()]
+    """A row's identity for the judge's coin: a digest of its tokens and the log-probs it was sampled with."""
+    h = hashlib.sha256(batch.input_ids[i][batch.attention_mask[i] > 0].cpu().numpy().tobytes())
     if batch.behaviour_logprobs is not None:
-        key.append(batch.behaviour_logprobs[i][batch.action_mask[i] > 0].tolist())
-    return repr(key)
+        h.update(batch.behaviour_logprobs[i][batch.action_mask[i] > 0].cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def judge_flips(batch, first: Tensor, second: Tensor, noise: float, seed: int) -> Tensor:
