@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--window-keys", default=",".join(WINDOW_KEYS), help="metrics read at the first/last window")
     ap.add_argument("--mean-keys", default=",".join(MEAN_KEYS), help="metrics averaged over all steps")
+    ap.add_argument("--by-dir", action="store_true", help="name rows <compare dir>/<recipe> (one recipe run in "
+                                                          "several compares with other --set options)")
     args = ap.parse_args()
     window_keys, mean_keys = args.window_keys.split(","), args.mean_keys.split(",")
     table: dict[str, dict[str, list[float]]] = {}
@@ -59,7 +61,7 @@ def main() -> None:
             keys = sorted(set.intersection(*(set(s) for s in seeds)))
             values = np.asarray([[s[k] for k in keys] for s in seeds])
             low, high = bootstrap_stats(values)
-            table[recipe.name] = {k: [float(values[:, i].mean()), float(low[i]), float(high[i]),
+            table[f"{d.name}/{recipe.name}" if args.by_dir else recipe.name] = {k: [float(values[:, i].mean()), float(low[i]), float(high[i]),
                                       *values[:, i].round(4).tolist()] for i, k in enumerate(keys)}
     for name, rows in table.items():
         print(name)
