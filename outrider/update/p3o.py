@@ -96,19 +96,26 @@ def p3o_pair_loss(delta: Tensor, log_ratio_1: Tensor, log_ratio_2: Tensor, clip:
     return loss_1 + loss_2, held_1 | held_2
 
 
-def _row_key(batch, i: int) -> str:
-    """A row's identity for the judge's coin: a digest of its tokens and the log-probs it was sampled with."""
-    h = hashlib.sha256(batch.input_ids[i][batch.attention_mask[i] > 0].cpu().numpy().tobytes())
-    if batch.behaviour_logprobs is not None:
-        h.update(batch.behaviour_logprobs[i][batch.action_mask[i] > 0].cpu().numpy().tobytes())
-    return h.hexdigest()
+def _row_keys(batch) -> list[str]:
+    """Each row's identity for the judge's coin: a digest of its tokens and the log-probs it was sampled with."""
+    ids, real = batch.input_ids.cpu().numpy(), batch.attention_mask.cpu().numpy() > 0
+    lps = None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.cpu().numpy()
+    act = batch.action_mask.cpu().numpy() > 0
+    keys = []
+    for i in range(ids.shape[0]):
+        h = hashlib.sha256(ids[i][real[i]].tobytes())
+        if lps is not None:
+            h.update(lps[i][act[i]].tobytes())
+        keys.append(h.hexdigest())
+    return keys
 
 
 def judge_flips(batch, first: Tensor, second: Tensor, noise: float, seed: int) -> Tensor:
-    """``[P]`` bool: which pairs' verdicts the noisy judge flips; a coin per unordered pair from a hash."""
+    """``[P]`` bool: which pairs' verdicts the noisy judge flips; a coin per unordered pair from a hash (pairs of
+    the same two texts sampled with the same log-probs, i.e. duplicates within a step, share it)."""
     if noise <= 0.0:
         return torch.zeros(first.shape, dtype=torch.bool, device=first.device)
-    keys = [_row_key(batch, i) for i in range(batch.input_ids.shape[0])]
+    keys = _row_keys(batch)
     coins = []
     for a, b in zip(first.tolist(), second.tolist()):
         lo, hi = sorted((keys[a], keys[b]))
