@@ -19,7 +19,7 @@ this machine; the clipped forms are the PPO-style reconstruction above, see docs
 inside each group of the minibatch (`Needs(pairs=True)` keeps groups whole): every pair of its rows (``all``) or
 disjoint neighbours (``adjacent``: rows 1–2, 3–4, …, the paper's two responses per prompt).
 
-A noisy pairwise judge (``judge_noise`` p, the toy of [45]'s preference feedback): the judge prefers the row with
+A noisy pairwise judge (``judge_noise`` p, a toy of noisy preference feedback, not part of [45]): the judge prefers the row with
 the higher reward and its verdict on a pair is flipped with probability p, i.e. δ → −δ; a pair of equal rewards
 gets no verdict (δ = 0). With ``verdict: sign`` the judge gives only the direction, δ = sign(R₁ − R₂)/2 (the same
 as ``difference`` on a 0/1 reward). A flip is drawn once per pair from a hash of ``judge_seed`` and the two rows'
@@ -28,14 +28,14 @@ tokens and sampling log-probs, so every minibatch, epoch and resumed run sees th
 
 from __future__ import annotations
 
-from typing import Literal
-
 import hashlib
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from outrider.data import Batch
 from outrider.kl import LOG_RATIO_CLAMP
 from outrider.registry import Needs, PieceConfig
 from outrider.update import TERMS, TermOutput, TokenContext
@@ -96,7 +96,7 @@ def p3o_pair_loss(delta: Tensor, log_ratio_1: Tensor, log_ratio_2: Tensor, clip:
     return loss_1 + loss_2, held_1 | held_2
 
 
-def _row_keys(batch) -> list[str]:
+def _row_keys(batch: Batch) -> list[str]:
     """Each row's identity for the judge's coin: a digest of its tokens and the log-probs it was sampled with."""
     ids, real = batch.input_ids.cpu().numpy(), batch.attention_mask.cpu().numpy() > 0
     lps = None if batch.behaviour_logprobs is None else batch.behaviour_logprobs.cpu().numpy()
@@ -110,7 +110,7 @@ def _row_keys(batch) -> list[str]:
     return keys
 
 
-def judge_flips(batch, first: Tensor, second: Tensor, noise: float, seed: int) -> Tensor:
+def judge_flips(batch: Batch, first: Tensor, second: Tensor, noise: float, seed: int) -> Tensor:
     """``[P]`` bool: which pairs' verdicts the noisy judge flips; a coin per unordered pair from a hash (pairs of
     the same two texts sampled with the same log-probs, i.e. duplicates within a step, share it)."""
     if noise <= 0.0:
