@@ -3,6 +3,7 @@ invariance to a per-prompt reward shift, and the `prompt_offset` component (`sco
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -187,3 +188,22 @@ def test_bad_judge_options_are_one_line_errors():
     assert "\n" not in str(e.value).strip()
     with pytest.raises(OutriderError, match=r"update\.terms\[0\]\.verdict"):
         TERMS.create({"name": "p3o", "verdict": "majority"}, where="update.terms[0]")
+
+
+@pytest.mark.slow  # two runs of a few tiny steps and a killed one, ~30 s
+def test_killed_noisy_judge_run_resumes_to_identical_metrics(tmp_path):
+    # the judge keeps no state: its coins hash the rows, so a resumed run draws the same verdicts
+    import yaml
+    from conftest import tiny_recipe
+    from outrider.recipe import load_recipe
+    from outrider.trainer import Trainer
+    from test_resume import RESUME_OVERRIDES, killed_run_resumes_like
+
+    data = tiny_recipe(**dict(RESUME_OVERRIDES, update={"lr": 3.0e-3, "loss": "none", "terms": [
+        {"name": "p3o", "verdict": "sign", "judge_noise": 0.4}]}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    Trainer(load_recipe(recipe), tmp_path / "A", quiet=True).run()
+    rows = [json.loads(x) for x in (tmp_path / "A" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert any(r.get("p3o/judge_flips", 0) > 0 for r in rows)  # the judge did flip verdicts in this run
+    killed_run_resumes_like(tmp_path / "A", recipe, tmp_path)
