@@ -5,6 +5,7 @@ imitation rows, metrics), bad options as one-line errors, and the archive surviv
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -239,10 +240,34 @@ def test_backward_pointer_moves_only_when_the_group_succeeds_enough() -> None:
     ge = piece(robustify={"method": "backward", "groups": 1, "threshold": 0.5, "step_back": 2})
     ge.pointers = {7: 5, 8: 1}
     ok = [Episode(0, 7, success=s) for s in (True, True, False, False)]
-    ge._move_pointers(ok + [Episode(0, 8, success=True)] * 4, [7, 8])
+    ge._move_pointers(ok + [Episode(0, 8, success=True)] * 4, [7, 8], [5, 1])
     assert ge.pointers == {7: 3, 8: 0}  # 2/4 >= 0.5: back 2; never before the start
-    ge._move_pointers([Episode(0, 7, success=s) for s in (True, False, False, False)], [7])
+    ge._move_pointers([Episode(0, 7, success=s) for s in (True, False, False, False)], [7], [3])
     assert ge.pointers[7] == 3
+    ge._move_pointers([Episode(0, 7, success=True)] * 4, [7], [4])
+    assert ge.pointers[7] == 3  # a group started later than the pointer (later_share) never moves it
+
+
+def test_later_share_draws_starts_between_the_pointer_and_the_last_turn() -> None:
+    ge = piece(robustify={"method": "backward", "groups": 1, "later_share": 0.5})
+    ge.archive.solutions[100] = Cell(100, [Turn(f"at {k}", [], "r") for k in range(6)], None, 1.0)
+    ge.pointers = {100: 2}
+    ctx = corridor_ctx(0)
+    turns = [ge._backward_turn(ctx, 100) for _ in range(4000)]
+    at_pointer = sum(t == 2 for t in turns) / len(turns)
+    assert set(turns) == {2, 3, 4, 5}  # never before p, never the solution's end (turn 6)
+    assert abs(at_pointer - (0.5 + 0.5 / 4)) < 0.03  # 1 − share, plus the uniform draw's share of p itself
+    ge0 = piece(robustify={"method": "backward", "groups": 1})
+    ge0.archive.solutions, ge0.pointers = ge.archive.solutions, {100: 2}
+    before = ctx.rng.bit_generator.state
+    assert ge0._backward_turn(ctx, 100) == 2 and ctx.rng.bit_generator.state == before  # share 0: no draw
+
+
+def test_backward_with_imitate_adds_the_solutions_as_chosen_rows() -> None:
+    ge = piece(robustify={"method": "backward", "groups": 1, "imitate": True, "demos_per_step": 8})
+    ge.archive.solutions[100] = Cell(100, [Turn(f"at {k}", [], "r") for k in range(3)], None, 1.0)
+    episodes, m = ge(corridor_ctx(3))
+    assert m["explore/demos"] == 1 == sum(e.preference == "chosen" for e in episodes) and len(episodes) == 17
 
 
 def test_imitation_adds_the_solutions_as_chosen_rows() -> None:
@@ -273,6 +298,14 @@ def test_bad_options_are_one_line() -> None:
         GoExplore(GoExploreConfig(), BuildContext(task=Task()))
     with pytest.raises(OutriderError, match=r"^explore.cell: unknown cell function 'room'"):
         GoExplore(GoExploreConfig(cell="room"), BuildContext(task=CorridorTask()))
+    no_nll = SimpleNamespace(update=SimpleNamespace(terms=[{"name": "dpo"}]))
+    with pytest.raises(OutriderError, match=r"^explore.robustify.method: imitation marks solutions preference=chosen"):
+        GoExplore(GoExploreConfig(robustify={"method": "imitation"}), BuildContext(task=CorridorTask(), recipe=no_nll))
+    with pytest.raises(OutriderError, match=r"^explore.robustify.imitate: true marks solutions .* add update.terms"):
+        GoExplore(GoExploreConfig(robustify={"method": "backward", "imitate": True}),
+                  BuildContext(task=CorridorTask(), recipe=no_nll))
+    with pytest.raises(ValueError, match="imitate adds imitation rows to method backward; with method none"):
+        GoExploreConfig(robustify={"imitate": True})
     with pytest.raises(ValueError, match="exceed prompts_per_step"):
         GoExploreConfig(prompts_per_step=2, start_groups=1, robustify={"method": "backward", "groups": 2})
 

@@ -17,7 +17,8 @@ from outrider.registry import BuildContext
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ARMS = {"go_explore_fixed_doorkey5": ("imitation", [{"name": "nll", "rows": "chosen", "coef": 1.0}]),
-        "go_explore_backward_fixed_doorkey5": ("backward", None)}
+        "go_explore_backward_fixed_doorkey5": ("backward", None),
+        "go_explore_robust_fixed_doorkey5": ("backward", [{"name": "nll", "rows": "chosen", "coef": 1.0}])}
 
 
 @pytest.mark.parametrize("name", sorted(ARMS))

@@ -23,7 +23,10 @@ Each step (`GoExplore.__call__`):
    - ``backward``: the backward algorithm (Salimans & Chen 2018, Go-Explore's robustification): ``groups`` of
      the step's groups start along a solved layout's solution at its turn p (the prefix replayed, not restored:
      solution turns keep no snapshots), first near its end; when a group's success rate from p reaches
-     ``threshold``, p moves ``step_back`` turns earlier, until the layout is solved from its start state.
+     ``threshold``, p moves ``step_back`` turns earlier, until the layout is solved from its start state. As in
+     the authors' code (uber-research/go-explore, atari_reset's ReplayResetEnv), a share ``later_share`` of the
+     backward groups may start at a turn drawn uniformly between p and the solution's last turn (their
+     ``frac_sample``), and ``imitate`` adds the imitation rows beside them (their PPO + self-imitation).
 
 The archive (cells with their snapshots and trajectories, solutions, counts), the pool and the backward pointers
 are the piece's state: every checkpoint carries them.
@@ -59,6 +62,19 @@ class RobustifyConfig(Options):
     threshold: float = Field(0.2, gt=0, le=1, description="backward: a group's success rate from a start point "
                                                           "that moves the point earlier.")
     step_back: int = Field(1, ge=1, description="backward: turns the start point moves back each time.")
+    later_share: float = Field(0.0, ge=0, lt=1, description="backward: share of the backward groups started at a "
+                               "turn drawn uniformly between the start point and the solution's last turn, so the "
+                               "later turns stay practised (the authors' frac_sample, 0.2); they never move p.")
+    imitate: bool = Field(False, description="backward: also add the imitation rows of method imitation (the "
+                                             "authors robustify with PPO plus self-imitation of the "
+                                             "demonstrations); needs update.terms nll rows: chosen.")
+
+    @model_validator(mode="after")
+    def _imitate_with_backward(self) -> "RobustifyConfig":
+        if self.imitate and self.method != "backward":
+            raise ValueError(f"imitate adds imitation rows to method backward; with method {self.method} use "
+                             "method: imitation or imitate: false")
+        return self
 
 
 class GoExploreConfig(ExploreConfig):
@@ -102,13 +118,13 @@ def check_restorable(task: Any, piece: str) -> None:
                             "env has state_key, snapshot and restore (minigrid, bandit, calculator, textworld)")
 
 
-def check_imitation_term(recipe: Any) -> None:
+def check_imitation_term(recipe: Any, field: str = "explore.robustify.method: imitation") -> None:
     terms = getattr(getattr(recipe, "update", None), "terms", None)
     if terms is None:
         return
     if not any(t.get("name") == "nll" and t.get("rows", "chosen") == "chosen" for t in terms):
-        raise OutriderError("explore.robustify.method: imitation marks solutions preference=chosen for the nll term; "
-                            "add update.terms: [{name: nll, rows: chosen}] (or use method: backward or none)")
+        raise OutriderError(f"{field} marks solutions preference=chosen for the nll term; add update.terms: "
+                            "[{name: nll, rows: chosen}] (or use method: backward or none)")
 
 
 @EXPLORE.register("go_explore", config=GoExploreConfig)
@@ -127,6 +143,8 @@ class GoExplore(Piece):
         check_restorable(self.task, self.kind)
         if cfg.robustify.method == "imitation":
             check_imitation_term(build.recipe)
+        if cfg.robustify.imitate:
+            check_imitation_term(build.recipe, "explore.robustify.imitate: true")
         self.archive = Archive(cell_function(cfg.cell, self.task), cfg.keep, cfg.selection.reset_on_update)
         self.pool: list[int] = []
         self.pointers: dict[int, int] = {}  # backward algorithm: layout -> turn its starts begin at
@@ -147,8 +165,9 @@ class GoExplore(Piece):
             starts += self._starts(ctx, seed, cell)
             sources += [(seed, key)] * cfg.group_size
         back_layouts = self._backward_layouts(ctx, backward)
-        for seed in back_layouts:
-            starts += self._backward_starts(ctx, seed)
+        back_from = [self._backward_turn(ctx, seed) for seed in back_layouts]
+        for seed, p in zip(back_layouts, back_from):
+            starts += self._backward_starts(ctx, seed, p)
         select_s = time.perf_counter() - t0
         episodes = ctx.rollout(starts, snapshots=True)
         ctx.score(episodes)
@@ -159,8 +178,8 @@ class GoExplore(Piece):
             new, improved = new + up.new, improved + up.improved
             if source is not None and (up.new or up.improved) and source[1] is not None:
                 self.archive.found_new(source)
-        self._move_pointers(episodes[len(sources):], back_layouts)
-        demos = self._demos(ctx) if rb.method == "imitation" and solved else []
+        self._move_pointers(episodes[len(sources):], back_layouts, back_from)
+        demos = self._demos(ctx) if (rb.method == "imitation" or rb.imitate) and solved else []
         metrics = self._metrics(episodes, starts, new, improved, len(demos))
         metrics["time/explore/archive_s"] = select_s + time.perf_counter() - t1
         return episodes + demos, metrics
@@ -203,14 +222,23 @@ class GoExplore(Piece):
         solved = sorted(self.archive.solutions)
         return [int(s) for s in ctx.rng.choice(solved, n, replace=n > len(solved))]
 
-    def _backward_starts(self, ctx: ExploreContext, seed: int) -> list[Start]:
-        sol, p, group = self.archive.solutions[seed], self.pointers[seed], ctx.groups.new()
+    def _backward_turn(self, ctx: ExploreContext, seed: int) -> int:
+        """The pointer, or with probability `later_share` a turn drawn uniformly in [p, last turn]."""
+        p, share = self.pointers[seed], self.cfg.robustify.later_share
+        if share > 0 and ctx.rng.random() < share:  # no draw at 0: runs without the option keep their stream
+            return int(ctx.rng.integers(p, max(self.archive.solutions[seed].depth, p + 1)))
+        return p
+
+    def _backward_starts(self, ctx: ExploreContext, seed: int, p: int) -> list[Start]:
+        sol, group = self.archive.solutions[seed], ctx.groups.new()
         return [Start(seed=seed, group_id=group, prefix=sol.turns[:p], origin="restart" if p else "on_policy",
                       metadata={"backward_from": p}) for _ in range(self.cfg.group_size)]
 
-    def _move_pointers(self, episodes: list[Episode], layouts: list[int]) -> None:
+    def _move_pointers(self, episodes: list[Episode], layouts: list[int], starts_at: list[int]) -> None:
         g = self.cfg.group_size
-        for i, seed in enumerate(layouts):
+        for i, (seed, p) in enumerate(zip(layouts, starts_at)):
+            if p != self.pointers[seed]:  # a later start practises; only starts at the pointer move it
+                continue
             group = episodes[i * g:(i + 1) * g]
             rate = sum(e.success for e in group) / max(len(group), 1)
             if rate >= self.cfg.robustify.threshold and self.pointers[seed] > 0:
