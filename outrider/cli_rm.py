@@ -41,6 +41,10 @@ def train_cmd(
     delimiter: Annotated[str, typer.Option(help="Step labels: the text that ends a step (stepsum's ','); "
                                                 "step_labels holds one label per part of the response split at "
                                                 "it.")] = ",",
+    save_epochs: Annotated[bool, typer.Option(help="Also save the model after each pass K but the last in "
+                                                   "OUT_epochK beside OUT (no held-out metrics in its meta): the "
+                                                   "model an --epochs K run saves, an epoch sweep in one run.")
+                           ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a model already in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
@@ -57,6 +61,9 @@ def train_cmd(
     if threads is not None:
         torch.set_num_threads(threads)
     check_model_out(out_dir, overwrite)
+    epoch_dir = lambda k: out_dir.with_name(f"{out_dir.name}_epoch{k}")  # noqa: E731
+    for k in range(1, epochs if save_epochs else 1):
+        check_model_out(epoch_dir(k), overwrite)
     if not delimiter:
         raise OutriderError("--delimiter: must be a non-empty string")
     kind, examples = read_examples(str(data), delimiter)
@@ -72,11 +79,21 @@ def train_cmd(
                       contrastive=contrastive, contrastive_samples=contrastive_samples, delimiter=delimiter)
     n_train = len(split_by_prompt(examples, heldout, seed)[0])
     total = epochs * -(-n_train // batch_size)
+    objective = {"pairs": "bradley_terry", "labels": "label_bce", "steps": "step_bce"}[kind]
+
+    def save_epoch(k: int) -> None:
+        # the meta a reader needs (StepScorer checks objective and delimiter); metrics come with the last pass only
+        snapshot = RewardModel(rm.policy, {**rm.meta, "objective": objective, "delimiter": delimiter, "epochs": k,
+                                           "lr": lr, "batch_size": batch_size, "seed": seed})
+        snapshot.save(epoch_dir(k))
+
     try:
         with RunProgress(total, quiet=quiet).phase(f"rm ({kind})", total) as advance:
-            summary = train(rm, kind, examples, cfg, on_step=lambda loss: advance(loss=loss))
+            summary = train(rm, kind, examples, cfg, on_step=lambda loss: advance(loss=loss),
+                            on_epoch=save_epoch if save_epochs else None)
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; nothing was saved (rm train saves once, at the end)") from None
+        raise SystemExit("interrupted; nothing was saved (rm train saves once, at the end, and with "
+                         "--save-epochs after each pass)") from None
     rm.save(out_dir)
     held = summary["heldout"]
     what = {"pairs": "pair accuracy", "labels": "label accuracy", "steps": "step accuracy"}[kind]

@@ -19,8 +19,8 @@ from outrider.policy.model import Policy
 from outrider.registry import BuildContext
 from outrider.score import SCORE
 from outrider.score.reward_model import RewardModel, read_examples
-from outrider.score.step_rm import (auroc, evaluate_steps, first_wrong_split, parse_step_labelled, split_at,
-                                    step_batch_loss, step_loss, step_tokens)
+from outrider.score.step_rm import (StepScorer, auroc, evaluate_steps, first_wrong_split, parse_step_labelled,
+                                    split_at, step_batch_loss, step_loss, step_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,31 @@ def test_process_reward_learned_errors_name_the_field(tmp_path, chars):
     with pytest.raises(OutriderError, match=r"^score\[1\]\.model: .* steps ending in ','"):
         SCORE.create({**opts, "model": str(tmp_path / "prm"), "delimiter": ";"},
                      BuildContext(policy=chars, where="score[1]"), where="score[1]")
+
+
+def test_rm_train_save_epochs_snapshots_are_the_shorter_runs_models(tmp_path, monkeypatch, capsys):
+    # the lr is constant and each pass's order is drawn in turn, so pass 2 of a 3-pass run is a 2-pass run's end
+    rows = [{"prompt": f"{i}=", "response": "7,3" if i % 2 else "7,7", "step_labels": [1, i % 2 == 0]}
+            for i in range(12)]
+    data = tmp_path / "steps.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = ["--hidden", "16", "--layers", "1", "--heads", "2", "--batch-size", "4", "--quiet"]
+    code, _, err = call_main(monkeypatch, capsys, "rm", "train", str(data), "--out", str(tmp_path / "prm3"),
+                             "--epochs", "3", "--save-epochs", *tiny)
+    assert code == 0, err
+    code, _, err = call_main(monkeypatch, capsys, "rm", "train", str(data), "--out", str(tmp_path / "prm2"),
+                             "--epochs", "2", *tiny)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["prm2", "prm3", "prm3_epoch1",
+                                                                        "prm3_epoch2"]
+    two, snap = RewardModel.load(tmp_path / "prm2"), RewardModel.load(tmp_path / "prm3_epoch2")
+    for (name, a), b in zip(two.policy.state_dict().items(), snap.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert snap.meta["objective"] == "step_bce" and snap.meta["epochs"] == 2 and "heldout" not in snap.meta
+    StepScorer(str(tmp_path / "prm3_epoch1"), "score[0].model")  # loads as a step scorer
+    # a snapshot directory already there is refused up front, naming it
+    (tmp_path / "prm4_epoch1").mkdir()
+    (tmp_path / "prm4_epoch1" / "x").write_text("")
+    code, _, err = call_main(monkeypatch, capsys, "rm", "train", str(data), "--out", str(tmp_path / "prm4"),
+                             "--epochs", "2", "--save-epochs", *tiny)
+    assert code != 0 and "prm4_epoch1' is not empty" in err and not (tmp_path / "prm4").exists()

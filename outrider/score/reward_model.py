@@ -250,10 +250,12 @@ def evaluate(rm: RewardModel, kind: str, rows: list, batch_size: int = 64, delim
 
 
 def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
-          on_step: Callable[[float], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[float], None] | None = None,
+          on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fit `rm` on the train share of `examples` for ``cfg.epochs`` passes in seeded minibatches (Adam, gradient
     clipping); returns the held-out and train loss/accuracy, the counts and the time, and stores them in
-    ``rm.meta``."""
+    ``rm.meta``. `on_epoch(k)` runs after each pass k (1-based) but the last; the lr is constant and each pass's
+    order is drawn in turn, so the model it sees is the one an ``epochs = k`` run ends with."""
     train_rows, held_rows = split_by_prompt(examples, cfg.heldout, cfg.seed)
     if not train_rows:
         raise OutriderError(f"rm train --heldout: {cfg.heldout} leaves no prompt to train on")
@@ -263,7 +265,7 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
     rm.policy.train()
     t0 = time.perf_counter()
     steps = 0
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         order = rng.permutation(len(train_rows))
         for start in range(0, len(order), cfg.batch_size):
             loss, _ = batch_loss(rm, kind, [train_rows[i] for i in order[start:start + cfg.batch_size]],
@@ -275,6 +277,9 @@ def train(rm: RewardModel, kind: str, examples: list, cfg: TrainConfig,
             steps += 1
             if on_step is not None:
                 on_step(float(loss.detach()))
+        if on_epoch is not None and epoch + 1 < cfg.epochs:
+            on_epoch(epoch + 1)
+            rm.policy.train()
     seconds = time.perf_counter() - t0
     objective = {"pairs": "bradley_terry", "labels": "label_bce", "steps": "step_bce"}[kind]
     summary = {"objective": objective, "train_examples": len(train_rows),
