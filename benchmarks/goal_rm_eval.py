@@ -38,7 +38,8 @@ from outrider.observe.report import bootstrap_stats  # noqa: E402
 from outrider.policy.model import Policy  # noqa: E402
 from outrider.recipe import load_recipe  # noqa: E402
 from outrider.score.goal_rm import early_abort_vote, q_values  # noqa: E402
-from outrider.score.reward_model import RewardModel, goal_state, read_examples, split_by_prompt  # noqa: E402
+from outrider.score.reward_model import RewardModel, read_examples  # noqa: E402
+from outrider.score.rm_training import goal_state, split_by_prompt  # noqa: E402
 from outrider.trainer import build_task  # noqa: E402
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

@@ -56,7 +56,8 @@ def train_cmd(
     from outrider.errors import OutriderError
     from outrider.observe.progress import RunProgress
     from outrider.policy.model import Policy
-    from outrider.score.reward_model import RewardModel, TrainConfig, read_examples, split_by_prompt, train
+    from outrider.score.reward_model import RewardModel, read_examples
+    from outrider.score.rm_training import OBJECTIVES, TrainConfig, split_by_prompt, train
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -79,7 +80,7 @@ def train_cmd(
                       contrastive=contrastive, contrastive_samples=contrastive_samples, delimiter=delimiter)
     n_train = len(split_by_prompt(examples, heldout, seed)[0])
     total = epochs * -(-n_train // batch_size)
-    objective = {"pairs": "bradley_terry", "labels": "label_bce", "steps": "step_bce"}[kind]
+    objective = OBJECTIVES[kind]
 
     def save_epoch(k: int) -> None:
         # the meta a reader needs (StepScorer checks objective and delimiter); metrics come with the last pass only

@@ -132,7 +132,7 @@ def test_rm_train_contrastive_option_saves_a_goal_state_and_q_ranks_prefixes(tmp
 def test_plain_bt_training_is_unchanged_by_the_option_at_zero(tmp_path):
     from outrider.loops.offline import Pair
     from outrider.policy.model import Policy
-    from outrider.score.reward_model import TrainConfig, train
+    from outrider.score.rm_training import TrainConfig, train
 
     torch.set_num_threads(1)
     pairs = [Pair(f"{i}", f"7{i}", f"3{i}") for i in range(8)]

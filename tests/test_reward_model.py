@@ -17,8 +17,8 @@ from outrider.policy.model import Policy
 from outrider.registry import BuildContext
 from outrider.score import SCORE, Component, compose, score_step_metrics
 from outrider.score.monitor import pearson
-from outrider.score.reward_model import (RewardModel, TrainConfig, bt_loss, label_loss, read_examples,
-                                         split_by_prompt, train)
+from outrider.score.reward_model import RewardModel, bt_loss, label_loss, read_examples
+from outrider.score.rm_training import TrainConfig, split_by_prompt, train
 
 
 def test_bradley_terry_loss_and_gradient_on_two_pairs_one_a_tie():
